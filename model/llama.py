@@ -1,0 +1,286 @@
+"""LLaMA with zero-init gated adaption prompts, in one readable file.
+
+Paper: LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention (arXiv 2303.16199).
+Module names follow Meta's checkpoint keys (``tok_embeddings``, ``layers.N.attention.wq`` ...), so a Meta
+state dict loads with a strict ``load_state_dict``. Every trainable tensor carries the ``adapter_`` prefix;
+``is_trainable`` is the one rule that decides what is optimized and saved.
+
+In the top L layers, the layer's K prompts go through that layer's own frozen wk / wv (no RoPE: prompts have
+no position) and the query attends to them with a separate softmax, scaled per head by a zero-initialised gate:
+
+    out = softmax(q K_tok^T / sqrt(hd)) V_tok + gate(g_h) * softmax(q K_p^T / sqrt(hd)) V_p,   then wo
+
+gate(g) = tanh(g) as in the official training code (or g, as PEFT and the official inference code do). With every
+gate at zero the model is exactly the base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import AdapterConfig, LlamaConfig, ModelConfig
+
+ADAPTER_PREFIX = "adapter_"
+
+
+def is_trainable(name: str) -> bool:
+    """The one name-based filter: trainable, optimized and saved iff some part of the name starts with adapter_."""
+    return any(part.startswith(ADAPTER_PREFIX) for part in name.split("."))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32, cast back, then scale (Meta and transformers agree on this order).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos / sin of pos * theta^(-2j/hd) for j < hd/2, each (max_seq_len, hd/2), fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Meta's interleaved RoPE: rotate adjacent pairs (x[2j], x[2j+1]). x (B, T, nh, hd); cos/sin (B, T, 1, hd/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, nh, hd/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, nh, hd/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding, plus the adapter K/V computed once per sequence.
+
+    ``key_valid`` (B, max_len) marks which cache slots hold real tokens (False for left padding).
+    """
+
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.adapter_kv: list[tuple[Tensor, Tensor] | None] = [None] * cfg.n_layers
+        self.length = 0
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, adapter: AdapterConfig | None) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.gate_fn = adapter.gate_fn if adapter else None
+        if adapter is not None:
+            # N(0, 1) prompts like the official nn.Embedding; one zero-init gate per head (official since fa65dbc).
+            self.adapter_prompt = nn.Parameter(torch.randn(adapter.prompt_len, cfg.dim))
+            self.adapter_gate = nn.Parameter(torch.zeros(cfg.n_heads))
+
+    @property
+    def adapted(self) -> bool:
+        return self.gate_fn is not None
+
+    def adapter_kv(self, visual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Prompt keys/values through this layer's frozen wk / wv, no RoPE. visual: (B, dim) or None."""
+        prompts = self.adapter_prompt[None]  # (1, K, dim)
+        if visual is not None:
+            prompts = prompts + visual[:, None, :].to(prompts.dtype)  # (B, K, dim): P_l + Repeat(I_p)
+        prompts = prompts.to(self.wk.weight.dtype)
+        b, k_len = prompts.shape[:2]
+        k = self.wk(prompts).view(b, k_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, nkv, K, hd)
+        v = self.wv(prompts).view(b, k_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, nkv, K, hd)
+        return k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        adapter_kv: tuple[Tensor, Tensor] | None,
+        cache: KVCache | None,
+        layer_idx: int,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer_idx][:, :, start : start + T] = k
+            cache.v[layer_idx][:, :, start : start + T] = v
+            k, v = cache.k[layer_idx][:, :, : start + T], cache.v[layer_idx][:, :, : start + T]  # (B, nkv, S, hd)
+        gqa = self.n_kv_heads != self.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        if self.adapted:
+            # Separate softmax over the K prompts, visible to every query (no mask, no position).
+            ak, av = adapter_kv
+            ak, av = ak.expand(B, -1, -1, -1), av.expand(B, -1, -1, -1)  # (B, nkv, K, hd)
+            y_adapter = F.scaled_dot_product_attention(q, ak, av, enable_gqa=gqa)  # (B, nh, T, hd)
+            gate = self.adapter_gate.tanh() if self.gate_fn == "tanh" else self.adapter_gate
+            y = y + gate.to(y.dtype).view(1, -1, 1, 1) * y_adapter
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig, adapter: AdapterConfig | None) -> None:
+        super().__init__()
+        self.attention = Attention(cfg, adapter)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: Tensor, *args: Any) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), *args)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The frozen LLaMA with adaption prompts in its top ``adapter.n_layers`` layers.
+
+    ``visual``, if given, maps preprocessed images (B, 3, H, W) to one LLaMA-width vector per image, which is
+    added to every prompt of every adapted layer (paper V1, Sec. 3.3).
+    """
+
+    def __init__(self, config: ModelConfig, visual: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        cfg = config.llama
+        first = config.first_adapted_layer
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(cfg, config.adapter if i >= first else None) for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.visual = visual
+        self.tokenizer: Any = None  # set by load_model when a tokenizer is known; used by generate / stream
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.freeze_base()
+
+    # ---- parameters -------------------------------------------------------------------------------------------
+    def freeze_base(self) -> None:
+        """requires_grad follows ``is_trainable``: only adapter_* tensors train."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(is_trainable(name))
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if is_trainable(n))
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Only the trainable tensors, detached, under their module names."""
+        return {n: p.detach() for n, p in self.trainable_parameters()}
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def visual_prompt(self, images: Tensor | None, image_mask: Tensor | None = None) -> Tensor | None:
+        """(B, dim) visual vector, zero rows for items without an image; None if there are no images at all."""
+        if images is None:
+            return None
+        if self.visual is None:
+            raise ValueError("images were given but this model has no visual path (load_model(..., clip=NAME))")
+        feats = self.visual(images)  # (B, dim)
+        if image_mask is not None:
+            feats = feats * image_mask.to(feats.dtype)[:, None]  # text-only items: no addition
+        return feats
+
+    def forward(
+        self,
+        tokens: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``).
+
+        images: (B, 3, H, W) preprocessed for the CLIP tower, or None; image_mask (B,) bool marks which rows
+        really have an image. With a cache, tokens are appended at ``cache.length``; adapter K/V (and the image
+        features) are computed on the first call only and kept in the cache. positions (B, T) default to
+        ``cache.length + arange(T)``.
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.rope_cos.shape[0]}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        cos = self.rope_cos[positions][:, :, None, :]  # (B, T, 1, hd/2)
+        sin = self.rope_sin[positions][:, :, None, :]
+        mask = None
+        if cache is not None:
+            q_idx = torch.arange(start, start + T, device=tokens.device)
+            k_idx = torch.arange(start + T, device=tokens.device)
+            causal = k_idx[None, :] <= q_idx[:, None]  # (T, S)
+            mask = (causal[None] & cache.key_valid[:, None, : start + T])[:, None]  # (B, 1, T, S)
+
+        need_adapter_kv = cache is None or cache.adapter_kv[-1] is None
+        visual = self.visual_prompt(images, image_mask) if need_adapter_kv else None
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            akv = None
+            if layer.attention.adapted:
+                if need_adapter_kv:
+                    akv = layer.attention.adapter_kv(visual)
+                    if cache is not None:
+                        cache.adapter_kv[i] = akv
+                else:
+                    akv = cache.adapter_kv[i]
+            x = layer(x, cos, sin, mask, akv, cache, i)
+        if cache is not None:
+            cache.length = start + T
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))  # (B, T, vocab)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache in the model's dtype and device."""
+        w = self.tok_embeddings.weight
+        return KVCache(self.config.llama, batch_size, max_len or self.config.llama.max_seq_len, w.dtype, w.device)
+
+    # ---- one-call text API (implemented in model/generate.py) --------------------------------------------------
+    def generate(self, prompts: list[str] | str, images: Any = None, **kwargs: Any) -> list[str] | str:
+        from model.generate import generate
+
+        return generate(self, prompts, images, **kwargs)
+
+    def stream(self, prompt: str, image: Any = None, **kwargs: Any) -> Iterator[str]:
+        from model.generate import stream
+
+        return stream(self, prompt, image, **kwargs)
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of trainable values (works on the meta device)."""
+    return sum(p.numel() for n, p in model.named_parameters() if is_trainable(n))

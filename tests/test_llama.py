@@ -1,0 +1,152 @@
+"""model/llama.py: the adapter mechanism, exactly as the paper and the official code define it."""
+
+import math
+
+import pytest
+import torch
+
+from model.config import AdapterConfig, LlamaConfig, ModelConfig, preset
+from model.llama import Transformer, apply_rope, count_trainable, is_trainable
+
+
+def tiny(gate_fn: str = "tanh", seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = preset("tiny")
+    cfg.adapter.gate_fn = gate_fn
+    return Transformer(cfg).eval()
+
+
+def randomize_gates(model: Transformer, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("adapter_gate"):
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+def test_zero_init_is_exactly_the_base_model():
+    model = tiny()
+    base = Transformer(ModelConfig(llama=model.config.llama, adapter=AdapterConfig(n_layers=0))).eval()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not is_trainable(k)})
+    tokens = torch.randint(0, 512, (3, 17))
+    assert torch.equal(model(tokens), base(tokens))
+    randomize_gates(model)
+    assert not torch.allclose(model(tokens), base(tokens))
+
+
+def test_trainable_filter_and_requires_grad():
+    model = tiny()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.trainable_parameters()}
+    # top 3 of 4 layers carry a prompt (K, dim) and a per-head gate; layer 0 carries nothing
+    expected = {f"layers.{i}.attention.{p}" for i in (1, 2, 3) for p in ("adapter_prompt", "adapter_gate")}
+    assert trainable == expected
+    assert model.layers[1].attention.adapter_prompt.shape == (10, 64)
+    assert torch.equal(model.layers[1].attention.adapter_gate, torch.zeros(4))
+    assert is_trainable("visual.adapter_proj.0.weight") and not is_trainable("visual.clip.conv1.weight")
+
+
+def test_only_adapter_parameters_get_gradients():
+    model = tiny()
+    randomize_gates(model)
+    logits = model(torch.randint(0, 512, (2, 9)))
+    logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == is_trainable(name), name
+    assert model.layers[3].attention.adapter_prompt.grad.abs().sum() > 0
+
+
+def test_seven_b_trainable_count_on_meta_device():
+    with torch.device("meta"):
+        model = Transformer(preset("7B"))
+    # 30 layers x 10 prompts x 4096 + 30 layers x 32 per-head gates (official V1: "1.2M")
+    assert count_trainable(model) == 30 * 10 * 4096 + 30 * 32 == 1_229_760
+
+
+def reference_attention(attn, x, gate_fn):
+    """The official training code's concat form: one score matrix over [prompts; tokens], separate softmaxes."""
+    B, T, _ = x.shape
+    H, hd = attn.n_heads, attn.head_dim
+    rep = attn.n_heads // attn.n_kv_heads
+    pos = torch.arange(T)
+    inv = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+    ang = torch.outer(pos.float(), inv)
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    q = apply_rope(attn.wq(x).view(B, T, H, hd), cos, sin).transpose(1, 2)
+    k = apply_rope(attn.wk(x).view(B, T, -1, hd), cos, sin).transpose(1, 2).repeat_interleave(rep, 1)
+    v = attn.wv(x).view(B, T, -1, hd).transpose(1, 2).repeat_interleave(rep, 1)
+    K = attn.adapter_prompt.shape[0]
+    ak = attn.wk(attn.adapter_prompt).view(1, K, -1, hd).transpose(1, 2).repeat_interleave(rep, 1)
+    av = attn.wv(attn.adapter_prompt).view(1, K, -1, hd).transpose(1, 2).repeat_interleave(rep, 1)
+    keys, values = torch.cat([ak.expand(B, -1, -1, -1), k], 2), torch.cat([av.expand(B, -1, -1, -1), v], 2)
+    scores = q @ keys.transpose(-1, -2) / math.sqrt(hd)  # (B, H, T, K + T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scores[..., K:] = scores[..., K:].masked_fill(~causal, float("-inf"))
+    g = attn.adapter_gate.tanh() if gate_fn == "tanh" else attn.adapter_gate
+    probs = torch.cat([g.view(1, H, 1, 1) * scores[..., :K].softmax(-1), scores[..., K:].softmax(-1)], -1)
+    return attn.wo((probs @ values).transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("gate_fn", ["tanh", "raw"])
+def test_attention_matches_the_official_concat_form(gate_fn):
+    model = tiny(gate_fn)
+    randomize_gates(model)
+    attn = model.layers[2].attention
+    x = torch.randn(2, 7, 64)
+    cos = model.rope_cos[:7][None, :, None]
+    sin = model.rope_sin[:7][None, :, None]
+    with torch.no_grad():
+        ours = attn(x, cos, sin, None, attn.adapter_kv(None), None, 2)
+        ref = reference_attention(attn, x, gate_fn)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_matches_full_recompute_with_adapter():
+    model = tiny()
+    randomize_gates(model)
+    tokens = torch.randint(0, 512, (2, 14))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(2, 32)
+        steps = [model(tokens[:, :9], cache=cache)]
+        steps += [model(tokens[:, t : t + 1], cache=cache) for t in range(9, 14)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 14 and all(kv is not None for kv in cache.adapter_kv[1:])
+
+
+def test_left_padding_with_key_valid_and_positions_matches_unpadded():
+    model = tiny()
+    randomize_gates(model)
+    seq = torch.randint(0, 512, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)  # 3 pad slots on the left
+    with torch.no_grad():
+        alone = model(seq)[:, -1]
+        cache = model.new_cache(1, 16)
+        cache.key_valid[:, :3] = False
+        positions = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
+        out = model(padded, cache=cache, positions=positions)[:, -1]
+    torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_and_sequence_limit():
+    model = tiny()
+    tokens = torch.randint(0, 512, (1, 5))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens, last_only=True)[:, 0], model(tokens)[:, -1], atol=1e-6)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 513, dtype=torch.long))
+
+
+def test_images_without_visual_path_is_a_clear_error():
+    with pytest.raises(ValueError, match="no visual path"):
+        tiny()(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, 32, 32))
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        LlamaConfig(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="exceeds"):
+        ModelConfig(llama=LlamaConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=8), adapter=AdapterConfig(n_layers=3))
+    with pytest.raises(ValueError, match="gate_fn"):
+        AdapterConfig(gate_fn="sigmoid")
+    assert LlamaConfig.meta_ffn_dim(4096) == 11008 and LlamaConfig.meta_ffn_dim(5120) == 13824

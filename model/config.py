@@ -128,14 +128,23 @@ class VisualConfig:
     """Frozen CLIP image tower and the trainable projection of its global features (paper V1, Sec. 3.3)."""
 
     clip_model: str = "ViT-L-14-quickgelu"
-    """open_clip model name, or 'tiny' for the download-free test tower."""
-    feature_layers: tuple[int, ...] = (7, 15)
-    """Intermediate ViT blocks whose class token joins the pooled output (multi-scale global features)."""
-    proj_hidden: int = 128
-    """Hidden width of the trainable MLP that maps CLIP features to one LLaMA-width vector."""
+    """open_clip model name (weights from a local file only), or 'tiny' for the download-free test tower."""
+    feature_layers: tuple[int, ...] | None = None
+    """0-based ViT blocks whose class token joins the pooled output (multi-scale global features); None: the blocks
+    at one and two thirds of the depth (ViT-L/14: 7, 15); (): the pooled output only (needed for non-ViT towers)."""
+    proj_hidden: int = 80
+    """Hidden width of the trainable MLP mapping CLIP features to one LLaMA-width vector (80: the paper's ~0.6M
+    projection for 7B + ViT-L/14, 1.79M trainable values in all)."""
 
     def __post_init__(self) -> None:
-        self.feature_layers = tuple(self.feature_layers)
+        if self.feature_layers is not None:
+            self.feature_layers = tuple(self.feature_layers)
+            if any(not isinstance(i, int) or i < 0 for i in self.feature_layers):
+                raise ValueError(f"VisualConfig.feature_layers must be block indices >= 0, got {self.feature_layers}")
+            if len(set(self.feature_layers)) != len(self.feature_layers):
+                raise ValueError(f"VisualConfig.feature_layers has repeated blocks: {self.feature_layers}")
+        if not self.clip_model:
+            raise ValueError("VisualConfig.clip_model must name an open_clip model or be 'tiny'")
         if self.proj_hidden <= 0:
             raise ValueError(f"VisualConfig.proj_hidden must be positive, got {self.proj_hidden}")
 

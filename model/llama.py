@@ -73,6 +73,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.adapter_kv: list[tuple[Tensor, Tensor] | None] = [None] * cfg.n_layers
+        self.adapter_ready = False  # adapter K/V (and the image features in them) are computed once per sequence
         self.length = 0
         self.max_len = max_len
 
@@ -243,9 +244,12 @@ class Transformer(nn.Module):
             q_idx = torch.arange(start, start + T, device=tokens.device)
             k_idx = torch.arange(start + T, device=tokens.device)
             causal = k_idx[None, :] <= q_idx[:, None]  # (T, S)
-            mask = (causal[None] & cache.key_valid[:, None, : start + T])[:, None]  # (B, 1, T, S)
+            mask = causal[None] & cache.key_valid[:, None, : start + T]  # (B, T, S)
+            # A left-pad query would see no key at all; let every slot see itself so no row is fully masked
+            # (fused GPU kernels return NaN there). Real tokens are unaffected.
+            mask = (mask | (k_idx[None, :] == q_idx[:, None]))[:, None]  # (B, 1, T, S)
 
-        need_adapter_kv = cache is None or cache.adapter_kv[-1] is None
+        need_adapter_kv = cache is None or not cache.adapter_ready
         visual = self.visual_prompt(images, image_mask) if need_adapter_kv else None
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
@@ -260,6 +264,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, akv, cache, i)
         if cache is not None:
             cache.length = start + T
+            cache.adapter_ready = True
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))  # (B, T, vocab)
@@ -271,11 +276,16 @@ class Transformer(nn.Module):
 
     # ---- one-call text API (implemented in model/generate.py) --------------------------------------------------
     def generate(self, prompts: list[str] | str, images: Any = None, **kwargs: Any) -> list[str] | str:
+        """Complete a prompt (-> str) or a batch (-> list[str]), optionally with images; see model.generate.generate.
+
+        kwargs: max_new_tokens=128, temperature=0.1 (0 = greedy), top_p=0.75, stop=None, seed=None.
+        """
         from model.generate import generate
 
         return generate(self, prompts, images, **kwargs)
 
     def stream(self, prompt: str, image: Any = None, **kwargs: Any) -> Iterator[str]:
+        """Text pieces of one completion as they decode (same kwargs as ``generate``); see model.generate.stream."""
         from model.generate import stream
 
         return stream(self, prompt, image, **kwargs)

@@ -1,0 +1,334 @@
+"""Decoding on the KV cache: greedy or temperature / top-p sampling, batched prompts, streaming, stop strings.
+
+Paper defaults (LLaMA-Adapter V1 and the official example.py): temperature 0.1, top-p 0.75; temperature 0 is
+greedy. One request = one prefill over the left-padded prompts (images encoded there, once; adapter K/V computed
+there, once per sequence and kept in the cache) followed by one single-token forward per new token.
+
+Left padding: prompts of different lengths are right-aligned; the pad slots are marked invalid in
+``cache.key_valid`` and every row's RoPE positions count from its own first real token, so each row decodes as if
+it were alone.
+
+Length policy: a prompt longer than ``max_seq_len - 1`` tokens is truncated from the LEFT (keeping BOS) with a
+warning, so a batch evaluation survives one oversized item; ``max_new_tokens`` is capped so that the longest prompt
+plus the generation fits in ``max_seq_len`` (the cache and RoPE table size).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+ImageInput = Image.Image | str | os.PathLike | Tensor | None
+
+
+# ---- sampling -------------------------------------------------------------------------------------------------
+def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
+    """Nucleus filter (B, V) -> (B, V): keep tokens whose preceding cumulative mass is <= top_p, renormalise.
+
+    As in the official code: sort descending, zero every token whose mass *before* it already exceeds top_p
+    (the most likely token is always kept), divide by the kept mass.
+    """
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
+    preceding = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(preceding > top_p, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:
+    """Next token per row from last-position logits (B, V): argmax if temperature is 0, else top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+# ---- token level ----------------------------------------------------------------------------------------------
+def generate_tokens(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    images: Tensor | None = None,
+    image_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    eos_id: int | None = None,
+    seed: int | None = None,
+) -> Iterator[Tensor]:
+    """Decode a batch on the KV cache; yields the next token of every row, (B,) long, one step at a time.
+
+    prompt_ids: one token list per row (any lengths, each at most ``max_seq_len - 1``; longer raises). images
+    (B, 3, H, W) preprocessed, image_mask (B,) bool for rows that really have one. A row that produced
+    ``eos_id`` keeps yielding ``eos_id``; iteration ends when every row has, or after ``max_new_tokens`` steps
+    (capped by ``max_seq_len``). Stop iterating early to stop decoding. ``seed`` fixes the sampling (a private
+    ``torch.Generator``; the global RNG is never used).
+    """
+    _check_sampling(max_new_tokens, temperature, top_p)
+    max_seq_len = model.config.llama.max_seq_len
+    if not prompt_ids:
+        raise ValueError("no prompts given")
+    for i, ids in enumerate(prompt_ids):
+        if not 0 < len(ids) < max_seq_len:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; need 1 to max_seq_len - 1 = {max_seq_len - 1}")
+    batch, prompt_len = len(prompt_ids), max(len(ids) for ids in prompt_ids)
+    max_new_tokens = min(max_new_tokens, max_seq_len - prompt_len)
+    device = model.tok_embeddings.weight.device
+
+    tokens = torch.zeros(batch, prompt_len, dtype=torch.long)  # id 0 on pad slots: masked out, never attended
+    positions = torch.zeros(batch, prompt_len, dtype=torch.long)
+    cache = model.new_cache(batch, prompt_len + max_new_tokens)
+    for i, ids in enumerate(prompt_ids):
+        pad = prompt_len - len(ids)
+        tokens[i, pad:] = torch.tensor(list(ids), dtype=torch.long)
+        positions[i, pad:] = torch.arange(len(ids))
+        cache.key_valid[i, :pad] = False
+    tokens, positions = tokens.to(device), positions.to(device)
+    next_positions = torch.tensor([len(ids) for ids in prompt_ids], device=device)  # (B,)
+    if images is not None:
+        images = images.to(device)
+        image_mask = image_mask.to(device) if image_mask is not None else None
+
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    # inference_mode only around the computation, never across a yield (it would leak into the caller's code).
+    with torch.inference_mode():
+        logits = model(tokens, images, image_mask=image_mask, cache=cache, positions=positions, last_only=True)
+    for step in range(max_new_tokens):
+        with torch.inference_mode():
+            next_token = sample_next(logits[:, -1], temperature, top_p, generator)
+            if eos_id is not None:
+                next_token = next_token.masked_fill(finished, eos_id)
+                finished |= next_token == eos_id
+        yield next_token
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
+        with torch.inference_mode():
+            logits = model(next_token[:, None], cache=cache, positions=next_positions[:, None] + step, last_only=True)
+
+
+# ---- text level -----------------------------------------------------------------------------------------------
+def _tokenizer(model: nn.Module) -> Any:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError("model.tokenizer is None: load the model with a tokenizer (load_model / load_run) or set it")
+    return tok
+
+
+def _encode(tokenizer: Any, prompt: Any, index: int, max_seq_len: int) -> list[int]:
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt {index} must be a str, got {type(prompt).__name__}")
+    ids = tokenizer.encode(prompt, bos=True, eos=False)
+    if not ids:
+        raise ValueError(f"prompt {index} is empty and the tokenizer adds no BOS")
+    limit = max_seq_len - 1  # room for at least one new token
+    if len(ids) > limit:
+        keep_first = ids[0] == tokenizer.bos_id
+        warnings.warn(
+            f"prompt {index} has {len(ids)} tokens, more than max_seq_len - 1 = {limit}; "
+            f"keeping {'BOS and ' if keep_first else ''}the last {limit - keep_first} tokens",
+            stacklevel=3,
+        )
+        ids = ids[:1] + ids[len(ids) - limit + 1 :] if keep_first else ids[-limit:]
+    return ids
+
+
+def _align_images(images: Any, n: int, single: bool) -> list[ImageInput]:
+    if single:
+        if isinstance(images, (list, tuple)):
+            if len(images) != 1:
+                raise ValueError(f"one prompt but {len(images)} images")
+            return list(images)
+        return [images]
+    if images is None:
+        return [None] * n
+    if not isinstance(images, (list, tuple)) or len(images) != n:
+        got = f"{len(images)} images" if isinstance(images, (list, tuple)) else type(images).__name__
+        raise ValueError(f"images must be a list with one entry (image or None) per prompt: {n} prompts, got {got}")
+    return list(images)
+
+
+def _prepare_images(model: nn.Module, images: list[ImageInput]) -> tuple[Tensor | None, Tensor | None]:
+    """Preprocess once per request: (B, 3, S, S) with zeros for rows without an image, and the (B,) mask."""
+    if all(img is None for img in images):
+        return None, None
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        raise ValueError("images were given but this model has no visual path (load_model(..., clip=NAME))")
+    rows = [
+        None if img is None else img.detach().cpu() if isinstance(img, Tensor) else visual.preprocess(img)
+        for img in images
+    ]
+    blank = torch.zeros_like(next(r for r in rows if r is not None))
+    stacked = torch.stack([blank if r is None else r for r in rows])  # (B, 3, S, S)
+    mask = torch.tensor([img is not None for img in images])
+    return stacked, mask
+
+
+def _normalize_stop(stop: str | Sequence[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+    return stops
+
+
+def _first_stop(text: str, stops: list[str]) -> int:
+    """Index where the earliest stop string starts, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of ``text`` that could still grow into a stop string (not safe to emit yet)."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def _start(
+    model: nn.Module,
+    prompts: list[str],
+    images: list[ImageInput],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+) -> tuple[Any, Iterator[Tensor]]:
+    tokenizer = _tokenizer(model)
+    _check_sampling(max_new_tokens, temperature, top_p)
+    max_seq_len = model.config.llama.max_seq_len
+    ids = [_encode(tokenizer, p, i, max_seq_len) for i, p in enumerate(prompts)]
+    pixels, mask = _prepare_images(model, images)
+    steps = generate_tokens(
+        model,
+        ids,
+        pixels,
+        mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_id=tokenizer.eos_id,
+        seed=seed,
+    )
+    return tokenizer, steps
+
+
+def generate(
+    model: nn.Module,
+    prompts: str | list[str],
+    images: Any = None,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    stop: str | Sequence[str] | None = None,
+    seed: int | None = None,
+) -> str | list[str]:
+    """Complete one prompt (-> str) or a batch (-> list[str]); the output excludes the prompt, EOS and stop strings.
+
+    images: for a batch, a list aligned with the prompts of PIL images / paths / preprocessed (3, S, S) tensors /
+    None (text-only rows take the text path in the same batch); for a single prompt, one image or None.
+    temperature 0 = greedy; otherwise top-p sampling, reproducible with ``seed``. Decoding of a row stops at EOS
+    or at the first ``stop`` string (cut from the output). See the module docstring for the length policy.
+    """
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    if not texts:
+        return []
+    stops = _normalize_stop(stop)
+    tokenizer, steps = _start(
+        model, texts, _align_images(images, len(texts), single), max_new_tokens, temperature, top_p, seed
+    )
+    out_ids: list[list[int]] = [[] for _ in texts]
+    done = [False] * len(texts)
+    for next_token in steps:
+        for i, t in enumerate(next_token.tolist()):
+            if done[i]:
+                continue
+            if t == tokenizer.eos_id:
+                done[i] = True
+                continue
+            out_ids[i].append(t)
+            if stops and _first_stop(tokenizer.decode(out_ids[i]), stops) >= 0:
+                done[i] = True
+        if all(done):
+            break
+    outputs = []
+    for ids in out_ids:
+        text = tokenizer.decode(ids)
+        cut = _first_stop(text, stops)
+        outputs.append(text[:cut] if cut >= 0 else text)
+    return outputs[0] if single else outputs
+
+
+def stream(
+    model: nn.Module,
+    prompt: str,
+    image: ImageInput = None,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    stop: str | Sequence[str] | None = None,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """Like ``generate`` for one prompt, yielding text pieces as they decode; their concatenation is the output.
+
+    Text that might be the start of a stop string is held back until it is known not to be one. Arguments are
+    checked, the prompt encoded and the image preprocessed at the call; decoding runs as the iterator is consumed.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"stream takes one prompt (str), got {type(prompt).__name__}; use generate for a batch")
+    stops = _normalize_stop(stop)
+    tokenizer, steps = _start(model, [prompt], [image], max_new_tokens, temperature, top_p, seed)
+    return _stream_pieces(tokenizer, steps, stops)
+
+
+def _stream_pieces(tokenizer: Any, steps: Iterator[Tensor], stops: list[str]) -> Iterator[str]:
+    decoder = tokenizer.decode_stream()
+    ids: list[int] = []
+    text, emitted = "", 0
+    for next_token in steps:
+        t = int(next_token[0])
+        if t == tokenizer.eos_id:
+            break
+        ids.append(t)
+        text += decoder.push(t)
+        cut = _first_stop(text, stops)
+        if cut >= 0:
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        safe = len(text) - _held_back(text, stops)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    # The stream decoder holds back an incomplete multi-byte tail forever; the full decode renders it (as U+FFFD).
+    final = tokenizer.decode(ids)
+    if final.startswith(text):
+        text = final
+    cut = _first_stop(text, stops)
+    if cut >= 0:
+        text = text[:cut]
+    if len(text) > emitted:
+        yield text[emitted:]

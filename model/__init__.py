@@ -1,16 +1,212 @@
 """The model package: LLaMA + zero-init gated adaption prompts + CLIP visual prompt. Imports nothing from
-data/, eval/, app/ or train.py."""
+data/, eval/, app/ or train.py.
 
-from model.config import AdapterConfig, LlamaConfig, ModelConfig, VisualConfig, preset
+Public entry points: ``load_model`` (a base model, optionally an adapter and a visual path), ``load_run`` (a
+training run directory) and ``load_tokenizer``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from model.checkpoint import (
+    AdapterWeights,
+    CheckpointError,
+    check_fingerprint,
+    check_materialized,
+    init_fresh_adapter,
+    init_random_base,
+    load_adapter,
+    load_trainable,
+    open_adapter,
+    open_base,
+    read_json,
+    save_adapter,
+)
+from model.config import PRESETS, AdapterConfig, LlamaConfig, ModelConfig, VisualConfig, preset
 from model.llama import Transformer, count_trainable, is_trainable
+from model.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 __all__ = [
     "AdapterConfig",
+    "CheckpointError",
     "LlamaConfig",
     "ModelConfig",
+    "Tokenizer",
     "Transformer",
     "VisualConfig",
+    "attach_tokenizer",
     "count_trainable",
+    "find_tokenizer",
     "is_trainable",
+    "load_adapter",
+    "load_model",
+    "load_run",
+    "load_tokenizer",
     "preset",
+    "save_adapter",
 ]
+
+
+def default_adapter_config(llama: LlamaConfig) -> AdapterConfig:
+    """Official V1 proportions for a fresh adapter: K=10 prompts on all but the bottom two layers (30 of 32 for 7B)."""
+    return AdapterConfig(prompt_len=10, n_layers=max(llama.n_layers - 2, 1))
+
+
+def find_tokenizer(base_dir: Path) -> Path | None:
+    """tokenizer.model / tokenizer.json in a base directory, or in its parent (Meta's layout: root/tokenizer.model
+    beside root/7B/)."""
+    for folder in (base_dir, base_dir.parent):
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def attach_tokenizer(model: Transformer, path: Path) -> None:
+    """Load the tokenizer at ``path`` onto ``model.tokenizer``; its vocabulary must be the model's."""
+    tokenizer = load_tokenizer(path)
+    vocab = model.config.llama.vocab_size
+    if tokenizer.vocab_size != vocab:
+        raise CheckpointError(
+            f"{path}: tokenizer has a vocabulary of {tokenizer.vocab_size} tokens but the model has {vocab}; "
+            "use the tokenizer that belongs to these weights"
+        )
+    model.tokenizer = tokenizer
+
+
+def load_model(
+    base: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    clip: str | None = None,
+    clip_weights: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    adapter_config: AdapterConfig | None = None,
+    seed: int = 0,
+    official_gate_fn: Literal["tanh", "raw"] = "tanh",
+) -> Transformer:
+    """Build the frozen LLaMA with adaption prompts, load the weights, and return it in eval mode.
+
+    base: a Meta directory (params.json + consolidated.NN.pth), a Hugging Face directory (config.json +
+        safetensors / pytorch_model.bin, sharded or not) or a preset name (``tiny``, ``7B``, ``13B``: random
+        weights drawn from ``seed``). The format is detected from the files present.
+    adapter: our adapter (``.safetensors`` file or a run directory), an official LLaMA-Adapter V1 ``.pth``
+        (gates applied as ``official_gate_fn``, see ``checkpoint.read_official_v1``) or a PEFT adaption-prompt
+        directory. None: a fresh zero-init adapter shaped by ``adapter_config`` (default: the preset's, or
+        ``default_adapter_config``), whose logits equal the base model's exactly.
+    clip: open_clip model name for the visual path (``tiny`` for tests); an adapter sidecar's visual config
+        takes this role when it has one. clip_weights: local CLIP weights file (else the sidecar's).
+    dtype: of the frozen weights (CLIP tower included); None keeps the stored dtype (presets: float32). Adapter
+        tensors (prompts, gates, visual projection) stay fp32.
+    device: where the weights go (default CPU); ``"meta"`` builds and checks shapes without reading weights.
+
+    ``model.tokenizer`` is set from a tokenizer.model / tokenizer.json in the base directory (or its parent),
+    else from the tokenizer recorded in our adapter's sidecar; its vocabulary must match the model's.
+    Raises CheckpointError (a ValueError) naming the file for anything unreadable or mismatched.
+    """
+    device = torch.device(device or "cpu")
+    if adapter is not None and adapter_config is not None:
+        raise ValueError("adapter_config shapes a fresh adapter only; the adapter file brings its own config")
+    is_preset = str(base) in PRESETS and not Path(base).exists()
+    if is_preset:
+        ckpt, llama = None, preset(str(base)).llama
+        fresh_adapter = preset(str(base)).adapter
+    elif not Path(base).exists():
+        raise CheckpointError(f"{base}: no such base directory, and not a preset name ({', '.join(PRESETS)})")
+    else:
+        ckpt = open_base(base)
+        llama, fresh_adapter = ckpt.llama, default_adapter_config(ckpt.llama)
+
+    weights = open_adapter(adapter, llama, official_gate_fn=official_gate_fn) if adapter is not None else None
+    sidecar = weights.sidecar if weights is not None else None
+    if weights is not None:
+        check_fingerprint(weights, llama, str(base))
+    visual_cfg = _visual_config(clip, weights)
+    if visual_cfg is not None and clip_weights is None and sidecar:
+        clip_weights = sidecar.get("clip_weights")
+    config = ModelConfig(
+        llama=llama,
+        adapter=weights.adapter if weights is not None else (adapter_config or fresh_adapter),
+        visual=visual_cfg,
+    )
+
+    visual = None
+    if visual_cfg is not None:
+        from model.visual import build_visual  # imported on use: open_clip is only needed for the visual path
+
+        visual = build_visual(visual_cfg, llama.dim, clip_weights).to(device)
+        if dtype is not None:
+            visual.clip.to(dtype)  # the frozen tower in the base dtype, as train.py runs it; adapter_proj stays fp32
+    with torch.device("meta"):  # no memory for weights that are about to be replaced
+        model = Transformer(config, visual=visual)
+    if ckpt is None:
+        init_random_base(model, seed=seed, dtype=dtype or torch.float32, device=device)
+    else:
+        ckpt.load_into(model, dtype=dtype, device=device)
+    init_fresh_adapter(model, seed=seed, device=device)
+    if device.type != "meta":
+        check_materialized(model)
+    if weights is not None:
+        load_trainable(model, weights)
+
+    tokenizer_path = _tokenizer_source(None if is_preset else Path(base), sidecar)
+    if tokenizer_path is not None:
+        attach_tokenizer(model, tokenizer_path)
+    return model.eval()
+
+
+def _visual_config(clip: str | None, weights: AdapterWeights | None) -> VisualConfig | None:
+    """The adapter's recorded visual config wins; ``clip`` alone starts a fresh visual path."""
+    recorded = weights.visual if weights is not None else None
+    if recorded is not None:
+        if clip is not None and clip != recorded.clip_model:
+            raise CheckpointError(
+                f"{weights.source}: adapter was trained with clip_model={recorded.clip_model!r}, not clip={clip!r}"
+            )
+        return recorded
+    if clip is not None and weights is not None and weights.sidecar is not None:
+        raise CheckpointError(f"{weights.source}: text-only adapter (no visual config); drop clip={clip!r}")
+    return VisualConfig(clip_model=clip) if clip is not None else None
+
+
+def _tokenizer_source(base_dir: Path | None, sidecar: dict[str, Any] | None) -> Path | None:
+    """The base directory's tokenizer, else the one recorded by training (when it still exists)."""
+    found = find_tokenizer(base_dir) if base_dir is not None else None
+    recorded = sidecar.get("tokenizer") if sidecar else None
+    if found is None and recorded and Path(recorded).exists():
+        return Path(recorded)
+    return found
+
+
+def load_run(
+    run_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    clip_weights: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> Transformer:
+    """The model of a train.py run directory (adapter.safetensors + adapter.json), with ``.tokenizer`` attached.
+
+    base / clip_weights default to what the sidecar recorded (override them when the run moved machines);
+    ``seed`` must be the one the run used when its base is a random preset.
+    """
+    run_dir = Path(run_dir)
+    sidecar = read_json(run_dir / "adapter.json") if (run_dir / "adapter.json").is_file() else None
+    if sidecar is None:
+        raise CheckpointError(f"{run_dir}: no adapter.json; not a run directory written by train.py")
+    base = base if base is not None else sidecar.get("base")
+    if not base:
+        raise CheckpointError(f"{run_dir / 'adapter.json'}: no base recorded; pass base=")
+    model = load_model(base, run_dir, clip_weights=clip_weights, dtype=dtype, device=device, seed=seed)
+    if model.tokenizer is None:
+        raise CheckpointError(
+            f"{run_dir}: no tokenizer: the sidecar records {sidecar.get('tokenizer')!r} and base {base} holds none"
+        )
+    return model

@@ -184,10 +184,20 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.visual = visual
         self.tokenizer: Any = None  # set by load_model when a tokenizer is known; used by generate / stream
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self._rope: tuple[Tensor, Tensor] | None = None
         self.freeze_base()
+
+    def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """fp32 RoPE cos / sin tables on ``device``, built on first use.
+
+        Not buffers on purpose: ``model.to(torch.bfloat16)`` would round them, and meta-device construction
+        would leave them empty.
+        """
+        if self._rope is None or self._rope[0].device != device:
+            cfg = self.config.llama
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self._rope = (cos.to(device), sin.to(device))
+        return self._rope
 
     # ---- parameters -------------------------------------------------------------------------------------------
     def freeze_base(self) -> None:
@@ -233,12 +243,14 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
-        if start + T > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.rope_cos.shape[0]}")
+        max_seq_len = self.config.llama.max_seq_len
+        if start + T > max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={max_seq_len}")
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        cos = self.rope_cos[positions][:, :, None, :]  # (B, T, 1, hd/2)
-        sin = self.rope_sin[positions][:, :, None, :]
+        rope_cos, rope_sin = self.rope(tokens.device)
+        cos = rope_cos[positions][:, :, None, :]  # (B, T, 1, hd/2)
+        sin = rope_sin[positions][:, :, None, :]
         mask = None
         if cache is not None:
             q_idx = torch.arange(start, start + T, device=tokens.device)

@@ -93,8 +93,8 @@ def test_attention_matches_the_official_concat_form(gate_fn):
     randomize_gates(model)
     attn = model.layers[2].attention
     x = torch.randn(2, 7, 64)
-    cos = model.rope_cos[:7][None, :, None]
-    sin = model.rope_sin[:7][None, :, None]
+    rope_cos, rope_sin = model.rope(x.device)
+    cos, sin = rope_cos[:7][None, :, None], rope_sin[:7][None, :, None]
     with torch.no_grad():
         ours = attn(x, cos, sin, None, attn.adapter_kv(None), None, 2)
         ref = reference_attention(attn, x, gate_fn)

@@ -1,0 +1,360 @@
+"""model/checkpoint.py: base layouts (Meta, HF), adapter files, importers and the errors users meet.
+
+The helpers here write tiny real-format checkpoints (transformers' save_pretrained, Meta's params.json +
+consolidated.NN.pth shards, PEFT's save_pretrained, the official V1 release layout); tests/test_load_model.py
+reuses them for the end-to-end parity tests.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM
+
+from model import CheckpointError, load_adapter, load_model, save_adapter
+from model.checkpoint import detect_base_format, hf_rows_to_meta, open_adapter, read_official_v1
+from model.config import LlamaConfig
+
+# hidden 64, 4 query heads, 2 key/value heads (GQA), 3 layers, vocab 100. ffn 176 = Meta's rule for dim 64 with
+# multiple_of 16; rope_theta and norm_eps differ from the defaults so a config that drops them shows.
+HIDDEN, HEADS, KV_HEADS, LAYERS, VOCAB, FFN, THETA, EPS = 64, 4, 2, 3, 100, 176, 5000.0, 1e-5
+
+
+def make_hf_model(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = HFLlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        num_hidden_layers=LAYERS, vocab_size=VOCAB, max_position_embeddings=128, rms_norm_eps=EPS,
+        rope_theta=THETA, tie_word_embeddings=tie,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so a dropped or swapped norm shows in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def meta_rows_from_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of the converter's permutation, written index by index: Meta row 2p+a is HF row a*hd/2 + p."""
+    hd = weight.shape[0] // n_heads
+    index = [h * hd + (j % 2) * (hd // 2) + j // 2 for h in range(n_heads) for j in range(hd)]
+    return weight[index]
+
+
+HF_TO_META = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+}  # fmt: skip
+
+
+def meta_state_dict(hf: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    sd = hf.state_dict()
+    out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+           "output.weight": sd["lm_head.weight"]}  # fmt: skip
+    for i in range(LAYERS):
+        for hf_name, meta_name in HF_TO_META.items():
+            w = sd[f"model.layers.{i}.{hf_name}.weight"]
+            if hf_name == "self_attn.q_proj":
+                w = meta_rows_from_hf(w, HEADS)
+            elif hf_name == "self_attn.k_proj":
+                w = meta_rows_from_hf(w, KV_HEADS)
+            out[f"layers.{i}.{meta_name}.weight"] = w.clone()
+    return out
+
+
+def write_meta(hf: LlamaForCausalLM, folder: Path, n_shards: int = 1) -> Path:
+    """Meta layout: params.json (vocab_size -1) + consolidated.NN.pth split like fairscale model parallelism."""
+    folder.mkdir(parents=True)
+    params = {"dim": HIDDEN, "multiple_of": 16, "n_heads": HEADS, "n_kv_heads": KV_HEADS, "n_layers": LAYERS,
+              "norm_eps": EPS, "vocab_size": -1, "rope_theta": THETA, "max_seq_len": 128}  # fmt: skip
+    (folder / "params.json").write_text(json.dumps(params))
+    dim0 = ("wq", "wk", "wv", "w1", "w3", "output")
+    dim1 = ("wo", "w2", "tok_embeddings")
+    shards = [{} for _ in range(n_shards)]
+    for name, w in meta_state_dict(hf).items():
+        module = name.split(".")[-2]
+        axis = 0 if module in dim0 else 1 if module in dim1 else None
+        parts = w.chunk(n_shards, axis) if axis is not None else [w] * n_shards
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()
+    for i, shard in enumerate(shards):
+        shard["rope.freqs"] = torch.ones(HIDDEN // HEADS // 2)  # a buffer real Meta files carry; must be dropped
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+    return folder
+
+
+def write_hf_bin(hf: LlamaForCausalLM, folder: Path, sharded: bool) -> Path:
+    """The older PyTorch-pickle HF layout: pytorch_model.bin, or two shards + pytorch_model.bin.index.json."""
+    hf.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    sd = hf.state_dict()
+    for i in range(LAYERS):  # a buffer older transformers saved; recomputed by us, must be ignored
+        sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(HIDDEN // HEADS // 2)
+    if not sharded:
+        torch.save(sd, folder / "pytorch_model.bin")
+        return folder
+    names = list(sd)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, keys in halves.items():
+        torch.save({k: sd[k] for k in keys}, folder / file)
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hf")
+    make_hf_model().save_pretrained(folder)
+    return folder
+
+
+# ---- base layouts ---------------------------------------------------------------------------------------------
+def test_hf_rows_to_meta_inverts_the_converter_permutation():
+    w = torch.randn(HEADS * 16, HIDDEN)
+    hf_layout = torch.empty_like(w)
+    hd = 16
+    for h in range(HEADS):  # the converter: per head, even Meta rows first, then odd ones
+        hf_layout[h * hd : (h + 1) * hd] = torch.cat([w[h * hd : (h + 1) * hd : 2], w[h * hd + 1 : (h + 1) * hd : 2]])
+    assert torch.equal(hf_rows_to_meta(hf_layout, HEADS), w)
+    assert torch.equal(meta_rows_from_hf(hf_layout, HEADS), w)
+
+
+def test_format_detection(tmp_path, hf_dir):
+    hf = make_hf_model()
+    assert detect_base_format(hf_dir) == "hf"
+    assert detect_base_format(write_meta(hf, tmp_path / "meta")) == "meta"
+    assert detect_base_format(write_hf_bin(hf, tmp_path / "bin", sharded=True)) == "hf"
+
+
+def test_legacy_pickle_format_without_mmap_loads_the_same_weights(tmp_path):
+    folder = write_meta(make_hf_model(), tmp_path / "meta")
+    zip_model = load_model(folder)  # read through mmap; its weights must not alias the file rewritten below
+    shard = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    torch.save(shard, folder / "consolidated.00.pth", _use_new_zipfile_serialization=False)  # cannot be mmapped
+    legacy_model = load_model(folder)
+    for (name, a), b in zip(zip_model.state_dict().items(), legacy_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_directory_in_neither_format_is_one_clear_error(tmp_path):
+    (tmp_path / "weights.ckpt").write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match="neither a Meta checkpoint .* nor a Hugging Face one") as e:
+        load_model(tmp_path)
+    assert str(tmp_path) in str(e.value) and "weights.ckpt" in str(e.value)
+    with pytest.raises(CheckpointError, match="no such base directory, and not a preset name"):
+        load_model(tmp_path / "missing")
+
+
+def test_truncated_meta_shard_names_the_file(tmp_path):
+    folder = write_meta(make_hf_model(), tmp_path / "meta", n_shards=2)
+    truncate(folder / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth: cannot read PyTorch weights"):
+        load_model(folder)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    folder = tmp_path / "hf"
+    make_hf_model().save_pretrained(folder)
+    truncate(folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read safetensors"):
+        load_model(folder)
+
+
+def test_base_weights_that_do_not_fit_the_config_name_the_keys(tmp_path):
+    folder = tmp_path / "hf"
+    make_hf_model().save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (folder / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(folder / "model.safetensors")
+    del sd["model.norm.weight"]
+    sd["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(HIDDEN)
+    save_file(sd, folder / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    msg = str(e.value)
+    assert msg.startswith(f"{folder}: base weights (architecture from config.json) do not match the model")
+    assert "missing keys:\n    norm.weight\n" in msg
+    assert "unexpected keys:\n    model.layers.0.self_attn.q_proj.bias  [model.safetensors: " in msg
+    # Meta name, both shapes, and where it came from (file and original HF name)
+    w1 = "layers.0.feed_forward.w1.weight: (176, 64) vs (128, 64)  [model.safetensors: model.layers.0.mlp.gate_proj"
+    assert w1 in msg
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "gpt2"}, "model_type='gpt2'; only LLaMA"),
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "only default RoPE"),
+    ],
+)
+def test_unsupported_hf_configs_are_refused(tmp_path, hf_dir, change, message):
+    (tmp_path / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_model(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
+# ---- our adapter files ----------------------------------------------------------------------------------------
+def trained_tiny(seed: int = 3) -> torch.nn.Module:
+    """The tiny preset with every trainable tensor set to random values (as after training)."""
+    model = load_model("tiny")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_save_and_reload_is_bit_exact(tmp_path):
+    model = trained_tiny()
+    path = save_adapter(model, tmp_path / "run", base="tiny", prompt_format="alpaca", extra={"step": 7})
+    assert path == tmp_path / "run" / "adapter.safetensors"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter.json", "adapter.safetensors"]
+    stored = load_file(path)
+    assert set(stored) == {f"layers.{i}.attention.{p}" for i in (1, 2, 3) for p in ("adapter_prompt", "adapter_gate")}
+    sidecar = json.loads((tmp_path / "run" / "adapter.json").read_text())
+    assert sidecar["base"] == "tiny" and sidecar["prompt_format"] == "alpaca" and sidecar["extra"] == {"step": 7}
+    assert sidecar["base_fingerprint"] == {"dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 176,
+                                           "vocab_size": 512}  # fmt: skip
+    assert sidecar["model_config"]["adapter"] == {"prompt_len": 10, "n_layers": 3, "gate_fn": "tanh"}
+
+    fresh = load_model("tiny")
+    assert load_adapter(fresh, tmp_path / "run")["extra"] == {"step": 7}
+    for (name, a), (_, b) in zip(model.trainable_parameters(), fresh.trainable_parameters()):
+        assert torch.equal(a, b), name
+    tokens = torch.randint(0, 512, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), fresh(tokens))
+        assert torch.equal(load_model("tiny", tmp_path / "run")(tokens), model(tokens))
+
+
+def test_save_to_a_file_path_puts_the_sidecar_beside_it(tmp_path):
+    path = save_adapter(trained_tiny(), tmp_path / "best.safetensors", base="tiny")
+    assert path == tmp_path / "best.safetensors" and (tmp_path / "best.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+def test_failed_save_leaves_the_previous_adapter_intact(tmp_path):
+    model = trained_tiny()
+    save_adapter(model, tmp_path, base="tiny")
+    before = (tmp_path / "adapter.safetensors").read_bytes(), (tmp_path / "adapter.json").read_text()
+    with pytest.raises(TypeError):
+        save_adapter(trained_tiny(seed=9), tmp_path, base="tiny", extra={"not json": object()})
+    assert ((tmp_path / "adapter.safetensors").read_bytes(), (tmp_path / "adapter.json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.json", "adapter.safetensors"]
+
+
+def test_adapter_for_another_architecture_names_both(tmp_path, hf_dir):
+    save_adapter(trained_tiny(), tmp_path, base="tiny")
+    with pytest.raises(CheckpointError, match="another architecture") as e:
+        load_model(hf_dir, tmp_path)
+    msg = str(e.value)
+    assert "dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=512" in msg
+    assert "dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=100" in msg
+    assert str(hf_dir) in msg
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_adapter(load_model(hf_dir), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda sd: sd.pop("layers.2.attention.adapter_gate"), "missing keys:\n    layers.2.attention.adapter_gate"),
+        (lambda sd: sd.update({"layers.0.attention.adapter_gate": torch.zeros(4)}),
+         "unexpected keys:\n    layers.0.attention.adapter_gate"),
+        (lambda sd: sd.update({"layers.3.attention.adapter_prompt": torch.zeros(9, 64)}),
+         r"layers.3.attention.adapter_prompt: \(9, 64\) vs \(10, 64\)"),
+    ],
+)  # fmt: skip
+def test_tampered_adapter_file_names_the_key(tmp_path, tamper, message):
+    path = save_adapter(trained_tiny(), tmp_path, base="tiny")
+    sd = load_file(path)
+    tamper(sd)
+    save_file(sd, path)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_adapter(load_model("tiny"), tmp_path)
+    assert str(path) in str(e.value)
+
+
+def test_adapter_with_another_gate_fn_or_missing_sidecar(tmp_path):
+    save_adapter(trained_tiny(), tmp_path, base="tiny")
+    model = load_model("tiny")
+    model.config.adapter.gate_fn = "raw"
+    with pytest.raises(CheckpointError, match="'gate_fn': 'tanh'.* differs from the model's .*'gate_fn': 'raw'"):
+        load_adapter(model, tmp_path)
+    (tmp_path / "adapter.json").unlink()
+    with pytest.raises(CheckpointError, match=r"adapter\.json: adapter sidecar not found"):
+        load_adapter(load_model("tiny"), tmp_path)
+
+
+# ---- official V1 release and PEFT ---------------------------------------------------------------------------------
+def official_v1_file(path: Path, *, per_head: bool, k: int = 10, low_gate: float = 0.0) -> dict:
+    """A file in the release layout for the tiny HF base: prompts of the top 2 of 3 layers, gates of all 3."""
+    g = torch.Generator().manual_seed(5)
+    state = {"adapter_query.weight": torch.randn(2 * k, HIDDEN, generator=g).half()}
+    for layer in range(LAYERS):
+        shape = (1, HEADS, 1, 1) if per_head else (1,)
+        gate = torch.full(shape, low_gate) if layer == 0 else torch.randn(shape, generator=g)
+        state[f"layers.{layer}.attention.gate"] = gate.half()
+    torch.save(state, path)
+    return state
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_official_v1_file_gives_the_per_layer_prompts_and_gates(tmp_path, hf_dir, per_head):
+    state = official_v1_file(tmp_path / "release.pth", per_head=per_head)
+    model = load_model(hf_dir, tmp_path / "release.pth")
+    assert model.config.adapter.prompt_len == 10 and model.config.adapter.n_layers == 2
+    assert model.config.adapter.gate_fn == "tanh"  # training semantics (see read_official_v1)
+    query = state["adapter_query.weight"].float()
+    for i, layer in enumerate((1, 2)):
+        attn = model.layers[layer].attention
+        assert torch.equal(attn.adapter_prompt, query[10 * i : 10 * (i + 1)])
+        gate = state[f"layers.{layer}.attention.gate"].float().flatten()
+        assert torch.equal(attn.adapter_gate, gate if per_head else gate.expand(HEADS))
+    assert not model.layers[0].attention.adapted
+    raw = load_model(hf_dir, tmp_path / "release.pth", official_gate_fn="raw")
+    assert raw.config.adapter.gate_fn == "raw"
+
+
+def test_official_v1_rejects_trained_gates_below_the_prompts_and_odd_shapes(tmp_path):
+    llama = LlamaConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS, vocab_size=VOCAB, ffn_dim=FFN)
+    official_v1_file(tmp_path / "bad.pth", per_head=True, low_gate=0.5)
+    with pytest.raises(CheckpointError, match=r"layers\.0\.attention\.gate is non-zero but layer 0 carries no prompts"):
+        read_official_v1(tmp_path / "bad.pth", llama)
+    official_v1_file(tmp_path / "k8.pth", per_head=True, k=8)  # 16 rows: not a multiple of K=10
+    with pytest.raises(CheckpointError, match=r"adapter_query\.weight has shape \(16, 64\); expected \(L\*10, 64\)"):
+        read_official_v1(tmp_path / "k8.pth", llama)
+    assert read_official_v1(tmp_path / "k8.pth", llama, prompt_len=8).adapter.n_layers == 2
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not an official LLaMA-Adapter V1 file"):
+        open_adapter(tmp_path / "other.pth", llama)
+
+
+def test_peft_directory_of_another_method_or_size_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    llama = LlamaConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS, vocab_size=VOCAB, ffn_dim=FFN)
+    with pytest.raises(CheckpointError, match="peft_type='LORA'; only ADAPTION_PROMPT"):
+        open_adapter(tmp_path, llama)
+    peft_config = {"peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": 5, "target_modules": "self_attn"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(peft_config))
+    with pytest.raises(CheckpointError, match="adapter_layers=5 but the base has 3"):
+        open_adapter(tmp_path, llama)
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(CheckpointError, match="no adapter.safetensors .* and no adapter_config.json"):
+        open_adapter(tmp_path, llama)

@@ -167,8 +167,8 @@ def load_run_for_eval(
     device: str = "auto",
     dtype: str = "auto",
 ) -> LoadedRun:
-    """Load a train.py run directory for evaluation, with the seed it recorded (a random preset base is drawn from
-    it) and the device / dtype resolved (auto: CUDA in bfloat16 / float16 when present, else CPU in float32)."""
+    """Load a train.py run directory for evaluation with the device / dtype resolved (auto: CUDA in bfloat16 /
+    float16 when present, else CPU in float32); load_run applies the seed the run recorded."""
     import torch
 
     from model import load_run
@@ -179,7 +179,6 @@ def load_run_for_eval(
     if not sidecar_path.is_file() or not tensors_path.is_file():
         raise EvalError(f"{run_dir}: not a run directory (needs adapter.safetensors and adapter.json from train.py)")
     sidecar = read_json(sidecar_path)
-    seed = int((sidecar.get("extra") or {}).get("seed", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
@@ -189,7 +188,7 @@ def load_run_for_eval(
             torch_dtype = torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    model = load_run(run_dir, base=base, clip_weights=clip_weights, dtype=torch_dtype, device=device, seed=seed)
+    model = load_run(run_dir, base=base, clip_weights=clip_weights, dtype=torch_dtype, device=device)
     return LoadedRun(model=model, sidecar=sidecar, adapter_sha256=file_sha256(tensors_path))
 
 

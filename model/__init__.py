@@ -190,12 +190,12 @@ def load_run(
     clip_weights: str | Path | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> Transformer:
     """The model of a train.py run directory (adapter.safetensors + adapter.json), with ``.tokenizer`` attached.
 
     base / clip_weights default to what the sidecar recorded (override them when the run moved machines);
-    ``seed`` must be the one the run used when its base is a random preset.
+    ``seed`` (for a random preset base) defaults to the one the run recorded in ``extra.seed``.
     """
     run_dir = Path(run_dir)
     sidecar = read_json(run_dir / "adapter.json") if (run_dir / "adapter.json").is_file() else None
@@ -204,6 +204,8 @@ def load_run(
     base = base if base is not None else sidecar.get("base")
     if not base:
         raise CheckpointError(f"{run_dir / 'adapter.json'}: no base recorded; pass base=")
+    if seed is None:
+        seed = int((sidecar.get("extra") or {}).get("seed", 0))
     model = load_model(base, run_dir, clip_weights=clip_weights, dtype=dtype, device=device, seed=seed)
     if model.tokenizer is None:
         raise CheckpointError(

@@ -17,6 +17,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 test: venv
+	sh scripts/install_browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -1,0 +1,101 @@
+"""Serve the demo: ``python -m app [--checkpoint RUN_DIR] [--base DIR] [--clip-weights FILE] [--port 7860]``.
+
+Without --checkpoint the newest run under runs/ is served (``make train`` writes one); without any run the command
+says to train one first. --base / --clip-weights point a run at weights that moved (they default to what the run's
+adapter.json records); --base alone serves that base model with a zero-init adapter (text only). The server binds
+127.0.0.1; --host 0.0.0.0 exposes it on the network and --share asks Gradio for a public link: both are opt-in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.engine import Engine
+
+RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def find_latest_run(runs_dir: Path | None = None) -> Path | None:
+    """The run directory under ``runs_dir`` (default: the repository's runs/) whose adapter.json was written last."""
+    runs_dir = runs_dir if runs_dir is not None else RUNS_DIR
+    sidecars = sorted(runs_dir.glob("*/adapter.json"), key=lambda p: p.stat().st_mtime) if runs_dir.is_dir() else []
+    return sidecars[-1].parent if sidecars else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m app", description="Serve the LLaMA-Adapter demo: multimodal chat and image questions."
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, metavar="RUN_DIR", help=f"run directory of train.py (default: newest in {RUNS_DIR})"
+    )
+    parser.add_argument(
+        "--base", metavar="DIR", help="LLaMA base (Meta / Hugging Face directory or preset name); default: the run's"
+    )
+    parser.add_argument("--clip-weights", type=Path, metavar="FILE", help="local CLIP weights; default: the run's")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    parser.add_argument("--share", action="store_true", help="also publish a public gradio.live link")
+    parser.add_argument("--max-file-size", default="10mb", help="largest upload accepted (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="frozen weights' dtype (auto: as stored)")
+    return parser
+
+
+def load_engine(args: argparse.Namespace) -> Engine:
+    """Load the model the arguments name (raises CheckpointError / FileNotFoundError naming the file).
+
+    torch, the model and gradio are imported here and in ``main``, not at the top: ``--help`` answers at once."""
+    import torch
+
+    from app.engine import Engine
+    from model import load_model, load_run
+    from model.checkpoint import read_json
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.checkpoint is None and args.base is not None:
+        model = load_model(args.base, clip_weights=args.clip_weights, dtype=dtype, device=device)
+        return Engine(model, name=f"base {args.base}, zero-init adapter")
+    run_dir = args.checkpoint or find_latest_run()
+    if run_dir is None:
+        raise FileNotFoundError(
+            f"no trained run found under {RUNS_DIR}: run `make train` first (it trains the tiny default in minutes), "
+            "or pass --checkpoint RUN_DIR"
+        )
+    model = load_run(run_dir, base=args.base, clip_weights=args.clip_weights, dtype=dtype, device=device)
+    prompt_format = read_json(Path(run_dir) / "adapter.json").get("prompt_format")
+    return Engine(model, question_format=_question_format(prompt_format), name=f"run {Path(run_dir).name}")
+
+
+def _question_format(prompt_format: str | None) -> str:
+    """The run's ScienceQA format when it was trained on ScienceQA, else LLaMA-Adapter V1's."""
+    from data.scienceqa import FORMATS
+
+    return prompt_format if prompt_format in FORMATS else "llama_adapter"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no usage reporting
+    try:
+        engine = load_engine(args)
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError / TokenizerError are ValueErrors
+        print(f"python -m app: {e}", file=sys.stderr)
+        return 2
+    from app.ui import build_demo, launch
+
+    print(f"serving {engine.describe()}")
+    launch(build_demo(engine), host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

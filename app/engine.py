@@ -1,0 +1,275 @@
+"""The demo's model engine: prompts for chat, captioning and ScienceQA-style questions, fitted to the context.
+
+The engine knows nothing about Gradio: it takes plain text, images (paths or PIL images) and a conversation as a
+list of ``Turn``, and returns a ``Reply`` whose iteration streams text pieces from ``model.generate.stream``. The
+Gradio app (app/ui.py) only converts its message format, accumulates the pieces and shows errors.
+
+Prompts:
+
+- Chat: one Alpaca prompt per answer (``data.alpaca.format_prompt``, the template the instruction-tuned adapter was
+  trained on). The new message is the instruction; the earlier turns ride in the template's "Input" field as
+  "User: ... / Assistant: ..." lines, since an Alpaca adapter has only ever seen a single instruction with optional
+  context. The image that conditions the answer is the one attached to the message, else the latest image of the
+  conversation (the talk is usually about it).
+- Caption: the COCO captioning prompt (``data.coco.caption_prompt``, LLaMA-Adapter V2's instruction).
+- Question with choices: a ScienceQA problem in the run's prompt format (``data.scienceqa.build_prompt``, by default
+  LLaMA-Adapter V1's "Question / Context / Choices / Answer:"). Without choices the question is an open instruction
+  (Alpaca template, the context as input).
+
+Context fitting: a prompt may use ``max_seq_len`` minus the tokens kept for the answer (``max_new_tokens``, at most
+half the context). A chat first leaves out its oldest turns, then cuts the message itself; a question cuts its
+context. Every cut is reported in ``Reply.notes`` so the user sees it; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from data.alpaca import format_prompt
+from data.coco import caption_prompt
+from data.scienceqa import FORMATS, Problem, build_prompt
+from model.generate import stream
+from model.visual import load_image
+
+# Paper defaults (LLaMA-Adapter V1 and its example.py): temperature 0.1, top-p 0.75, 128 new tokens.
+DEFAULT_TEMPERATURE = 0.1
+DEFAULT_TOP_P = 0.75
+DEFAULT_MAX_NEW_TOKENS = 128
+
+MAX_MESSAGE_CHARS = 16_000
+"""Characters of one text field kept before tokenizing: bounds the work a pasted megabyte can cause."""
+MAX_CHOICES = 8
+
+# Where a reply would start a new turn of the template; an instruction-tuned model ends with EOS first, a weaker
+# one runs on into the next "### Instruction:" or "User:" line, which must not reach the user.
+CHAT_STOP = ("### Instruction:", "\nUser:")
+QUESTION_STOP = ("\nQuestion:",)
+
+ImageInput = Image.Image | str | os.PathLike | None
+
+
+@dataclass
+class Turn:
+    """One answered exchange of a conversation; ``image`` is the image attached to the user's message, if any."""
+
+    user: str
+    assistant: str
+    image: str | os.PathLike | Image.Image | None = None
+
+
+@dataclass
+class Reply:
+    """A streamed answer: iterate it for the text pieces (their concatenation is the answer).
+
+    ``prompt`` is exactly what the model reads; ``notes`` say what was cut to make it fit (empty when nothing).
+    """
+
+    prompt: str
+    pieces: Iterator[str]
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.pieces
+
+
+def chat_prompt(history: Sequence[Turn], message: str) -> str:
+    """The Alpaca prompt answering ``message`` after the turns of ``history`` (carried in the Input field)."""
+    context = "\n".join(f"User: {turn.user}\nAssistant: {turn.assistant}" for turn in history)
+    return format_prompt(message, context)
+
+
+def question_prompt(question: str, context: str = "", choices: Sequence[str] = (), fmt: str = "llama_adapter") -> str:
+    """A ScienceQA problem prompt in format ``fmt`` when there are choices, else an open Alpaca instruction."""
+    if not choices:
+        return format_prompt(question, context)
+    problem = Problem(  # only the fields build_prompt reads matter; the rest describe a dataset record
+        pid="demo", question=question, choices=list(choices), answer=0, hint=context, image_path=None, task="",
+        grade="", subject="", topic="", category="", skill="", lecture="", solution="", split="demo",
+    )  # fmt: skip
+    return build_prompt(problem, fmt)
+
+
+def latest_image(history: Sequence[Turn]) -> str | os.PathLike | Image.Image | None:
+    """The image of the most recent turn that has one."""
+    return next((turn.image for turn in reversed(history) if turn.image is not None), None)
+
+
+def _cap_chars(text: str, what: str, notes: list[str]) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    notes.append(f"Your {what} was cut to its first {MAX_MESSAGE_CHARS:,} of {len(text):,} characters.")
+    return text[:MAX_MESSAGE_CHARS]
+
+
+class Engine:
+    """A loaded model (with ``model.tokenizer``) behind the three things the demo does: chat, caption, answer.
+
+    question_format: the ScienceQA prompt format for questions with choices (a run trained on ScienceQA records its
+    own in adapter.json). name: what the model is, shown in the app's header.
+    """
+
+    def __init__(self, model: Any, *, question_format: str = "llama_adapter", name: str = "") -> None:
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("the model has no tokenizer (model.tokenizer is None); load it with load_run / load_model")
+        if question_format not in FORMATS:
+            raise ValueError(f"unknown ScienceQA prompt format {question_format!r}; choose one of {', '.join(FORMATS)}")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.question_format = question_format
+        self.name = name
+        self.max_seq_len: int = model.config.llama.max_seq_len
+
+    @property
+    def has_vision(self) -> bool:
+        """Whether the model has a visual path (images condition its answers)."""
+        return getattr(self.model, "visual", None) is not None
+
+    def describe(self) -> str:
+        """One line about the model for the app's header."""
+        llama, adapter = self.model.config.llama, self.model.config.adapter
+        visual = self.model.config.visual
+        vision = f"CLIP {visual.clip_model} visual prompt" if visual is not None and self.has_vision else "text only"
+        source = f"{self.name}: " if self.name else ""
+        return (
+            f"{source}LLaMA {llama.n_layers} layers, dim {llama.dim}, context {llama.max_seq_len} tokens; "
+            f"adapter K={adapter.prompt_len} on the top {adapter.n_layers} layers; {vision}"
+        )
+
+    # ---- the three tasks --------------------------------------------------------------------------------------
+    def chat(
+        self,
+        history: Sequence[Turn],
+        message: str,
+        image: ImageInput = None,
+        temperature: float = DEFAULT_TEMPERATURE,
+        top_p: float = DEFAULT_TOP_P,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> Reply:
+        """Answer ``message`` after the answered turns of ``history``; ``image`` (else the conversation's latest
+        image) conditions the answer. Raises ValueError (readable) for an empty message, a bad image or bad
+        settings; an over-long conversation loses its oldest turns, then the message is cut (see ``Reply.notes``)."""
+        message = (message or "").strip()
+        if not message:
+            raise ValueError("The message is empty: type a question or an instruction.")
+        notes: list[str] = []
+        message = _cap_chars(message, "message", notes)
+        turns = [turn for turn in history if turn.user.strip() and turn.assistant.strip()]
+        if image is None:
+            image = latest_image(turns)
+        budget = self._prompt_budget(max_new_tokens)
+        dropped = 0
+        while turns and self._n_tokens(chat_prompt(turns, message)) > budget:
+            turns, dropped = turns[1:], dropped + 1
+        if dropped:
+            left_out = "oldest turn of the conversation was" if dropped == 1 else f"{dropped} oldest turns were"
+            notes.append(f"The {left_out} left out to fit the model's context ({self.max_seq_len} tokens).")
+        message = self._fit(lambda m: chat_prompt(turns, m), message, budget, "message", notes)
+        return self._reply(chat_prompt(turns, message), image, notes, CHAT_STOP, temperature, top_p, max_new_tokens)
+
+    def caption(
+        self,
+        image: ImageInput,
+        temperature: float = DEFAULT_TEMPERATURE,
+        top_p: float = DEFAULT_TOP_P,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> Reply:
+        """Describe ``image`` (the COCO captioning prompt)."""
+        if image is None:
+            raise ValueError("Upload an image to caption.")
+        return self._reply(caption_prompt(), image, [], CHAT_STOP, temperature, top_p, max_new_tokens)
+
+    def answer(
+        self,
+        question: str,
+        image: ImageInput = None,
+        context: str = "",
+        choices: Sequence[str] = (),
+        temperature: float = DEFAULT_TEMPERATURE,
+        top_p: float = DEFAULT_TOP_P,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> Reply:
+        """Answer ``question`` about ``image`` (optional), with an optional textual context and multiple-choice
+        options (2 to MAX_CHOICES, ScienceQA style: the answer names a letter). An over-long context is cut."""
+        question = (question or "").strip()
+        if not question:
+            raise ValueError("The question is empty: type what you want to know about the image.")
+        choices = [c.strip() for c in choices if c.strip()]
+        if len(choices) == 1 or len(choices) > MAX_CHOICES:
+            raise ValueError(f"Give 2 to {MAX_CHOICES} choices (one per line), or none; got {len(choices)}.")
+        notes: list[str] = []
+        question = _cap_chars(question, "question", notes)
+        context = _cap_chars((context or "").strip(), "context", notes)
+        stop = QUESTION_STOP if choices else CHAT_STOP
+        budget = self._prompt_budget(max_new_tokens)
+
+        def build(ctx: str) -> str:
+            return question_prompt(question, ctx, choices, self.question_format)
+
+        context = self._fit(build, context, budget, "context", notes)
+        return self._reply(build(context), image, notes, stop, temperature, top_p, max_new_tokens)
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _n_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer.encode(prompt, bos=True, eos=False))
+
+    def _prompt_budget(self, max_new_tokens: int) -> int:
+        """Tokens a prompt may use: the context minus room for the answer (at most half, so that a large
+        ``max_new_tokens`` still leaves room to ask)."""
+        return self.max_seq_len - min(max(int(max_new_tokens), 1), self.max_seq_len // 2)
+
+    def _fit(self, build: Callable[[str], str], text: str, budget: int, what: str, notes: list[str]) -> str:
+        """``text`` cut at a token boundary so that ``build(text)`` fits ``budget`` tokens (a note says so)."""
+        if self._n_tokens(build(text)) <= budget:
+            return text
+        ids = self.tokenizer.encode(text, bos=False, eos=False)
+        keep = budget - self._n_tokens(build(""))
+        while keep > 0:
+            cut = self.tokenizer.decode(ids[:keep])
+            excess = self._n_tokens(build(cut)) - budget
+            if excess <= 0:
+                notes.append(
+                    f"Your {what} was cut to its first {keep} of {len(ids)} tokens to fit the model's context "
+                    f"({self.max_seq_len} tokens, {self.max_seq_len - budget} of them kept for the answer)."
+                )
+                return cut
+            keep -= excess  # tokens can merge across the cut, so re-check rather than trust the arithmetic
+        raise ValueError(
+            f"The prompt does not fit the model's context of {self.max_seq_len} tokens even without the {what}; "
+            "lower 'max new tokens' or shorten the other fields."
+        )
+
+    def _load(self, image: ImageInput) -> Image.Image | None:
+        if image is None:
+            return None
+        if not self.has_vision:
+            raise ValueError("This model is text only (it has no visual path): send the message without an image.")
+        if isinstance(image, Image.Image):
+            return image
+        return load_image(Path(image))
+
+    def _reply(
+        self,
+        prompt: str,
+        image: ImageInput,
+        notes: list[str],
+        stop: Sequence[str],
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+    ) -> Reply:
+        pieces = stream(
+            self.model,
+            prompt,
+            self._load(image),
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            stop=list(stop),
+        )
+        return Reply(prompt=prompt, pieces=pieces, notes=notes)

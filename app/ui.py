@@ -1,0 +1,286 @@
+"""The Gradio 6 app: a multimodal chat tab and an image tab (caption / question), built around an ``Engine``.
+
+``build_demo(engine)`` builds the Blocks without loading anything, so tests pass a tiny model; ``launch`` applies the
+safe serving settings (127.0.0.1, no share link, upload size limit, one queue of concurrency 1 on the model,
+readable errors). Endpoints for scripts (gradio_client): ``/chat`` (message {"text", "files"}, temperature, top_p,
+max_new_tokens), ``/caption`` (image, temperature, top_p, max_new_tokens) and ``/answer`` (image, question,
+context, choices one per line, temperature, top_p, max_new_tokens). Every one streams the answer as it decodes.
+
+User mistakes (empty message, unreadable or non-image upload, impossible settings) become ``gr.Error`` with the
+engine's message, and the server keeps serving; what was cut to fit the context is said in a note above the answer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from app.engine import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Engine, Reply, Turn
+
+TITLE = "LLaMA-Adapter: multimodal chat"
+ASSETS = Path(__file__).resolve().parent / "assets"
+MODEL_QUEUE = "model"
+"""Concurrency group of every event that runs the model: one model in memory answers one request at a time."""
+MAX_FILE_SIZE = "10mb"
+QUEUE_SIZE = 32
+"""Requests waiting for the model beyond this are refused at once (rather than piling up without bound)."""
+
+COLOR_QUESTION = "What color is the ball in the picture?"
+SIDE_QUESTION = "Is the kite on the left or the right side of the picture?"
+CHAT_EXAMPLES = [
+    {"text": COLOR_QUESTION, "files": [str(ASSETS / "red_circle.png")]},
+    {"text": SIDE_QUESTION, "files": [str(ASSETS / "blue_square_left.png")]},
+    {"text": "Give three tips for staying healthy."},
+]
+IMAGE_EXAMPLES = [  # image, question, context, choices: problems in the style of the synthetic ScienceQA set
+    [str(ASSETS / "red_circle.png"), COLOR_QUESTION, "", "red\ngreen\nblue\nyellow"],
+    [str(ASSETS / "blue_square_left.png"), SIDE_QUESTION, "", "left\nright"],
+]
+
+_NOTE = re.compile(r"\A(?:\*Note: [^\n]*\*\n\n)+")
+
+
+# ---- message formats ----------------------------------------------------------------------------------------------
+def format_notes(notes: Sequence[str]) -> str:
+    """Notes shown above an answer, one italic paragraph each (``strip_notes`` removes them again)."""
+    return "".join(f"*Note: {note}*\n\n" for note in notes)
+
+
+def strip_notes(text: str) -> str:
+    """An answer without the notes ``format_notes`` put before it."""
+    return _NOTE.sub("", text)
+
+
+def _file_path(item: Any) -> str | None:
+    """The path of one uploaded file in any of the shapes Gradio hands over (str, FileData, dict, content block)."""
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    if isinstance(item, dict):
+        if item.get("type") == "file":
+            return _file_path(item.get("file"))
+        return item.get("path")
+    return getattr(item, "path", None)
+
+
+def _split_content(content: Any) -> tuple[list[str], list[str]]:
+    """(texts, file paths) of one chat message's content: a string, a file, or a list of text / file blocks."""
+    if content is None:
+        return [], []
+    if isinstance(content, str):
+        return [content], []
+    if isinstance(content, (list, tuple)):
+        texts: list[str] = []
+        files: list[str] = []
+        for block in content:
+            t, f = _split_content(block)
+            texts += t
+            files += f
+        return texts, files
+    if isinstance(content, dict) and content.get("type") == "text":
+        return [content.get("text") or ""], []
+    path = _file_path(content)
+    return ([], [path]) if path else ([], [])
+
+
+def to_turns(history: Sequence[dict[str, Any]]) -> list[Turn]:
+    """Gradio's chat history (messages with role and content) as answered ``Turn``s.
+
+    One submission is its text with the files attached before it (the browser shows an attached image and its text
+    as two user messages; gradio_client sends one). When several submissions precede an answer, the earlier ones
+    failed (their error was shown and they got no answer): only the last one counts, so a rejected upload never
+    comes back to haunt the turns after it. Submissions after the last answer are left out for the same reason.
+    """
+    turns: list[Turn] = []
+    text, files = "", []  # the current submission
+    for message in history:
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+        msg_texts, msg_files = _split_content(content)
+        msg_text = "\n".join(t for t in msg_texts if t.strip())
+        if role == "user":
+            if text:  # the previous submission got no answer: start over
+                text, files = "", []
+            text, files = msg_text, files + msg_files
+        elif role == "assistant":
+            answer = strip_notes("".join(msg_texts)).strip()
+            if text and answer:
+                turns.append(Turn(user=text, assistant=answer, image=files[-1] if files else None))
+            elif turns and answer:  # a second assistant message continues the previous answer
+                turns[-1].assistant += "\n" + answer
+            text, files = "", []
+    return turns
+
+
+# ---- event handlers -------------------------------------------------------------------------------------------
+def _start(task: Callable[..., Reply], *args: Any, upload: str | None = None) -> Reply:
+    """Call an engine task; its readable ValueError / FileNotFoundError becomes a gr.Error shown to the user. The
+    server-side path of an ``upload`` is shown as the file's own name (the last part of Gradio's cache path)."""
+    try:
+        return task(*args)
+    except (ValueError, FileNotFoundError) as e:  # ImageLoadError and the settings checks are ValueErrors
+        message = str(e).replace(upload, Path(upload).name) if upload else str(e)
+        raise gr.Error(message, print_exception=False) from e
+
+
+def accumulate(reply: Reply) -> Iterator[str]:
+    """The growing answer (notes first), one yield per streamed piece; Gradio sends only the difference."""
+    text = format_notes(reply.notes)
+    if text:
+        yield text
+    answered = False
+    for piece in reply:
+        text += piece
+        answered = answered or bool(piece.strip())
+        yield text
+    if not answered:
+        yield text + format_notes(["The model gave an empty answer (it stopped at once)."])
+
+
+def _parse_choices(choices: str | None) -> list[str]:
+    return [line.strip() for line in (choices or "").splitlines() if line.strip()]
+
+
+def _sampling_sliders(max_seq_len: int, render: bool = True) -> list[gr.Slider]:
+    """Temperature, top-p and max new tokens, at the paper's defaults; no answer outgrows the model's context."""
+    max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, max_seq_len)
+    return [
+        gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature", info="0: greedy", render=render),
+        gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p", render=render),
+        gr.Slider(1, max_seq_len, value=max_new_tokens, step=1, label="Max new tokens", render=render),
+    ]
+
+
+def _share_model_queue(demo: gr.Blocks, before: set[int]) -> None:
+    """Put the events added since ``before`` that run the model (those given concurrency_limit=1) into the model's
+    concurrency group. ChatInterface has no concurrency_id argument and registers its UI and API submissions as
+    separate events, each otherwise with its own queue, so the chat could run twice at once beside the image tab."""
+    for fn_id in set(demo.fns) - before:
+        if demo.fns[fn_id].concurrency_limit == 1:
+            demo.fns[fn_id].concurrency_id = MODEL_QUEUE
+
+
+# ---- the app --------------------------------------------------------------------------------------------------
+def build_demo(engine: Engine) -> gr.Blocks:
+    """The Gradio app around ``engine``: Chat tab (``/chat``) and Image tab (``/caption``, ``/answer``)."""
+
+    def chat(
+        message: dict[str, Any], history: list[dict[str, Any]], temperature: float, top_p: float, max_new_tokens: int
+    ) -> Iterator[str]:
+        files = (message or {}).get("files") or []
+        image = _file_path(files[-1]) if files else None
+        text = (message or {}).get("text", "")
+        reply = _start(engine.chat, to_turns(history), text, image, temperature, top_p, max_new_tokens, upload=image)
+        yield from accumulate(reply)
+
+    # The image tab's events skip Gradio's preprocessing (preprocess=False): gr.Image would open every upload with
+    # Pillow before the handler runs and report a non-image as an internal error; the handlers get the uploaded
+    # file's payload (already checked to be in the upload folder) and load_image reports what is wrong with it.
+    def caption(image: dict[str, Any] | None, temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
+        path = _file_path(image)
+        yield from accumulate(_start(engine.caption, path, temperature, top_p, max_new_tokens, upload=path))
+
+    def answer(
+        image: dict[str, Any] | None,
+        question: str,
+        context: str,
+        choices: str,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+    ) -> Iterator[str]:
+        choices = _parse_choices(choices)
+        path = _file_path(image)
+        reply = _start(engine.answer, question, path, context, choices, temperature, top_p, max_new_tokens, upload=path)
+        yield from accumulate(reply)
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {TITLE}\n{engine.describe()}")
+        with gr.Tab("Chat"):
+            before = set(demo.fns)
+            gr.ChatInterface(
+                chat,
+                multimodal=True,
+                textbox=gr.MultimodalTextbox(
+                    file_types=["image"],
+                    file_count="single",
+                    sources=["upload"],
+                    placeholder="Ask anything; attach an image to talk about it",
+                ),
+                additional_inputs=_sampling_sliders(engine.max_seq_len, render=False),  # ChatInterface places them
+                additional_inputs_accordion=gr.Accordion("Sampling", open=False, render=False),
+                # one-element rows: shown as buttons in the empty chat, the sliders keep their values
+                examples=[[ex] for ex in (CHAT_EXAMPLES if engine.has_vision else CHAT_EXAMPLES[-1:])],
+                api_name="chat",
+                concurrency_limit=1,
+                analytics_enabled=False,
+                fill_height=False,
+            )
+            _share_model_queue(demo, before)
+
+        with gr.Tab("Image"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(type="filepath", sources=["upload"], label="Image")
+                with gr.Column():
+                    question = gr.Textbox(label="Question", placeholder="What is in the picture?")
+                    context = gr.Textbox(label="Context (optional)")
+                    choices = gr.Textbox(label="Choices (optional, one per line)", lines=3)
+                    with gr.Row():
+                        caption_btn = gr.Button("Caption")
+                        answer_btn = gr.Button("Answer", variant="primary")
+                        stop_btn = gr.Button("Stop", variant="stop")
+                    output = gr.Textbox(label="Answer", lines=4, interactive=False)
+            with gr.Accordion("Sampling", open=False):
+                sliders = _sampling_sliders(engine.max_seq_len)
+            gr.Examples(IMAGE_EXAMPLES, [image, question, context, choices])
+            caption_event = caption_btn.click(
+                caption,
+                [image, *sliders],
+                output,
+                api_name="caption",
+                preprocess=False,
+                concurrency_limit=1,
+                concurrency_id=MODEL_QUEUE,
+            )
+            answer_event = gr.on(
+                [answer_btn.click, question.submit],
+                answer,
+                [image, question, context, choices, *sliders],
+                output,
+                api_name="answer",
+                preprocess=False,
+                concurrency_limit=1,
+                concurrency_id=MODEL_QUEUE,
+            )
+            stop_btn.click(None, cancels=[caption_event, answer_event])
+    return demo
+
+
+def launch(
+    demo: gr.Blocks,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    share: bool = False,
+    max_file_size: str | int = MAX_FILE_SIZE,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+) -> tuple[Any, str, str]:
+    """Serve ``demo`` with the safe settings: local address, no public link unless ``share``, uploads capped at
+    ``max_file_size``, a bounded queue, errors shown to the user. Returns Gradio's (app, local_url, share_url)."""
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=max_file_size,
+        show_error=True,
+        prevent_thread_lock=prevent_thread_lock,
+        quiet=quiet,
+        footer_links=["api"],
+    )

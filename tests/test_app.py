@@ -1,0 +1,465 @@
+"""app/: the engine's prompts and context fitting, and the Gradio app served for real and driven by gradio_client."""
+
+import os
+import random
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from app.__main__ import build_parser as app_parser
+from app.__main__ import find_latest_run, load_engine, main
+from app.engine import CHAT_STOP, Engine, Reply, Turn, chat_prompt, question_prompt
+from app.ui import ASSETS, MODEL_QUEUE, accumulate, build_demo, format_notes, launch, strip_notes, to_turns
+from data.alpaca import format_prompt
+from model.checkpoint import save_adapter
+from model.config import VisualConfig, preset
+from model.generate import generate
+from model.llama import Transformer
+from model.tokenizer import load_tokenizer
+from model.visual import ImageLoadError, build_visual, load_image
+
+WORDS = "the cat sat on a mat while dogs ran fast over green hills and blue water what color is ball picture".split()
+# Gradio's queue statistics call pandas options that pandas 3 deprecates: not ours to fix, not worth the noise.
+QUIET_GRADIO = pytest.mark.filterwarnings(
+    "ignore:'future.no_silent_downcasting' is deprecated", "ignore:The copy keyword is deprecated"
+)
+pytestmark = QUIET_GRADIO
+RED = ASSETS / "red_circle.png"
+BLUE = ASSETS / "blue_square_left.png"
+GREEDY = (0.0, 0.75, 12)  # temperature, top_p, max_new_tokens: deterministic, so answers compare exactly
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Hundreds of microsecond-sized ops per token: with other processes on 2 cores, one thread is ~10x faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_tokenizer(folder: Path) -> Path:
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(400)]
+    lines += [format_prompt(line, line) + line for line in lines[:50]]  # the template's words get pieces of their own
+    prefix = folder / "tokenizer"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(prefix),
+        vocab_size=512,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return Path(f"{prefix}.model")
+
+
+def make_model(tokenizer_path: Path, *, visual: bool = True, max_seq_len: int = 256) -> Transformer:
+    """A tiny random model whose adapter matters: non-zero gates and a scaled-up visual projection (as if trained)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    cfg.llama.vocab_size, cfg.llama.max_seq_len = tokenizer.vocab_size, max_seq_len
+    cfg.visual = VisualConfig(clip_model="tiny") if visual else None
+    model = Transformer(cfg, visual=build_visual(cfg.visual, cfg.llama.dim) if visual else None).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("adapter_gate"):
+                p.copy_(torch.randn(p.shape, generator=g))
+        if visual:
+            model.visual.adapter_proj[2].weight.mul_(10)
+    model.tokenizer = tokenizer
+    return model
+
+
+def make_engine(folder: Path, **kwargs) -> Engine:
+    return Engine(make_model(train_tokenizer(folder), **kwargs), name="tiny test model")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    return make_engine(tmp_path_factory.mktemp("tok"))
+
+
+def answer(reply) -> str:
+    return "".join(reply)
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    """What users upload by mistake: a text file named .png, and a PNG cut off halfway."""
+    folder.mkdir(parents=True, exist_ok=True)
+    not_image = folder / "notes.png"
+    not_image.write_bytes(b"these are my notes, not a picture\n")
+    photo = folder / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photo)
+    truncated = folder / "truncated.png"
+    truncated.write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])
+    return {"not_image": not_image, "truncated": truncated}
+
+
+# ---- engine: prompts ----------------------------------------------------------------------------------------------
+def test_chat_prompt_carries_the_conversation_in_the_alpaca_input():
+    history = [Turn("hi there", "hello"), Turn("what is red", "a color")]
+    assert chat_prompt([], "the cat") == format_prompt("the cat")
+    assert chat_prompt(history, "and blue?") == format_prompt(
+        "and blue?", "User: hi there\nAssistant: hello\nUser: what is red\nAssistant: a color"
+    )
+
+
+def test_question_prompt_with_choices_is_scienceqa_without_is_alpaca():
+    assert question_prompt("What color is the ball?", "", ["red", "blue"]) == (
+        "Question: What color is the ball?\nContext: N/A\nChoices: (A) red (B) blue\nAnswer:"
+    )
+    assert question_prompt("What color?", "A ball.", ["red", "blue"], "QCM-A") == (
+        "Question: What color?\nContext: A ball.\nOptions: (A) red (B) blue\nAnswer:"
+    )
+    assert question_prompt("What color is the ball?", "A ball.") == format_prompt("What color is the ball?", "A ball.")
+
+
+def test_chat_streams_what_generate_returns_and_the_image_conditions_it(engine):
+    message = "what color is the ball"
+    for image in (None, RED):
+        reply = engine.chat([], message, image, *GREEDY)
+        assert reply.prompt == format_prompt(message) and reply.notes == []
+        pieces = list(reply)
+        expected = generate(
+            engine.model, reply.prompt, load_image(image) if image else None, temperature=0, max_new_tokens=12,
+            stop=list(CHAT_STOP),
+        )  # fmt: skip
+        assert len(pieces) > 1 and "".join(pieces) == expected
+    red, blue = answer(engine.chat([], message, RED, *GREEDY)), answer(engine.chat([], message, BLUE, *GREEDY))
+    assert red != blue != answer(engine.chat([], message, None, *GREEDY))
+
+
+def test_chat_keeps_the_conversation_image_and_drops_unanswered_turns(engine):
+    message = "what color is the ball"
+    history = [Turn("look at this", "a picture", image=RED), Turn("failed request", "")]
+    follow_up = engine.chat(history, message, None, *GREEDY)
+    assert follow_up.prompt == format_prompt(message, "User: look at this\nAssistant: a picture")
+    assert answer(follow_up) == answer(engine.chat(history[:1], message, RED, *GREEDY))
+    assert answer(follow_up) != answer(engine.chat([Turn("look at this", "a picture")], message, None, *GREEDY))
+    new_image = engine.chat(history, message, BLUE, *GREEDY)  # an image on the new message wins
+    assert new_image.prompt == follow_up.prompt and answer(new_image) != answer(follow_up)
+
+
+def test_answer_and_caption_prompts(engine):
+    reply = engine.answer("What color is the ball?", RED, "", ["red", "blue", "", " green "], *GREEDY)
+    assert (
+        reply.prompt == "Question: What color is the ball?\nContext: N/A\nChoices: (A) red (B) blue (C) green\nAnswer:"
+    )
+    assert answer(reply) == generate(
+        engine.model, reply.prompt, load_image(RED), temperature=0, max_new_tokens=12, stop=["\nQuestion:"]
+    )
+    caption = engine.caption(RED, *GREEDY)
+    assert caption.prompt == format_prompt("Generate caption of this image")
+    assert answer(caption) == generate(engine.model, caption.prompt, load_image(RED), temperature=0, max_new_tokens=12,
+                                       stop=list(CHAT_STOP))  # fmt: skip
+
+
+# ---- engine: bad input --------------------------------------------------------------------------------------------
+def test_engine_rejects_bad_input_with_readable_errors(engine, tmp_path):
+    bad = bad_files(tmp_path)
+    with pytest.raises(ValueError, match="message is empty"):
+        engine.chat([], "  \n ", None)
+    with pytest.raises(ImageLoadError, match="notes.png is not an image file"):
+        engine.chat([], "what is this", bad["not_image"])
+    with pytest.raises(ImageLoadError, match="truncated.png is truncated or corrupt"):
+        engine.caption(bad["truncated"])
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        engine.caption(tmp_path / "gone.png")
+    with pytest.raises(ValueError, match="Upload an image to caption"):
+        engine.caption(None)
+    with pytest.raises(ValueError, match="Give 2 to 8 choices"):
+        engine.answer("which?", None, "", ["only one"])
+    with pytest.raises(ValueError, match="top_p must be in"):
+        engine.chat([], "hi", None, 0.1, 0.0, 8)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        engine.chat([], "hi", None, 0.1, 0.75, 0)
+
+
+def test_text_only_model_refuses_images(tmp_path):
+    engine = make_engine(tmp_path, visual=False)
+    assert not engine.has_vision and "text only" in engine.describe()
+    with pytest.raises(ValueError, match="text only"):
+        engine.chat([], "what is this", RED)
+    assert answer(engine.chat([], "the cat", None, *GREEDY)) == generate(
+        engine.model, format_prompt("the cat"), temperature=0, max_new_tokens=12, stop=list(CHAT_STOP)
+    )
+
+
+def test_engine_needs_a_tokenizer_and_a_known_format(engine):
+    tokenizer = engine.model.tokenizer
+    with pytest.raises(ValueError, match="unknown ScienceQA prompt format 'QCM'"):
+        Engine(engine.model, question_format="QCM")
+    engine.model.tokenizer = None
+    try:
+        with pytest.raises(ValueError, match="no tokenizer"):
+            Engine(engine.model)
+    finally:
+        engine.model.tokenizer = tokenizer
+
+
+# ---- engine: fitting the context ------------------------------------------------------------------------------------
+def n_tokens(engine: Engine, text: str) -> int:
+    return len(engine.tokenizer.encode(text, bos=True))
+
+
+def test_long_conversation_loses_its_oldest_turns_first(engine):
+    long_turn = Turn(" ".join(["the cat sat on a mat"] * 8), " ".join(["dogs ran fast"] * 8))
+    history = [Turn("first question", "first answer"), *[long_turn] * 5, Turn("last question", "last answer")]
+    reply = engine.chat(history, "what now", None, 0.1, 0.75, 64)  # budget 256 - 64 = 192 tokens
+    assert n_tokens(engine, reply.prompt) <= 192
+    kept = reply.prompt.split("### Input:\n")[1]
+    assert "first question" not in kept and kept.count("User: the cat") < 5 and "User: last question" in kept
+    dropped = 7 - kept.count("User: ")
+    assert reply.notes == [f"The {dropped} oldest turns were left out to fit the model's context (256 tokens)."]
+
+
+def test_long_message_is_cut_with_a_note(engine):
+    message = " ".join(WORDS * 40)
+    reply = engine.chat([Turn("hi", "hello")], message, None, 0.1, 0.75, 200)  # 200 > half: 128 kept for the answer
+    assert n_tokens(engine, reply.prompt) <= 128
+    instruction = reply.prompt.split("### Instruction:\n")[1].split("\n\n### Response:")[0]
+    assert reply.prompt == format_prompt(instruction) and message.startswith(instruction)
+    total = len(engine.tokenizer.encode(message, bos=False))
+    assert reply.notes[0] == "The oldest turn of the conversation was left out to fit the model's context (256 tokens)."
+    assert reply.notes[1].startswith("Your message was cut to its first ") and f"of {total} tokens" in reply.notes[1]
+    assert len(answer(reply)) > 0
+
+
+def test_megabyte_paste_is_cut_to_characters_first(engine):
+    reply = engine.answer("what color", None, "red " * 300_000, ["red", "blue"], 0.1, 0.75, 8)
+    assert reply.notes[0] == "Your context was cut to its first 16,000 of 1,199,999 characters."
+    assert reply.notes[1].startswith("Your context was cut to its first ")
+    assert n_tokens(engine, reply.prompt) <= 256 - 8
+
+
+# ---- the Gradio message format --------------------------------------------------------------------------------------
+def test_to_turns_reads_both_history_shapes_and_strips_notes():
+    history = [
+        {"role": "user", "content": [{"path": "/tmp/a.png"}, "what is this"]},  # what gradio_client calls send
+        {"role": "assistant", "content": format_notes(["cut"]) + "a red ball"},
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/b.png"}}]},  # the browser: file, then text
+        {"role": "user", "content": [{"type": "text", "text": "and this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a blue square"}]},
+        {"role": "user", "content": "unanswered"},
+    ]
+    assert to_turns(history) == [
+        Turn("what is this", "a red ball", "/tmp/a.png"),
+        Turn("and this?", "a blue square", "/tmp/b.png"),
+    ]
+    assert strip_notes(format_notes(["one", "two"]) + "answer *with* stars") == "answer *with* stars"
+
+
+def test_to_turns_forgets_failed_submissions():
+    history = [
+        {"role": "user", "content": [{"path": "/tmp/corrupt.png"}]},  # rejected: not an image
+        {"role": "user", "content": ["what is this"]},
+        {"role": "user", "content": ["what about this"]},  # answered
+        {"role": "assistant", "content": "no idea"},
+        {"role": "user", "content": [{"path": "/tmp/ok.png"}]},  # an image sent alone (rejected: no text), then
+        {"role": "user", "content": ["describe it"]},  # its question: the image belongs to the question
+        {"role": "assistant", "content": "a square"},
+    ]
+    assert to_turns(history) == [
+        Turn("what about this", "no idea", None),
+        Turn("describe it", "a square", "/tmp/ok.png"),
+    ]
+
+
+def test_replies_stream_as_growing_text_with_notes_first():
+    streamed = list(accumulate(Reply("prompt", iter(["The ans", "wer is", " (A)"]), ["cut"])))
+    assert streamed == [
+        "*Note: cut*\n\n",
+        *(f"*Note: cut*\n\n{t}" for t in ("The ans", "The answer is", "The answer is (A)")),
+    ]
+    assert list(accumulate(Reply("prompt", iter([" "]), []))) == [
+        " ",
+        " *Note: The model gave an empty answer (it stopped at once).*\n\n",
+    ]
+
+
+# ---- the app, served ------------------------------------------------------------------------------------------------
+class CountingEngine(Engine):
+    """Counts generations running at the same time (the model must answer one request at a time)."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        self.lock, self.active, self.max_active, self.started = threading.Lock(), 0, 0, 0
+
+    def _reply(self, *args, **kwargs):
+        reply = super()._reply(*args, **kwargs)
+        reply.pieces = self._count(reply.pieces)
+        return reply
+
+    def _count(self, pieces):
+        with self.lock:
+            self.active, self.started = self.active + 1, self.started + 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            yield from pieces
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.fixture(scope="module")
+def served(engine, tmp_path_factory):
+    """The app launched as `python -m app` launches it (upload limit lowered to 100 KB), on a free local port."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        counting = CountingEngine(engine.model, name="tiny test model")
+        demo = build_demo(counting)
+        _, url, share_url = launch(demo, port=None, prevent_thread_lock=True, quiet=True, max_file_size="100kb")
+        assert url.startswith("http://127.0.0.1:") and share_url is None
+        yield demo, url, counting
+        demo.close()
+
+
+@pytest.fixture
+def client(served):
+    c = Client(served[1], verbose=False)
+    yield c
+    c.close()
+
+
+def test_chat_streams_text_and_carries_the_conversation(served, client, engine):
+    job = client.submit({"text": "the cat sat on a mat", "files": []}, *GREEDY, api_name="/chat")
+    first = job.result(timeout=60)
+    partial = job.outputs()
+    assert first == answer(engine.chat([], "the cat sat on a mat", None, *GREEDY)) and partial[-1] == first
+    assert len(partial) > 2 and all(b.startswith(a) for a, b in zip(partial, partial[1:]))
+    second = client.predict({"text": "and the dogs", "files": []}, *GREEDY, api_name="/chat")
+    assert second == answer(engine.chat([Turn("the cat sat on a mat", first)], "and the dogs", None, *GREEDY))
+
+
+def test_chat_with_an_image_and_a_follow_up_about_it(client, engine):
+    message = {"text": "what color is the ball", "files": [handle_file(RED)]}
+    first = client.predict(message, *GREEDY, api_name="/chat")
+    assert first == answer(engine.chat([], "what color is the ball", RED, *GREEDY))
+    assert first != answer(engine.chat([], "what color is the ball", None, *GREEDY))
+    follow_up = client.predict({"text": "is it red", "files": []}, *GREEDY, api_name="/chat")
+    history = [Turn("what color is the ball", first, image=RED)]
+    assert follow_up == answer(engine.chat(history, "is it red", None, *GREEDY))
+
+
+def test_image_tab_caption_and_question(client, engine):
+    caption = client.predict(handle_file(RED), *GREEDY, api_name="/caption")
+    assert caption == answer(engine.caption(RED, *GREEDY))
+    question = "What color is the ball in the picture?"
+    choices = "red\ngreen\nblue\nyellow"
+    job = client.submit(handle_file(RED), question, "", choices, *GREEDY, api_name="/answer")
+    result = job.result(timeout=60)
+    assert result == answer(engine.answer(question, RED, "", ["red", "green", "blue", "yellow"], *GREEDY))
+    assert len(job.outputs()) > 1
+    open_question = client.predict(None, "what is a cat", "", "", *GREEDY, api_name="/answer")
+    assert open_question == answer(engine.answer("what is a cat", None, "", [], *GREEDY))
+
+
+def test_bad_requests_get_readable_errors_and_the_server_keeps_serving(client, engine, tmp_path):
+    bad = bad_files(tmp_path)
+    with pytest.raises(AppError, match=r"^notes\.png is not an image file Pillow can read$"):
+        client.predict({"text": "what is this", "files": [handle_file(bad["not_image"])]}, *GREEDY, api_name="/chat")
+    with pytest.raises(AppError, match=r"^image file truncated\.png is truncated or corrupt"):
+        client.predict({"text": "what is this", "files": [handle_file(bad["truncated"])]}, *GREEDY, api_name="/chat")
+    with pytest.raises(AppError, match=r"^notes\.png is not an image file Pillow can read$"):
+        client.predict(handle_file(bad["not_image"]), *GREEDY, api_name="/caption")
+    with pytest.raises(AppError, match=r"^notes\.png is not an image file Pillow can read$"):
+        client.predict(handle_file(bad["not_image"]), "what is it", "", "", *GREEDY, api_name="/answer")
+    with pytest.raises(AppError, match="The message is empty"):
+        client.predict({"text": "   ", "files": []}, *GREEDY, api_name="/chat")
+    with pytest.raises(AppError, match="Upload an image to caption"):
+        client.predict(None, *GREEDY, api_name="/caption")
+    with pytest.raises(AppError, match="Give 2 to 8 choices"):
+        client.predict(None, "which one", "", "just one", *GREEDY, api_name="/answer")
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 100_000
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        client.predict({"text": "what is this", "files": [handle_file(big)]}, *GREEDY, api_name="/chat")
+    # the failed turns left nothing behind: the conversation still starts from scratch
+    assert client.predict({"text": "the cat", "files": []}, *GREEDY, api_name="/chat") == answer(
+        engine.chat([], "the cat", None, *GREEDY)
+    )
+
+
+def test_over_long_message_is_answered_with_a_note(client):
+    reply = client.predict({"text": " ".join(WORDS * 60), "files": []}, 0.0, 0.75, 100, api_name="/chat")
+    assert reply.startswith("*Note: Your message was cut to its first ") and "fit the model's context" in reply
+    assert len(strip_notes(reply)) > 0
+
+
+def test_concurrent_clients_are_all_answered_one_at_a_time(served, engine):
+    _, url, counting = served
+    requests = [
+        ("/chat", ({"text": "the cat", "files": []}, *GREEDY), answer(engine.chat([], "the cat", None, *GREEDY))),
+        ("/chat", ({"text": "blue water", "files": [handle_file(BLUE)]}, *GREEDY),
+         answer(engine.chat([], "blue water", BLUE, *GREEDY))),
+        ("/caption", (handle_file(BLUE), *GREEDY), answer(engine.caption(BLUE, *GREEDY))),
+        ("/answer", (None, "which is a color", "", "red\nchair", *GREEDY),
+         answer(engine.answer("which is a color", None, "", ["red", "chair"], *GREEDY))),
+        ("/chat", ({"text": "green hills", "files": []}, *GREEDY),
+         answer(engine.chat([], "green hills", None, *GREEDY))),
+    ]  # fmt: skip
+    clients = [Client(url, verbose=False) for _ in requests]
+    try:
+        started = counting.started
+        jobs = [c.submit(*args, api_name=api) for c, (api, args, _) in zip(clients, requests)]
+        assert [job.result(timeout=120) for job in jobs] == [expected for _, _, expected in requests]
+        assert counting.started - started == len(requests) and counting.max_active == 1
+    finally:
+        for c in clients:
+            c.close()
+    demo = served[0]
+    model_events = {fn.api_name for fn in demo.fns.values() if fn.concurrency_id == MODEL_QUEUE}
+    assert {"chat", "caption", "answer"} <= model_events
+
+
+def test_app_is_safe_by_default():
+    args = app_parser().parse_args([])
+    assert (args.host, args.port, args.share, args.max_file_size) == ("127.0.0.1", 7860, False, "10mb")
+
+
+# ---- python -m app -------------------------------------------------------------------------------------------------
+def test_main_without_a_run_says_to_train_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("app.__main__.RUNS_DIR", tmp_path / "runs")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "no trained run found under" in err and "run `make train` first" in err and "--checkpoint RUN_DIR" in err
+    assert main(["--checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no adapter.json" in capsys.readouterr().err
+
+
+def test_load_engine_serves_the_newest_run_with_its_prompt_format(tmp_path, monkeypatch):
+    from data.synthetic import synthetic_corpus
+    from data.synthetic import train_tokenizer as train_512
+    from model import load_model
+
+    tokenizer = train_512(synthetic_corpus(n=1000), tmp_path / "tokenizer.model", 512)  # the tiny preset's vocabulary
+    runs = tmp_path / "runs"
+    for name, fmt in (("old", "alpaca"), ("new", "QCM-A")):
+        model = load_model("tiny", clip="tiny")
+        save_adapter(model, runs / name, base="tiny", tokenizer=tokenizer, prompt_format=fmt)
+    os.utime(runs / "old" / "adapter.json", (1, 1))
+    assert find_latest_run(runs) == runs / "new" and find_latest_run(tmp_path / "none") is None
+    monkeypatch.setattr("app.__main__.RUNS_DIR", runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = load_engine(app_parser().parse_args(["--device", "cpu"]))
+    assert engine.name == "run new" and engine.question_format == "QCM-A" and engine.has_vision
+    old = load_engine(app_parser().parse_args(["--checkpoint", str(runs / "old")]))
+    assert old.question_format == "llama_adapter"  # an Alpaca run asks questions in the V1 format

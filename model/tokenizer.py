@@ -20,6 +20,7 @@ O(n) per token, microseconds at generation lengths, and is what makes the equali
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ class StreamDecoder:
         return new
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Common interface: ``encode`` / ``decode`` / ``decode_stream`` and the special ids.
 
     Subclasses implement ``_encode_text`` (no special tokens) and ``_decode_ids``.
@@ -98,11 +99,13 @@ class Tokenizer:
         """A fresh incremental decoder whose pushed pieces concatenate to ``decode`` of all pushed ids."""
         return StreamDecoder(self.decode)
 
+    @abstractmethod
     def _encode_text(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of ``text`` without any special token."""
 
+    @abstractmethod
     def _decode_ids(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """Text of in-vocabulary ``ids``, special tokens dropped."""
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,89 @@
+"""Alpaca instruction data (``alpaca_data.json``) and the two exact Alpaca prompt templates.
+
+The file is a JSON list of {"instruction", "input", "output"} objects. The templates are those of stanford_alpaca's
+train.py, reused verbatim by LLaMA-Adapter's fine-tuning code; the no-input one is used when ``input`` is missing
+or exactly "". The response is appended directly after "### Response:" (training target = output, then EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from data import DataError, InvalidRecords, read_json
+from data.collate import Example
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt: the with-input template when ``input`` is non-empty, else the no-input one."""
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+@dataclass
+class AlpacaRecord:
+    """One record of alpaca_data.json; ``index`` is its position in the file."""
+
+    instruction: str
+    input: str
+    output: str
+    index: int
+
+
+def load_records(path: str | Path, *, skip_invalid: bool = False) -> list[AlpacaRecord]:
+    """The records of an alpaca_data.json. A malformed record (not an object, missing / non-string instruction or
+    output, non-string input) raises DataError naming the file and the record index; with ``skip_invalid=True`` it
+    is skipped and one warning gives the count."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of {{instruction, input, output}} objects")
+    out, invalid = [], InvalidRecords(path, skip_invalid)
+    for i, rec in enumerate(data):
+        problem = _check(rec)
+        if problem:
+            invalid(f"record {i}: {problem}")
+            continue
+        out.append(AlpacaRecord(rec["instruction"], rec.get("input") or "", rec["output"], i))
+    invalid.warn(len(data))
+    return out
+
+
+def _check(rec: object) -> str | None:
+    if not isinstance(rec, dict):
+        return f"expected an object, got {type(rec).__name__}"
+    for key in ("instruction", "output"):
+        if key not in rec:
+            return f"missing field {key!r}"
+        if not isinstance(rec[key], str) or not rec[key].strip():
+            return f"field {key!r} must be a non-empty string, got {rec[key]!r}"
+    if rec.get("input") is not None and not isinstance(rec["input"], str):
+        return f"field 'input' must be a string, got {rec['input']!r}"
+    return None
+
+
+def to_example(record: AlpacaRecord) -> Example:
+    """A text-only training ``Example``: Alpaca prompt -> output."""
+    return Example(
+        prompt=format_prompt(record.instruction, record.input),
+        target=record.output,
+        image=None,
+        meta={"index": record.index},
+    )
+
+
+def load_examples(path: str | Path, *, skip_invalid: bool = False) -> list[Example]:
+    """Training examples of an alpaca_data.json file."""
+    return [to_example(r) for r in load_records(path, skip_invalid=skip_invalid)]

@@ -1,0 +1,276 @@
+"""Examples -> padded token / label / image tensors, with the loss on the response and its EOS only.
+
+Tokenization keeps the mask boundary exact: the prompt is encoded alone (with BOS), the target alone (no BOS) plus
+EOS, and the id lists are concatenated. That is also what happens at inference (the prompt is encoded alone and the
+model continues it), and it avoids the official LLaMA-Adapter quirk of encoding prompt and prompt+output apart,
+where a sentencepiece merge across the boundary shifts the mask by a token.
+
+Truncation never drops the answer or the EOS: an over-long prompt loses tokens from its middle (default: the
+question at the start and the options / "Answer:" cue at the end survive) or from its left, after BOS. An example
+whose BOS + target + EOS alone exceed ``max_len`` raises ``TargetTooLongError``; ``drop_overlong`` removes (and
+counts) such examples before training.
+
+Labels use -100 as the ignore index (``torch.nn.functional.cross_entropy``'s default), never token 0, which is a
+real token (``<unk>`` in LLaMA). Padding is on the right with the tokenizer's pad id, or 0 when it has none (the
+padded positions are ignored by the labels and come after every real token, so causal attention never sees them).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from data import DataError
+
+IGNORE_INDEX = -100
+"""Label of positions without loss (prompt and padding)."""
+
+ImageInput = str | Path | bytes | Image.Image
+"""An example's image: a file path, an encoded image file's bytes (the Hugging Face ScienceQA copy), or a PIL image."""
+
+
+class TokenizerLike(Protocol):
+    """What the collator needs from model.tokenizer.Tokenizer."""
+
+    bos_id: int | None
+    eos_id: int
+    pad_id: int | None
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+
+
+@dataclass
+class Example:
+    """One training / evaluation item: the model sees ``prompt`` (and ``image``) and must produce ``target``."""
+
+    prompt: str
+    target: str
+    image: ImageInput | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Where the item came from (pid, image_id, index, category, ...): kept for evaluation and error messages."""
+
+
+class TargetTooLongError(DataError):
+    """BOS + target + EOS alone do not fit in ``max_len``."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one example; ``labels`` start at ``n_prompt`` (target + EOS)."""
+
+    tokens: list[int]
+    n_prompt: int
+    n_cut: int
+    """Prompt tokens removed by truncation."""
+
+
+def describe(example: Example) -> str:
+    """A short name for error messages: the example's id from its meta, else the start of its prompt."""
+    for key in ("pid", "image_id", "index", "id"):
+        if key in example.meta:
+            return f"example {key}={example.meta[key]}"
+    return f"example with prompt {example.prompt[:40]!r}"
+
+
+def image_source(image: ImageInput) -> ImageInput | io.BytesIO:
+    """What an image transform receives: paths and PIL images as they are, encoded bytes as a binary file object
+    (``model.visual.VisualPrompt.preprocess`` takes all three)."""
+    return io.BytesIO(image) if isinstance(image, bytes) else image
+
+
+class Collator:
+    """Turn a list of ``Example`` into a batch dict for training.
+
+    Returns {"tokens": (B, T) long, "labels": (B, T) long with -100 outside target + EOS (aligned with tokens:
+    loss = CE(logits[:, :-1], labels[:, 1:])), "images": (B, 3, H, W) float or None when no example has an image,
+    "image_mask": (B,) bool (False for text-only rows, whose image slot is zeros), "lengths": (B,) long (real tokens
+    per row)}.
+
+    image_transform: maps an image (path, PIL image or binary file object, see ``image_source``) to a (3, H, W)
+        tensor, e.g. ``model.visual.preprocess``; None for text-only training (an example with an image is then
+        an error: drop images explicitly).
+    truncation: where an over-long prompt loses tokens: "middle" (keep its start and end) or "left".
+    """
+
+    def __init__(
+        self,
+        tokenizer: TokenizerLike,
+        max_len: int,
+        image_transform: Callable[[Any], Tensor] | None = None,
+        *,
+        truncation: Literal["middle", "left"] = "middle",
+    ) -> None:
+        if max_len < 2:
+            raise ValueError(f"max_len must be at least 2 (one prompt token and EOS), got {max_len}")
+        if truncation not in ("middle", "left"):
+            raise ValueError(f"truncation must be 'middle' or 'left', got {truncation!r}")
+        self.tokenizer, self.max_len, self.image_transform, self.truncation = (
+            tokenizer,
+            max_len,
+            image_transform,
+            truncation,
+        )
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        self.n_truncated = 0
+        """Examples whose prompt was shortened so far (by this process)."""
+
+    def encode(self, example: Example) -> Encoded:
+        """Token ids of one example, truncated to ``max_len`` without touching the target and EOS."""
+        prompt = self.tokenizer.encode(example.prompt, bos=True, eos=False)
+        target = self.tokenizer.encode(example.target, bos=False, eos=True)
+        if len(target) < 2:
+            raise DataError(f"{describe(example)}: empty target (only EOS); every example needs an answer")
+        budget = self.max_len - len(target)
+        n_cut = max(len(prompt) - budget, 0)
+        if n_cut:
+            prompt = self._truncate(prompt, budget, example)
+        return Encoded(tokens=prompt + target, n_prompt=len(prompt), n_cut=n_cut)
+
+    def _truncate(self, prompt: list[int], budget: int, example: Example) -> list[int]:
+        head = prompt[:1] if prompt and prompt[0] == self.tokenizer.bos_id else []
+        body, keep = prompt[len(head) :], budget - len(head)
+        if keep < 0:
+            raise TargetTooLongError(
+                f"{describe(example)}: the target and EOS alone take {self.max_len - budget} tokens"
+                f"{' (+ BOS)' if head else ''}, more than max_len={self.max_len}; raise max_len or drop the "
+                "example (data.collate.drop_overlong)"
+            )
+        if keep == 0:
+            return head
+        if self.truncation == "left":
+            return head + body[len(body) - keep :]
+        first = keep // 2
+        return head + body[:first] + body[len(body) - (keep - first) :]
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Tensor | None]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        encoded = [self.encode(ex) for ex in examples]
+        self.n_truncated += sum(e.n_cut > 0 for e in encoded)
+        width = max(len(e.tokens) for e in encoded)
+        tokens = torch.full((len(examples), width), self.pad_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        for row, e in enumerate(encoded):
+            tokens[row, : len(e.tokens)] = torch.tensor(e.tokens)
+            labels[row, e.n_prompt : len(e.tokens)] = torch.tensor(e.tokens[e.n_prompt :])
+        images, image_mask = self._images(examples)
+        lengths = torch.tensor([len(e.tokens) for e in encoded], dtype=torch.long)
+        return {"tokens": tokens, "labels": labels, "images": images, "image_mask": image_mask, "lengths": lengths}
+
+    def _images(self, examples: Sequence[Example]) -> tuple[Tensor | None, Tensor]:
+        image_mask = torch.tensor([ex.image is not None for ex in examples], dtype=torch.bool)
+        if not image_mask.any():
+            return None, image_mask
+        if self.image_transform is None:
+            first = next(ex for ex in examples if ex.image is not None)
+            raise DataError(
+                f"{describe(first)} has an image but the Collator has no image_transform; pass one "
+                "(model.visual.preprocess) or drop the images for text-only training"
+            )
+        pixels: list[Tensor | None] = []
+        for ex in examples:
+            if ex.image is None:
+                pixels.append(None)
+                continue
+            try:
+                pixels.append(self.image_transform(image_source(ex.image)))
+            except (OSError, ValueError) as e:  # missing / unreadable image file: name the example
+                raise DataError(f"{describe(ex)}: image {_image_name(ex.image)}: {e}") from e
+        shape = next(p for p in pixels if p is not None).shape
+        if any(p is not None and p.shape != shape for p in pixels):
+            raise DataError(f"image_transform returned tensors of different shapes in one batch (first {tuple(shape)})")
+        blank = torch.zeros(shape)
+        return torch.stack([blank if p is None else p.float() for p in pixels]), image_mask  # (B, 3, H, W)
+
+    def length(self, example: Example) -> int:
+        """Tokens of ``example`` after truncation (for length-grouped batching)."""
+        return len(self.encode(example).tokens)
+
+
+def _image_name(image: ImageInput) -> str:
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return "<bytes>" if isinstance(image, bytes) else "<PIL image>"
+
+
+def drop_overlong(examples: Sequence[Example], collator: Collator) -> list[Example]:
+    """The examples whose target + EOS fit in ``collator.max_len``; warns with the count of those dropped."""
+    kept, dropped = [], []
+    for ex in examples:
+        try:
+            collator.encode(ex)
+        except TargetTooLongError:
+            dropped.append(ex)
+            continue
+        kept.append(ex)
+    if dropped:
+        warnings.warn(
+            f"dropped {len(dropped)} of {len(examples)} examples whose target does not fit in max_len="
+            f"{collator.max_len} (first: {describe(dropped[0])})",
+            stacklevel=2,
+        )
+    return kept
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of indices of similar length, to cut padding; random and reproducible per (seed, epoch).
+
+    Each epoch: shuffle all indices, cut them into groups of ``batch_size * group_batches``, sort each group by
+    length (longest first), cut groups into batches and shuffle the batch order. With ``num_replicas`` > 1 the
+    batch list is padded by repetition to a multiple of ``num_replicas`` and dealt out round-robin, so every rank
+    runs the same number of steps. Use as ``DataLoader(dataset, batch_sampler=...)``; call ``set_epoch`` each epoch.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        group_batches: int = 64,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1 or group_batches < 1:
+            raise ValueError(f"batch_size and group_batches must be >= 1, got {batch_size}, {group_batches}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        if not lengths:
+            raise ValueError("no lengths: nothing to sample")
+        self.lengths, self.batch_size, self.seed, self.group_batches = list(lengths), batch_size, seed, group_batches
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        group = self.batch_size * self.group_batches
+        batches: list[list[int]] = []
+        for start in range(0, len(order), group):
+            members = sorted(order[start : start + group], key=lambda i: -self.lengths[i])
+            batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all_batches()
+        total = len(self) * self.num_replicas
+        batches = [batches[i % len(batches)] for i in range(total)]  # pad by repetition for equal rank shares
+        return iter(batches[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        group = self.batch_size * self.group_batches
+        full, rest = divmod(len(self.lengths), group)
+        n_batches = full * self.group_batches + math.ceil(rest / self.batch_size)
+        return math.ceil(n_batches / self.num_replicas)

@@ -1,0 +1,6 @@
+"""Speed and memory of this project side by side with PEFT's AdaptionPrompt on transformers' LlamaForCausalLM.
+
+``python -m bench train|generate`` (bench/__main__.py). Modules: ``shapes`` (model shapes, HF twin config),
+``measure`` (clocks, peak memory, FLOP / byte counts, device peaks), ``run`` (shared weights, both sides, reports),
+``worker`` (one side in a fresh process). Results and method: BENCHMARKS.md.
+"""

@@ -123,7 +123,7 @@ def generate_tokens(
                 next_token = next_token.masked_fill(finished, eos_id)
                 finished |= next_token == eos_id
         yield next_token
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
             return
         with torch.inference_mode():
             logits = model(next_token[:, None], cache=cache, positions=next_positions[:, None] + step, last_only=True)

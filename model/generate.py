@@ -99,7 +99,7 @@ def generate_tokens(
         pad = prompt_len - len(ids)
         tokens[i, pad:] = torch.tensor(list(ids), dtype=torch.long)
         positions[i, pad:] = torch.arange(len(ids))
-        cache.key_valid[i, :pad] = False
+        cache.mark_padding(i, pad)
     tokens, positions = tokens.to(device), positions.to(device)
     next_positions = torch.tensor([len(ids) for ids in prompt_ids], device=device)  # (B,)
     if images is not None:

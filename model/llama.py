@@ -72,10 +72,17 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.padded = False  # True once some slot is marked invalid: single-token steps then need a mask
         self.adapter_kv: list[tuple[Tensor, Tensor] | None] = [None] * cfg.n_layers
         self.adapter_ready = False  # adapter K/V (and the image features in them) are computed once per sequence
         self.length = 0
         self.max_len = max_len
+
+    def mark_padding(self, row: int, n_slots: int) -> None:
+        """The first ``n_slots`` cache slots of ``row`` hold left padding: no query may attend to them."""
+        if n_slots > 0:
+            self.key_valid[row, :n_slots] = False
+            self.padded = True
 
 
 class Attention(nn.Module):
@@ -113,6 +120,7 @@ class Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask: Tensor | None,
+        is_causal: bool,
         adapter_kv: tuple[Tensor, Tensor] | None,
         cache: KVCache | None,
         layer_idx: int,
@@ -129,7 +137,7 @@ class Attention(nn.Module):
             cache.v[layer_idx][:, :, start : start + T] = v
             k, v = cache.k[layer_idx][:, :, : start + T], cache.v[layer_idx][:, :, : start + T]  # (B, nkv, S, hd)
         gqa = self.n_kv_heads != self.n_heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         if self.adapted:
             # Separate softmax over the K prompts, visible to every query (no mask, no position).
             ak, av = adapter_kv
@@ -251,8 +259,10 @@ class Transformer(nn.Module):
         rope_cos, rope_sin = self.rope(tokens.device)
         cos = rope_cos[positions][:, :, None, :]  # (B, T, 1, hd/2)
         sin = rope_sin[positions][:, :, None, :]
-        mask = None
-        if cache is not None:
+        # Unpadded and starting at 0 (training, prefill): plain causal attention. One new token over an unpadded
+        # cache sees every key: no mask either (keeps fused GPU kernels). Otherwise an explicit (B, 1, T, S) mask.
+        mask, is_causal = None, cache is None or (start == 0 and not cache.padded)
+        if not is_causal and (T > 1 or cache.padded):
             q_idx = torch.arange(start, start + T, device=tokens.device)
             k_idx = torch.arange(start + T, device=tokens.device)
             causal = k_idx[None, :] <= q_idx[:, None]  # (T, S)
@@ -273,7 +283,7 @@ class Transformer(nn.Module):
                         cache.adapter_kv[i] = akv
                 else:
                     akv = cache.adapter_kv[i]
-            x = layer(x, cos, sin, mask, akv, cache, i)
+            x = layer(x, cos, sin, mask, is_causal, akv, cache, i)
         if cache is not None:
             cache.length = start + T
             cache.adapter_ready = True

@@ -96,7 +96,7 @@ def test_attention_matches_the_official_concat_form(gate_fn):
     rope_cos, rope_sin = model.rope(x.device)
     cos, sin = rope_cos[:7][None, :, None], rope_sin[:7][None, :, None]
     with torch.no_grad():
-        ours = attn(x, cos, sin, None, attn.adapter_kv(None), None, 2)
+        ours = attn(x, cos, sin, None, True, attn.adapter_kv(None), None, 2)
         ref = reference_attention(attn, x, gate_fn)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
@@ -122,7 +122,7 @@ def test_left_padding_with_key_valid_and_positions_matches_unpadded():
     with torch.no_grad():
         alone = model(seq)[:, -1]
         cache = model.new_cache(1, 16)
-        cache.key_valid[:, :3] = False
+        cache.mark_padding(0, 3)
         positions = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
         out = model(padded, cache=cache, positions=positions)[:, -1]
     torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,153 @@
+"""train.py end to end on generated data (tiny random base, CPU): each task, the run directory, gradient
+accumulation, and the clear stops on a non-finite loss and out of memory."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from data.synthetic import make_alpaca, make_coco, make_scienceqa, synthetic_corpus, train_tokenizer
+from model import load_run
+
+QUIET = ["--run.progress", "false", "--run.tensorboard", "false", "--run.log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Small real-format datasets and a 512-piece tokenizer (the tiny preset's vocabulary)."""
+    root = tmp_path_factory.mktemp("data")
+    make_scienceqa(root / "scienceqa", n_train=32, n_val=4, n_test=8)
+    make_coco(root / "coco", n_train=6, n_restval=2, n_val=2, n_test=2, captions_per_image=2)
+    make_alpaca(root / "alpaca.json", n=24)
+    train_tokenizer(synthetic_corpus(seed=0, n=400), root / "tokenizer.model")
+    return root
+
+
+def base_args(data, task: str, out) -> list[str]:
+    path = {"scienceqa": data / "scienceqa", "coco": data / "coco", "alpaca": data / "alpaca.json"}[task]
+    return [
+        "--recipe", task, "--base", "tiny", "--tokenizer", str(data / "tokenizer.model"), "--data", str(path),
+        "--clip", "tiny", "--model.adapter.n_layers", "2", "--model.adapter.prompt_len", "3",
+        "--optim.batch_size", "4", "--epochs", "5", "--run.device", "cpu", "--out", str(out), *QUIET,
+    ]  # fmt: skip
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("task", ["scienceqa", "coco", "alpaca"])
+def test_each_task_trains_and_writes_a_complete_run_directory(data, tmp_path, task):
+    out = tmp_path / "run"
+    argv = [*base_args(data, task, out), "--optim.max_steps", "3", "--run.eval_limit", "4",
+            "--run.eval_max_new_tokens", "4"]  # fmt: skip
+    assert train.main(argv) == 0
+
+    cfg = train.parse_args(argv).config
+    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(train.config_to_dict(cfg)))
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["max_memory_mib"] > 0 for r in records)
+    # warmup over 2 of 5 epochs, kept as a share of the 3-step schedule: round(3 * 2 / 5) = 1 step
+    peak = 9e-3 * 4 / 256
+    assert records[0]["lr"] == pytest.approx(peak)
+    assert records[2]["lr"] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 1 / 2)))
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    sidecar = json.loads((out / "adapter.json").read_text())
+    assert sidecar["base"] == "tiny" and sidecar["tokenizer"] == str((data / "tokenizer.model").resolve())
+    assert sidecar["prompt_format"] == {"scienceqa": "llama_adapter", "coco": "coco_caption", "alpaca": "alpaca"}[task]
+    assert sidecar["extra"] == {"recipe": task, "task": task, "step": 3, "seed": 0}
+    has_images = task != "alpaca"
+    assert (sidecar["model_config"]["visual"] is not None) == has_images
+
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert (state["step"], state["world_size"]) == (3, 1)
+    tensors = load_file(out / "adapter.safetensors")
+    assert tensors.keys() == state["adapter"].keys()
+    assert all(torch.equal(tensors[k], state["adapter"][k]) for k in tensors)
+    expected = {f"layers.{i}.attention.adapter_{kind}" for i in (2, 3) for kind in ("prompt", "gate")}
+    visual = {k for k in tensors if k.startswith("visual.adapter_proj.")}
+    assert tensors.keys() - visual == expected and bool(visual) == has_images
+    assert all(tensors[f"layers.{i}.attention.adapter_gate"].abs().sum() > 0 for i in (2, 3))  # it trained
+
+    model = load_run(out)  # the run directory is what model.load_run reads
+    assert all(torch.equal(p, tensors[n]) for n, p in model.trainable_parameters())
+    if task == "scienceqa":
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["split"] == "test" and metrics["counts"]["Avg"]["total"] == 4
+        assert len(json.loads((out / "predictions.json").read_text())["results"]) == 4
+
+
+def test_tensorboard_events_are_written(data, tmp_path):
+    out = tmp_path / "run"
+    argv = [*base_args(data, "alpaca", out), "--optim.max_steps", "2", "--run.tensorboard", "true"]
+    assert train.main(argv) == 0
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+def test_gradient_accumulation_gives_the_same_run(data, tmp_path):
+    """The loss of a step is the token mean over the whole step, so 4 x 1 and 2 x 2 make the same updates."""
+    one = [*base_args(data, "scienceqa", tmp_path / "a"), "--optim.max_steps", "4", "--run.eval", "false"]
+    two = [*base_args(data, "scienceqa", tmp_path / "b"), "--optim.max_steps", "4", "--run.eval", "false",
+           "--optim.batch_size", "2", "--optim.grad_accum", "2"]  # fmt: skip
+    assert train.main(one) == 0 and train.main(two) == 0
+    losses = [[r["loss"] for r in read_metrics(tmp_path / d)] for d in "ab"]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
+    a, b = load_file(tmp_path / "a" / "adapter.safetensors"), load_file(tmp_path / "b" / "adapter.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_examples(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*base_args(data, "scienceqa", out), "--optim.max_steps", "6", "--optim.lr", "1e30"]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        "error: the loss is nan at optimizer step 2 (epoch 1), micro-batch 1 of 1; examples (index in the train " in err
+    )
+    assert "The learning rate was 1e+30: lower it (--optim.blr / --optim.lr)" in err
+    assert "Traceback" not in err
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    assert not (out / "state.pt").exists()  # nothing poisoned was saved
+
+
+def test_out_of_memory_saves_the_last_step_and_says_what_to_try(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = [*base_args(data, "scienceqa", out), "--optim.max_steps", "4", "--run.eval", "false"]
+    forward = train.Trainer._forward_loss
+    calls = []
+
+    def forward_that_runs_out(self, batch, denom):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, batch, denom)
+
+    monkeypatch.setattr(train.Trainer, "_forward_loss", forward_that_runs_out)
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: out of memory on cpu at optimizer step 3, micro-batch of shape (4, " in err
+    assert "Next thing to try: --optim.batch_size 2 --optim.grad_accum 2 (the same effective batch" in err
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2
+
+    # Resuming with the advice finishes the run, and it is the run that never ran out of memory.
+    monkeypatch.setattr(train.Trainer, "_forward_loss", forward)
+    assert train.main(["--resume", str(out), "--optim.batch_size", "2", "--optim.grad_accum", "2", *QUIET]) == 0
+    assert train.main([*base_args(data, "scienceqa", tmp_path / "ref"), "--optim.max_steps", "4",
+                       "--run.eval", "false"]) == 0  # fmt: skip
+    resumed, ref = load_file(out / "adapter.safetensors"), load_file(tmp_path / "ref" / "adapter.safetensors")
+    for name in ref:
+        torch.testing.assert_close(resumed[name], ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_fresh_run_refuses_to_overwrite_another(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*base_args(data, "alpaca", out), "--optim.max_steps", "1"]
+    assert train.main(argv) == 0
+    assert train.main(argv) == 1
+    assert f"error: {out} already holds a run; continue it with --resume {out} or pick --out" in capsys.readouterr().err

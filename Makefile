@@ -32,5 +32,8 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+base: venv
+	$(BIN)/python scripts/build_tiny_base.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

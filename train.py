@@ -245,7 +245,8 @@ def recipe_tiny() -> TrainConfig:
     """The embedded default: tiny base + tiny CLIP on synthetic ScienceQA, CPU, minutes.
 
     The committed base (scripts/build_tiny_base.py) and the seeded tiny CLIP tower; the synthetic data is
-    generated into .data/ on first use. Tuned to clear 90% on the image questions in well under 5 minutes on 2 cores.
+    generated into .data/ on first use. Measured on 2 idle CPU cores: about 30 s in all (data, 600 steps, test
+    split); image questions 100% (seeds 0, 1, 2), and with --no-images 36.6% on them (chance 35.7%).
     """
     return TrainConfig(
         recipe="tiny",

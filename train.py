@@ -1305,6 +1305,12 @@ def _run(cfg: TrainConfig, resume: Path | None, d: Dist) -> int:
         raise TrainingError(f"{e}\n(the last saved state is intact: fix the data, then --resume {run_dir})") from e
     if d.main:
         plot_loss_curve(run_dir)
+    if d.world > 1:
+        # The last collective: every rank leaves together, and none reaches interpreter teardown while a gloo worker
+        # thread still drops the Python tensors of an earlier collective (that decref needs the GIL, which a
+        # finalizing interpreter cannot give, and the process aborts: "terminate called without an active
+        # exception"). A barrier's work holds no Python tensors, and waiting on it frees the GIL for the workers.
+        dist.barrier()
     minutes = (time.perf_counter() - started) / 60
     if outcome != "done":
         what = {"stopped": "run.stop_after reached", "SIGINT": "interrupted", "SIGTERM": "terminated"}[outcome]

@@ -640,11 +640,16 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> n
     Every process builds the same model from the same seed; nothing is broadcast.
     """
     from model import attach_tokenizer, load_model
-    from model.visual import build_visual
 
     try:
         model = load_model(
-            cfg.model.base, adapter_config=cfg.model.adapter, dtype=dtype, device=device, seed=cfg.run.seed
+            cfg.model.base,
+            adapter_config=cfg.model.adapter,
+            clip=cfg.model.visual if cfg.uses_images else None,
+            clip_weights=cfg.model.clip_weights if cfg.uses_images else None,
+            dtype=dtype,  # the frozen base and CLIP tower; adapter tensors and the visual projection stay fp32
+            device=device,
+            seed=cfg.run.seed,
         )
         if cfg.model.tokenizer is not None:
             attach_tokenizer(model, Path(cfg.model.tokenizer))
@@ -652,17 +657,6 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> n
         raise TrainingError(str(e)) from e
     if model.tokenizer is None:
         raise TrainingError(f"no tokenizer found for base {cfg.model.base}; pass --tokenizer PATH")
-    if cfg.uses_images:
-        torch.manual_seed(cfg.run.seed)  # the projection's init
-        try:
-            visual = build_visual(cfg.model.visual, model.config.llama.dim, cfg.model.clip_weights)
-        except (ValueError, FileNotFoundError) as e:
-            raise TrainingError(str(e)) from e
-        visual.to(device)
-        visual.clip.to(dtype)  # frozen tower in the base dtype; adapter_proj stays fp32 (trained)
-        model.visual = visual
-        model.config = dataclasses.replace(model.config, visual=cfg.model.visual)
-        model.freeze_base()
     return model
 
 

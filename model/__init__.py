@@ -82,7 +82,7 @@ def load_model(
     base: str | Path,
     adapter: str | Path | None = None,
     *,
-    clip: str | None = None,
+    clip: str | VisualConfig | None = None,
     clip_weights: str | Path | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
@@ -99,8 +99,10 @@ def load_model(
         (gates applied as ``official_gate_fn``, see ``checkpoint.read_official_v1``) or a PEFT adaption-prompt
         directory. None: a fresh zero-init adapter shaped by ``adapter_config`` (default: the preset's, or
         ``default_adapter_config``), whose logits equal the base model's exactly.
-    clip: open_clip model name for the visual path (``tiny`` for tests); an adapter sidecar's visual config
-        takes this role when it has one. clip_weights: local CLIP weights file (else the sidecar's).
+    clip: the visual path of a fresh adapter: an open_clip model name (``tiny`` for tests) or a full
+        ``VisualConfig`` (feature layers, projector width); its projector is drawn from ``seed``. An adapter
+        sidecar's visual config takes this role when it has one. clip_weights: local CLIP weights file (else
+        the sidecar's).
     dtype: of the frozen weights (CLIP tower included); None keeps the stored dtype (presets: float32). Adapter
         tensors (prompts, gates, visual projection) stay fp32.
     device: where the weights go (default CPU); ``"meta"`` builds and checks shapes without reading weights.
@@ -139,7 +141,9 @@ def load_model(
     if visual_cfg is not None:
         from model.visual import build_visual  # imported on use: open_clip is only needed for the visual path
 
-        visual = build_visual(visual_cfg, llama.dim, clip_weights).to(device)
+        with torch.random.fork_rng(devices=[]):  # the projector's init from ``seed``, the caller's RNG untouched
+            torch.manual_seed(seed)
+            visual = build_visual(visual_cfg, llama.dim, clip_weights).to(device)
         if dtype is not None:
             visual.clip.to(dtype)  # the frozen tower in the base dtype, as train.py runs it; adapter_proj stays fp32
     with torch.device("meta"):  # no memory for weights that are about to be replaced
@@ -160,18 +164,21 @@ def load_model(
     return model.eval()
 
 
-def _visual_config(clip: str | None, weights: AdapterWeights | None) -> VisualConfig | None:
+def _visual_config(clip: str | VisualConfig | None, weights: AdapterWeights | None) -> VisualConfig | None:
     """The adapter's recorded visual config wins; ``clip`` alone starts a fresh visual path."""
+    fresh = VisualConfig(clip_model=clip) if isinstance(clip, str) else clip
     recorded = weights.visual if weights is not None else None
     if recorded is not None:
-        if clip is not None and clip != recorded.clip_model:
+        if isinstance(clip, str) and clip != recorded.clip_model:
             raise CheckpointError(
                 f"{weights.source}: adapter was trained with clip_model={recorded.clip_model!r}, not clip={clip!r}"
             )
+        if isinstance(clip, VisualConfig) and clip != recorded:
+            raise CheckpointError(f"{weights.source}: adapter was trained with {recorded}, not {clip}")
         return recorded
-    if clip is not None and weights is not None and weights.sidecar is not None:
+    if fresh is not None and weights is not None and weights.sidecar is not None:
         raise CheckpointError(f"{weights.source}: text-only adapter (no visual config); drop clip={clip!r}")
-    return VisualConfig(clip_model=clip) if clip is not None else None
+    return fresh
 
 
 def _tokenizer_source(base_dir: Path | None, sidecar: dict[str, Any] | None) -> Path | None:

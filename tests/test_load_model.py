@@ -8,7 +8,16 @@ import torch
 from peft import AdaptionPromptConfig, get_peft_model
 from safetensors.torch import load_file
 
-from model import AdapterConfig, CheckpointError, count_trainable, load_adapter, load_model, load_run, save_adapter
+from model import (
+    AdapterConfig,
+    CheckpointError,
+    VisualConfig,
+    count_trainable,
+    load_adapter,
+    load_model,
+    load_run,
+    save_adapter,
+)
 from tests.test_checkpoint import HEADS, KV_HEADS, VOCAB, make_hf_model, write_hf_bin, write_meta
 
 TOL = dict(atol=1e-4, rtol=0)
@@ -191,6 +200,24 @@ def test_visual_path_round_trip(tmp_path):
     assert half.visual.adapter_proj[0].weight.dtype == torch.float32
     with torch.no_grad():
         assert half(toks, images).dtype == torch.bfloat16
+
+
+def test_visual_config_shapes_a_fresh_visual_path_drawn_from_the_seed(tmp_path):
+    cfg = VisualConfig(clip_model="tiny", feature_layers=(0,), proj_hidden=12)
+    before = torch.get_rng_state()
+    model = load_model("tiny", clip=cfg, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is left alone
+    assert model.config.visual == cfg and model.visual.adapter_proj[0].out_features == 12
+    again, other = load_model("tiny", clip=cfg, seed=3), load_model("tiny", clip=cfg, seed=4)
+    proj = [m.visual.adapter_proj[0].weight for m in (model, again, other)]
+    assert torch.equal(proj[0], proj[1]) and not torch.equal(proj[0], proj[2])
+    assert all(p.requires_grad for _, p in model.trainable_parameters())
+    assert not any(p.requires_grad for p in model.visual.clip.parameters())
+
+    save_adapter(model, tmp_path, base="tiny")
+    assert load_model("tiny", tmp_path, clip=cfg).visual.adapter_proj[0].out_features == 12
+    with pytest.raises(CheckpointError, match="proj_hidden=80"):
+        load_model("tiny", tmp_path, clip=VisualConfig(clip_model="tiny", feature_layers=(0,)))
 
 
 def train_sentencepiece(folder, vocab_size: int):

@@ -42,7 +42,8 @@ from eval.common import (
     add_model_arguments,
     format_rows,
     generate_all,
-    load_run_for_eval,
+    load_run_from_args,
+    run_cli,
     write_json,
 )
 
@@ -232,17 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if (args.checkpoint is None) == (args.results is None):
-        parser.error("give exactly one of --checkpoint RUN_DIR (generate) or --results FILE (score)")
-    if args.checkpoint is not None and args.output is None:
-        parser.error("--output DIR is required with --checkpoint")
-    try:
-        return _run(args)
-    except (EvalError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), argv, _run, score_option="results")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -252,9 +243,7 @@ def _run(args: argparse.Namespace) -> int:
         results = read_json(Path(args.results))
         label = Path(args.results).name
     else:
-        run = load_run_for_eval(
-            args.checkpoint, base=args.base, clip_weights=args.clip_weights, device=args.device, dtype=args.dtype
-        )
+        run = load_run_from_args(args)
         header = {
             "checkpoint": str(Path(args.checkpoint).resolve()),
             "adapter_sha256": run.adapter_sha256,

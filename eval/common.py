@@ -14,7 +14,8 @@ import argparse
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,35 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_max_new_toke
         help=f"generation length cap (default: {default_max_new_tokens})",
     )
     parser.add_argument("--output", metavar="DIR", help="folder for predictions.json, generations.jsonl, metrics.json")
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    run: Callable[[argparse.Namespace], int],
+    *,
+    score_option: str,
+) -> int:
+    """The shared command line: exactly one of --checkpoint (generate, needs --output) and ``score_option`` (score
+    an existing file); a problem with the user's files or values is one ``error:`` line and exit status 2."""
+    args = parser.parse_args(argv)
+    flag = "--" + score_option.replace("_", "-")
+    if (args.checkpoint is None) == (getattr(args, score_option) is None):
+        parser.error(f"give exactly one of --checkpoint RUN_DIR (generate) or {flag} FILE (score)")
+    if args.checkpoint is not None and args.output is None:
+        parser.error("--output DIR is required with --checkpoint")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:  # EvalError, DataError, CheckpointError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def load_run_from_args(args: argparse.Namespace) -> LoadedRun:
+    """load_run_for_eval with the options add_model_arguments declared."""
+    return load_run_for_eval(
+        args.checkpoint, base=args.base, clip_weights=args.clip_weights, device=args.device, dtype=args.dtype
+    )
 
 
 def percent(correct: int, total: int) -> float | None:

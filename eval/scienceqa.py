@@ -42,8 +42,9 @@ from eval.common import (
     add_model_arguments,
     format_rows,
     generate_all,
-    load_run_for_eval,
+    load_run_from_args,
     percent,
+    run_cli,
     write_json,
 )
 
@@ -271,17 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if (args.checkpoint is None) == (args.predictions is None):
-        parser.error("give exactly one of --checkpoint RUN_DIR (generate) or --predictions FILE (score)")
-    if args.checkpoint is not None and args.output is None:
-        parser.error("--output DIR is required with --checkpoint")
-    try:
-        return _run(args)
-    except (EvalError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), argv, _run, score_option="predictions")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -293,9 +284,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics = score_scienceqa(problems, results, outputs, source=args.predictions)
         label = Path(args.predictions).name
     else:
-        run = load_run_for_eval(
-            args.checkpoint, base=args.base, clip_weights=args.clip_weights, device=args.device, dtype=args.dtype
-        )
+        run = load_run_from_args(args)
         prompt_format = args.prompt_format or run.sidecar.get("prompt_format") or DEFAULT_PROMPT_FORMAT
         header = {
             "checkpoint": str(Path(args.checkpoint).resolve()),

@@ -284,3 +284,28 @@ def test_ptb_lines_stay_aligned_when_a_caption_holds_a_line_break():
         3: ["two lines"],
         4: ["the end"],
     }
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give exactly one of --checkpoint RUN_DIR (generate) or --results FILE (score)"),
+        (["--checkpoint", "run", "--results", "r.json"], "give exactly one of"),
+        (["--checkpoint", "run"], "--output DIR is required with --checkpoint"),
+    ],
+)
+def test_command_line_names_the_missing_or_clashing_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        coco.main([*argv, "--annotations", "a.json"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_missing_annotations_file_or_a_folder_that_is_no_run_is_one_error_line(tmp_path, capsys):
+    root = make_coco(tmp_path / "coco", n_train=1, n_restval=1, n_val=1, n_test=1, image_size=32)
+    common = ["--checkpoint", str(tmp_path), "--images", str(root), "--output", str(tmp_path / "out")]
+    for annotations, message in [(tmp_path / "nope.json", "nope.json: no such file"), (root / "dataset_coco.json",
+                                 f"{tmp_path}: not a run directory")]:  # fmt: skip
+        assert coco.main([*common, "--annotations", str(annotations)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # nothing written for a failed start

@@ -106,7 +106,9 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(data, reference, tmp
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed_at = state_step(out)  # state.pt is whole: it loads
-    assert 3 <= killed_at < 18, "the run finished before it was killed"
+    # A step logs its metrics line, then saves: the kill may land between the two, so state.pt may be a step behind
+    # the log (resuming truncates the log to it).
+    assert 2 <= killed_at < 18, "the run finished before it was killed"
     load_file(out / "adapter.safetensors")  # so is the adapter
     assert train.main(["--resume", str(out)]) == 0
     assert losses(out) == losses(reference)

@@ -82,6 +82,40 @@ def test_each_task_trains_and_writes_a_complete_run_directory(data, tmp_path, ta
         assert len(json.loads((out / "predictions.json").read_text())["results"]) == 4
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sixteen_bit_base_trains_fp32_adapter_tensors(data, tmp_path, dtype, monkeypatch):
+    """The GPU recipe's precision on CPU: frozen base and CLIP tower in 16 bits under autocast, the trainable
+    tensors and their optimizer in fp32, loss scaling with float16 only."""
+    seen = {}
+    real_build = train.build_model
+
+    def build_and_record(cfg, device, torch_dtype):
+        model = real_build(cfg, device, torch_dtype)
+        seen["base"] = model.layers[0].attention.wq.weight.dtype
+        seen["clip"] = next(model.visual.clip.parameters()).dtype
+        seen["trainable"] = {p.dtype for _, p in model.trainable_parameters()}
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_and_record)
+    out = tmp_path / "run"
+    argv = [*base_args(data, "scienceqa", out), "--model.dtype", dtype, "--optim.max_steps", "4", "--run.eval", "false"]
+    assert train.main(argv) == 0
+    half = getattr(torch, dtype)
+    assert seen == {"base": half, "clip": half, "trainable": {torch.float32}}
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(out))
+    tensors = load_file(out / "adapter.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert all(tensors[f"layers.{i}.attention.adapter_gate"].abs().sum() > 0 for i in (2, 3))  # it trained
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert bool(state["scaler"]) == (dtype == "float16")  # GradScaler state only when it scales
+    assert {v.dtype for s in state["optimizer"]["state"].values() for k, v in s.items() if k != "step"} == {
+        torch.float32
+    }
+    model = load_run(out, dtype=half)
+    assert model.layers[0].attention.wq.weight.dtype == half
+    assert all(torch.equal(p, tensors[n]) for n, p in model.trainable_parameters())
+
+
 def test_tensorboard_events_are_written(data, tmp_path):
     out = tmp_path / "run"
     argv = [*base_args(data, "alpaca", out), "--optim.max_steps", "2", "--run.tensorboard", "true"]

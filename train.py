@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import signal
 import sys
@@ -654,10 +655,18 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> n
         if cfg.model.tokenizer is not None:
             attach_tokenizer(model, Path(cfg.model.tokenizer))
     except (ValueError, FileNotFoundError) as e:
-        raise TrainingError(str(e)) from e
+        raise TrainingError(with_flag_names(str(e))) from e
     if model.tokenizer is None:
         raise TrainingError(f"no tokenizer found for base {cfg.model.base}; pass --tokenizer PATH")
     return model
+
+
+def with_flag_names(message: str) -> str:
+    """The model package names config fields (``AdapterConfig.n_layers``); add the flag that sets each one."""
+    sections = {"AdapterConfig": "model.adapter", "VisualConfig": "model.visual"}
+    fields = re.finditer(r"\b(AdapterConfig|VisualConfig)\.(\w+)", message)
+    flags = dict.fromkeys(f"--{sections[m[1]]}.{m[2]}" for m in fields)
+    return f"{message} (set with {', '.join(flags)})" if flags else message
 
 
 def tokenizer_source(cfg: TrainConfig) -> Path | None:

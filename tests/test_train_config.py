@@ -149,3 +149,18 @@ def test_only_trainable_tensors_are_optimized_and_1d_ones_get_no_decay():
     ]
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
     assert all(p.dtype == torch.float32 for p in decay["params"] + no_decay["params"])
+
+
+def test_a_recipe_too_deep_for_the_base_names_the_flag_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--recipe", "scienceqa", "--base", "tiny", "--data", str(tmp_path), "--clip", "tiny", "--out", str(out)]
+    assert train.main(argv) == 1  # the recipe adapts 30 layers (LLaMA-7B); tiny has 4
+    err = capsys.readouterr().err
+    assert "AdapterConfig.n_layers=30 exceeds the model's n_layers=4 (set with --model.adapter.n_layers)" in err
+    assert not out.exists()
+
+
+def test_flag_names_are_added_once_per_field():
+    message = "VisualConfig.proj_hidden must be positive; AdapterConfig.n_layers and AdapterConfig.n_layers"
+    assert train.with_flag_names(message).endswith("(set with --model.visual.proj_hidden, --model.adapter.n_layers)")
+    assert train.with_flag_names("no field here") == "no field here"

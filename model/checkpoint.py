@@ -342,13 +342,24 @@ def hf_config_to_llama(cfg: dict[str, Any], source: Path) -> LlamaConfig:
         if cfg.get(flag):
             raise CheckpointError(f"{source}: {flag}=true is not part of the LLaMA architecture we implement")
     cfg = dict(cfg)
-    rope = cfg.pop("rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise CheckpointError(f"{source}: rope_parameters={rope!r}: only default RoPE is supported")
+    # transformers < 5: rope_theta at the top, rope_scaling beside it; transformers 5: both in rope_parameters.
+    rope = {**(cfg.pop("rope_scaling", None) or {}), **(cfg.pop("rope_parameters", None) or {})}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise CheckpointError(f"{source}: RoPE {rope!r}: only default and llama3 RoPE are supported")
     if "rope_theta" in rope:
         cfg["rope_theta"] = rope["rope_theta"]
     try:
-        return LlamaConfig.from_hf_config(cfg)
+        llama = LlamaConfig.from_hf_config(cfg)
+        if kind == "llama3":
+            llama = dataclasses.replace(
+                llama,
+                rope_scaling_factor=float(rope["factor"]),
+                rope_low_freq_factor=float(rope["low_freq_factor"]),
+                rope_high_freq_factor=float(rope["high_freq_factor"]),
+                rope_original_max_seq_len=int(rope["original_max_position_embeddings"]),
+            )
+        return llama
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: invalid LLaMA config ({e!r})") from e
 

@@ -34,6 +34,15 @@ class LlamaConfig:
     """RoPE base frequency."""
     max_seq_len: int = 2048
     """Longest sequence (prompt + generation) the RoPE table and KV cache are sized for."""
+    rope_scaling_factor: float | None = None
+    """Llama 3.1-style RoPE frequency scaling (Hugging Face rope_type 'llama3'): long wavelengths are divided by
+    this factor, short ones kept, the band between blended. None: plain RoPE (LLaMA 1 / 2)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 RoPE: wavelengths above rope_original_max_seq_len / this factor are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 RoPE: wavelengths below rope_original_max_seq_len / this factor are kept."""
+    rope_original_max_seq_len: int = 8192
+    """llama3 RoPE: the context length the model was pre-trained with before the extension."""
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -47,6 +56,13 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.rope_scaling_factor is not None and not (
+            self.rope_scaling_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+        ):
+            raise ValueError(
+                f"llama3 RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got "
+                f"{self.rope_scaling_factor}, {self.rope_low_freq_factor}, {self.rope_high_freq_factor}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -84,8 +100,6 @@ class LlamaConfig:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaConfig:
         """Build from a Hugging Face ``config.json`` dict of a ``LlamaForCausalLM``."""
-        if cfg.get("rope_scaling"):
-            raise ValueError(f"config.json uses rope_scaling={cfg['rope_scaling']!r}, which is not supported")
         hidden = cfg["hidden_size"]
         n_heads = cfg["num_attention_heads"]
         if cfg.get("head_dim") not in (None, hidden // n_heads):

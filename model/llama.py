@@ -16,6 +16,7 @@ gate at zero the model is exactly the base model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,11 +47,27 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos / sin of pos * theta^(-2j/hd) for j < hd/2, each (max_seq_len, hd/2), fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+def rope_tables(cfg: LlamaConfig) -> tuple[Tensor, Tensor]:
+    """cos / sin of pos * theta^(-2j/hd) for j < hd/2 (Llama 3.1 scaling applied when configured), each
+    (max_seq_len, hd/2), fp32."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,)
+    if cfg.rope_scaling_factor is not None:
+        inv_freq = llama3_scaled_frequencies(inv_freq, cfg)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)  # (max_seq_len, hd/2)
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled_frequencies(inv_freq: Tensor, cfg: LlamaConfig) -> Tensor:
+    """Llama 3.1's context extension: rotations slower than original_len / low_freq_factor positions per turn are
+    slowed by ``factor``, those faster than original_len / high_freq_factor are kept, and the band between is a
+    linear blend of the two in original_len / wavelength."""
+    wavelen = 2 * math.pi / inv_freq
+    orig, low, high = cfg.rope_original_max_seq_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    scaled = inv_freq / cfg.rope_scaling_factor
+    smooth = (orig / wavelen - low) / (high - low)  # 0 at the slow edge of the band, 1 at the fast edge
+    blended = (1 - smooth) * scaled + smooth * inv_freq
+    return torch.where(wavelen < orig / high, inv_freq, torch.where(wavelen > orig / low, scaled, blended))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -202,8 +219,7 @@ class Transformer(nn.Module):
         would leave them empty.
         """
         if self._rope is None or self._rope[0].device != device:
-            cfg = self.config.llama
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(self.config.llama)
             self._rope = (cos.to(device), sin.to(device))
         return self._rope
 

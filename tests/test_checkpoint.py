@@ -23,12 +23,13 @@ from model.config import LlamaConfig
 HIDDEN, HEADS, KV_HEADS, LAYERS, VOCAB, FFN, THETA, EPS = 64, 4, 2, 3, 100, 176, 5000.0, 1e-5
 
 
-def make_hf_model(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
+def make_hf_model(seed: int = 0, tie: bool = False, rope: dict | None = None) -> LlamaForCausalLM:
+    """``rope``: transformers' rope_parameters (default: plain RoPE with base THETA)."""
     torch.manual_seed(seed)
     cfg = HFLlamaConfig(
         hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
         num_hidden_layers=LAYERS, vocab_size=VOCAB, max_position_embeddings=128, rms_norm_eps=EPS,
-        rope_theta=THETA, tie_word_embeddings=tie,
+        rope_parameters=rope or {"rope_type": "default", "rope_theta": THETA}, tie_word_embeddings=tie,
     )  # fmt: skip
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # norms away from 1 so a dropped or swapped norm shows in the logits
@@ -197,7 +198,8 @@ def test_base_weights_that_do_not_fit_the_config_name_the_keys(tmp_path):
     [
         ({"model_type": "gpt2"}, "model_type='gpt2'; only LLaMA"),
         ({"attention_bias": True}, "attention_bias=true"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "only default RoPE"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}, "only default and llama3 RoPE"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "KeyError\\('factor'\\)"),
     ],
 )
 def test_unsupported_hf_configs_are_refused(tmp_path, hf_dir, change, message):

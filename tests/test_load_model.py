@@ -1,5 +1,6 @@
 """load_model / load_run: parity with transformers and PEFT, zero-init, KV cache, presets, tokenizer, runs."""
 
+import dataclasses
 import json
 import shutil
 
@@ -18,6 +19,7 @@ from model import (
     load_run,
     save_adapter,
 )
+from model.llama import rope_tables
 from tests.test_checkpoint import HEADS, KV_HEADS, VOCAB, make_hf_model, write_hf_bin, write_meta
 
 TOL = dict(atol=1e-4, rtol=0)
@@ -55,6 +57,39 @@ def test_every_layout_gives_the_transformers_logits(reference, tokens, layout):
     assert model.config.llama.n_kv_heads == KV_HEADS and model.config.llama.rope_theta == 5000.0
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), expected, **TOL)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}  # fmt: skip
+
+
+@pytest.mark.parametrize("writer", ["transformers 5", "transformers 4"])
+def test_llama3_rope_scaling_gives_the_transformers_logits(tmp_path, writer):
+    """Llama 3.1-style RoPE: with head_dim 16, base 5e5 and an original length of 32, the frequencies fall in all
+    three bands (kept, blended, scaled); config.json as transformers 5 writes it and in the older layout."""
+    hf = make_hf_model(rope={"rope_theta": 5e5, **LLAMA3_ROPE})
+    hf.save_pretrained(tmp_path)
+    if writer == "transformers 4":  # rope_theta at the top, the scaling in rope_scaling
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        del cfg["rope_parameters"]
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_theta": 5e5, "rope_scaling": LLAMA3_ROPE}))
+    model = load_model(tmp_path)
+    llama = model.config.llama
+    assert (llama.rope_theta, llama.rope_scaling_factor, llama.rope_original_max_seq_len) == (5e5, 8.0, 32)
+    tokens = torch.randint(0, VOCAB, (2, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, **TOL)
+    scaled, plain = rope_tables(llama)[1], rope_tables(dataclasses.replace(llama, rope_scaling_factor=None))[1]
+    assert torch.equal(scaled[:, 0], plain[:, 0])  # the fastest rotation is kept
+    torch.testing.assert_close(scaled[:, -1], plain[:, -1] / 8, rtol=1e-4, atol=0)  # the slowest is 8x slower
+
+
+def test_meta_params_with_scaled_rope_are_refused(reference, tmp_path):
+    shutil.copytree(reference[0] / "meta", tmp_path / "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    (tmp_path / "meta" / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
+    with pytest.raises(CheckpointError, match="use_scaled_rope .LLaMA-3.1 RoPE scaling. is not supported"):
+        load_model(tmp_path / "meta")
 
 
 def test_tied_embeddings(tmp_path, tokens):

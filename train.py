@@ -1144,6 +1144,8 @@ class Trainer:
         )
         all_reduce_sum(flags, self.d)
         if flags[1] > 0:
+            if self.d.world > 1:
+                dist.barrier()  # every rank stops here (the flag is shared): leave together, as at the end of _run
             raise TrainingError(self._nonfinite_message(bad, pos, lr, len(micro)))
         if self.cfg.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)

@@ -61,3 +61,20 @@ def test_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
     state = torch.load(double / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 16
+
+
+def test_a_non_finite_loss_stops_every_process_with_one_message(data, tmp_path):
+    """The NaN check is shared (all-reduced), so every rank stops at the same step, and each exits with status 1
+    and the error, not an abort."""
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launch, str(REPO / "train.py"), *args(data, out, batch_size=2), "--optim.max_steps", "6",
+         "--optim.lr", "1e30"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "error: the loss is nan at optimizer step 2" in done.stderr
+    assert "[rank 1] error: the loss is nan at optimizer step 2" in done.stderr
+    assert "terminate called" not in done.stderr and "SIGABRT" not in done.stderr
+    assert [r["step"] for r in records(out)] == [1] and not (out / "state.pt").exists()

@@ -634,6 +634,18 @@ def all_reduce_sum(x: Tensor, d: Dist) -> Tensor:
     return x
 
 
+def leave_together(d: Dist) -> None:
+    """A barrier as the last collective before every rank stops (the end of a run, or a stop all ranks agreed on).
+
+    Otherwise a rank can reach interpreter teardown while a gloo worker thread still drops the Python tensors of an
+    earlier collective; that decref needs the GIL, which a finalizing interpreter cannot give, and the process aborts
+    ("terminate called without an active exception"). A barrier's work holds no Python tensors, and waiting on it
+    frees the GIL for the workers.
+    """
+    if d.world > 1:
+        dist.barrier()
+
+
 # ==== model =========================================================================================================
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The frozen base in ``dtype`` with a fresh zero-init adapter (fp32), the tokenizer, and the visual path.
@@ -1144,8 +1156,7 @@ class Trainer:
         )
         all_reduce_sum(flags, self.d)
         if flags[1] > 0:
-            if self.d.world > 1:
-                dist.barrier()  # every rank stops here (the flag is shared): leave together, as at the end of _run
+            leave_together(self.d)  # the flag is shared: every rank stops here
             raise TrainingError(self._nonfinite_message(bad, pos, lr, len(micro)))
         if self.cfg.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -1310,12 +1321,7 @@ def _run(cfg: TrainConfig, resume: Path | None, d: Dist) -> int:
         raise TrainingError(f"{e}\n(the last saved state is intact: fix the data, then --resume {run_dir})") from e
     if d.main:
         plot_loss_curve(run_dir)
-    if d.world > 1:
-        # The last collective: every rank leaves together, and none reaches interpreter teardown while a gloo worker
-        # thread still drops the Python tensors of an earlier collective (that decref needs the GIL, which a
-        # finalizing interpreter cannot give, and the process aborts: "terminate called without an active
-        # exception"). A barrier's work holds no Python tensors, and waiting on it frees the GIL for the workers.
-        dist.barrier()
+    leave_together(d)
     minutes = (time.perf_counter() - started) / 60
     if outcome != "done":
         what = {"stopped": "run.stop_after reached", "SIGINT": "interrupted", "SIGTERM": "terminated"}[outcome]

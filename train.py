@@ -5,7 +5,8 @@
     python train.py --recipe scienceqa --base /llama/7B --clip-weights /clip/ViT-L-14.safetensors \\
         --data /data/scienceqa
     torchrun --nproc_per_node 8 train.py --recipe alpaca --base /llama/7B --data alpaca_data.json
-    python train.py --resume runs/tiny-20250101-120000  # continue a stopped or killed run
+    python train.py --resume runs/tiny-20250101-120000  # continue a stopped or killed run, as recorded
+    python train.py --resume runs/x --epochs 10 --allow-changes  # continue it with a changed setting
     python train.py --recipe coco --help              # every setting, its meaning and the recipe's value
 
 Settings live in four typed dataclasses (model, data, optim, run) filled by a named recipe; every field can be
@@ -21,7 +22,8 @@ every rank), so a run gives the same updates on 1 or N processes and with any sp
 A run directory holds config.json (the resolved settings), adapter.safetensors + adapter.json (model.checkpoint),
 metrics.jsonl, loss_curve.png, TensorBoard events (tb/, when tensorboard is installed), state.pt (everything needed
 to resume: adapter tensors, optimizer, step, data position, RNG states) and, after ScienceQA training,
-predictions.json + metrics.json from the test split. Every file is replaced atomically.
+predictions.json + metrics.json from the test split. Every file is replaced atomically; a write that fails (a full
+disk) stops the run with one error naming the file, and --resume continues from the last saved state.
 """
 
 from __future__ import annotations
@@ -463,7 +465,20 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
     parser.add_argument(
         "--recipe", choices=list(RECIPES), help=f"preset of every setting below (default: tiny); {_recipe_help()}"
     )
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its state.pt")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its state.pt with the settings of its config.json; a setting that "
+        "changes what is trained (anything but the logging, saving and evaluation settings, data.num_workers and "
+        "batch_size/grad_accum at the same product) is refused unless --allow-changes",
+    )
+    parser.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: apply the settings given that differ from the run's (and a changed training set, "
+        "continued from the next epoch boundary); each change is recorded with its step under 'changes' in "
+        "config.json",
+    )
     parser.add_argument(
         "--no-images", dest="data.images", action="store_const", const=False, help="same as --data.images false"
     )
@@ -519,12 +534,43 @@ def _set_path(d: dict[str, Any], path: str, value: Any) -> None:
     d[leaf] = value
 
 
+RESUME_FREE = frozenset(
+    {
+        "data.num_workers",
+        "data.eval_split",
+        "optim.batch_size",  # with grad_accum: load_state refuses a changed product (samples per step)
+        "optim.grad_accum",
+        "run.out",  # always the resumed directory
+        "run.log_every",
+        "run.save_every",
+        "run.stop_after",
+        "run.eval",
+        "run.eval_batch_size",
+        "run.eval_max_new_tokens",
+        "run.eval_limit",
+        "run.progress",
+        "run.tensorboard",
+    }
+)
+"""Settings a resume may change without --allow-changes: they do not change the adapter a run trains."""
+
+
+@dataclass
+class Resume:
+    """A --resume request: the run directory, and the settings the user changes on purpose (--allow-changes)."""
+
+    run_dir: Path
+    allow_changes: bool = False
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """Setting path -> (recorded value, new value), for settings outside RESUME_FREE."""
+
+
 @dataclass
 class Invocation:
     """What the command line asks for: the resolved settings, and whether to resume or only print them."""
 
     config: TrainConfig
-    resume: Path | None
+    resume: Resume | None
     print_only: bool
 
 
@@ -561,20 +607,46 @@ def parse_args(argv: list[str] | None = None) -> Invocation:
         cfg.check_inputs()
     except ValueError as e:
         parser.error(str(e))
-    return Invocation(cfg, resume, bool(args.get("print_config")))
+    if resume is None:
+        if args.get("allow_changes"):
+            parser.error("--allow-changes applies to --resume RUN_DIR only")
+        return Invocation(cfg, None, bool(args.get("print_config")))
+    changes = {
+        path: (get_setting(defaults, path), get_setting(cfg, path))
+        for path in args
+        if path.split(".")[0] in SECTIONS
+        and path not in RESUME_FREE
+        and get_setting(defaults, path) != get_setting(cfg, path)
+    }
+    allow = bool(args.get("allow_changes"))
+    if changes and not allow:
+        parser.error(
+            f"--resume {resume} continues the run with the settings of {resume / CONFIG_FILE}; these differ: "
+            f"{describe_changes(changes)}. Drop them, or add --allow-changes to apply them from the saved step on "
+            "(recorded in config.json)"
+        )
+    return Invocation(cfg, Resume(resume, allow, changes), bool(args.get("print_config")))
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """'--optim.lr 0.01 -> 0.02, --run.seed 0 -> 1'."""
+    return ", ".join(f"--{path} {_show(old)} -> {_show(new)}" for path, (old, new) in changes.items())
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:
-    """The settings recorded in a run directory; run.stop_after is per invocation and is not carried over."""
-    path = run_dir / "config.json"
+    """The settings recorded in a run directory; run.stop_after is per invocation and is not carried over, and the
+    record of accepted changes (see write_run_config) is not a setting."""
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{path}: not found; --resume takes a run directory written by train.py")
     try:
         values = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from e
-    if isinstance(values, dict) and isinstance(values.get("run"), dict):
-        values["run"]["stop_after"] = None
+    if isinstance(values, dict):
+        values.pop("changes", None)
+        if isinstance(values.get("run"), dict):
+            values["run"]["stop_after"] = None
     try:
         return config_from_dict(TrainConfig, values)
     except ConfigError as e:
@@ -812,11 +884,24 @@ def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def write_run_config(run_dir: Path, cfg: TrainConfig, change: dict[str, Any] | None) -> None:
+    """config.json: the settings, plus under 'changes' every change accepted on resume (--allow-changes) with the
+    step it took effect at; ``change`` is appended to those already recorded."""
+    path = run_dir / CONFIG_FILE
+    changes = json.loads(path.read_text()).get("changes", []) if path.is_file() else []
+    values = config_to_dict(cfg)
+    if change:
+        changes.append(change)
+    if changes:
+        values["changes"] = changes
+    write_text_atomic(path, json.dumps(values, indent=2) + "\n")
+
+
 def default_run_dir(recipe: str) -> Path:
     return REPO_ROOT / "runs" / f"{recipe}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: Path | None) -> Path:
+def prepare_run_dir(cfg: TrainConfig, resume: Resume | None) -> Path:
     """The run directory: a fresh one must not hold another run; a resumed one must hold config.json."""
     run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg.recipe)
     if resume is None and (run_dir / CONFIG_FILE).exists():
@@ -869,6 +954,8 @@ class Position:
     step: int = 0
     epoch: int = 0
     sample: int = 0
+    examples: int | None = None
+    """Size of the training set the epoch and sample count in (None: a state.pt written before it was recorded)."""
 
 
 def save_state(
@@ -895,6 +982,7 @@ def save_state(
         "step": pos.step,
         "epoch": pos.epoch,
         "sample": pos.sample,
+        "examples": pos.examples,
         "world_size": d.world,
         "samples_per_step": samples_per_step,
         "adapter": {n: t.detach().to("cpu", copy=True) for n, t in model.adapter_state_dict().items()},
@@ -902,7 +990,14 @@ def save_state(
         "scaler": scaler.state_dict(),
         "rng": rng,
     }
-    atomic_write(run_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(run_dir / STATE_FILE, lambda tmp: save_torch(state, tmp))
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """torch.save through a file object: a failed write then keeps the OS error (a path gives only torch's
+    "unexpected pos" message)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_state(
@@ -930,21 +1025,46 @@ def load_state(
             f"optim.grad_accum), this one {samples_per_step}; keep the product (e.g. halve batch_size and double "
             "grad_accum) so that the data position and the schedule stay valid"
         )
+    from model.checkpoint import CheckpointError, check_keys
+
     params = dict(model.trainable_parameters())
     saved = state["adapter"]
-    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items() if n in saved):
-        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise TrainingError(
-            f"{path}: adapter tensors do not fit this model (missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
-            "were model settings changed on resume?"
+    try:
+        check_keys(
+            {n: tuple(p.shape) for n, p in params.items()},
+            {n: tuple(t.shape) for n, t in saved.items()},
+            path,
+            "adapter tensors",
         )
+    except CheckpointError as e:
+        raise TrainingError(f"{e}\n(the model settings differ from those the state was saved with)") from e
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, current in zip(optimizer.param_groups, settings):
+        group.update(current)  # this invocation's betas, eps, weight decay (a change accepted on resume)
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][d.rank])
-    return Position(state["step"], state["epoch"], state["sample"])
+    return Position(state["step"], state["epoch"], state["sample"], state.get("examples"))
+
+
+def data_position_fits(pos: Position, n_examples: int, per_rank: int, cfg: TrainConfig, resume: Resume) -> bool:
+    """Whether the saved position counts in this invocation's training set. On a set of another size it is
+    meaningless (another shuffle, maybe past the end of the epoch): refused, unless --allow-changes (False)."""
+    if pos.examples in (None, n_examples) and pos.sample < per_rank:  # None: only the bound can be checked
+        return True
+    if not resume.allow_changes:
+        saved = "another number of" if pos.examples is None else f"{pos.examples:,}"
+        raise TrainingError(
+            f"{resume.run_dir}: the saved data position (epoch {pos.epoch + 1}, sample {pos.sample}) is in a "
+            f"training set of {saved} examples, but {cfg.data.path} now gives {n_examples:,} "
+            f"({cfg.data.train_split} split, up to data.max_len={cfg.data.max_len} tokens).\n"
+            f"Resume with the data the run had, start a new run (--out), or continue on this set from the next "
+            f"epoch boundary with: python train.py --resume {resume.run_dir} --allow-changes"
+        )
+    return False
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -1013,8 +1133,9 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        from model.checkpoint import append_text
+
+        append_text(self.path, json.dumps(record) + "\n")  # a cut line is dropped on resume (truncate_metrics)
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step":
@@ -1184,7 +1305,8 @@ class Trainer:
             f"the loss is {value} at {where}, micro-batch {j + 1} of {n}{rank}; examples (index in the "
             f"{self.cfg.data.train_split} split): {', '.join(self._example_ids(indices))}.\n"
             f"The learning rate was {lr:.3g}: lower it (--optim.blr / --optim.lr) or set --optim.grad_clip; "
-            "the parameters of the last saved state are unaffected (continue with --resume RUN_DIR plus the change)."
+            "the parameters of the last saved state are unaffected (continue with --resume RUN_DIR --allow-changes "
+            "plus the change)."
         )
 
     def _oom_message(self, micro: list[tuple[list[int], dict[str, Any]]], pos: Position) -> str:
@@ -1224,39 +1346,59 @@ def save_checkpoint(
     pos: Position,
     d: Dist,
 ) -> None:
-    """The adapter for users (adapter.safetensors + adapter.json) and the resumable state.pt, both atomic."""
-    if d.main:
-        from model import save_adapter
+    """The resumable state.pt, then the adapter for users (adapter.safetensors + adapter.json), each atomic.
 
-        save_adapter(
-            model,
-            run_dir,
-            base=cfg.model.base,
-            tokenizer=tokenizer_source(cfg),
-            clip_weights=cfg.model.clip_weights if cfg.uses_images else None,
-            prompt_format=prompt_format(cfg),
-            extra={"recipe": cfg.recipe, "task": cfg.data.task, "step": pos.step, "seed": cfg.run.seed},
-        )
+    state.pt first: it is what a resume reads, and it holds the adapter tensors too. A failed write leaves the
+    previous state.pt and adapter; an adapter write that fails after state.pt is redone on resume (save_adapter_files).
+    """
     save_state(run_dir, model, optimizer, scaler, pos, d, cfg.optim.batch_size * cfg.optim.grad_accum)
+    if d.main:
+        save_adapter_files(cfg, run_dir, model, pos.step)
+
+
+def save_adapter_files(cfg: TrainConfig, run_dir: Path, model: nn.Module, step: int) -> None:
+    """adapter.safetensors + adapter.json (model.save_adapter) of the model as it is at optimizer step ``step``."""
+    from model import save_adapter
+
+    save_adapter(
+        model,
+        run_dir,
+        base=cfg.model.base,
+        tokenizer=tokenizer_source(cfg),
+        clip_weights=cfg.model.clip_weights if cfg.uses_images else None,
+        prompt_format=prompt_format(cfg),
+        extra={"recipe": cfg.recipe, "task": cfg.data.task, "step": step, "seed": cfg.run.seed},
+    )
 
 
 def prompt_format(cfg: TrainConfig) -> str:
     return {"scienceqa": cfg.data.prompt_format, "coco": "coco_caption", "alpaca": "alpaca"}[cfg.data.task]
 
 
-def run(cfg: TrainConfig, resume: Path | None) -> int:
+def run(cfg: TrainConfig, resume: Resume | None) -> int:
     """Train (or continue) one run; returns the exit status. Raises TrainingError for anything a user must fix."""
+    from model.checkpoint import WriteError
+
+    run_dir = prepare_run_dir(cfg, resume)
     d = setup_distributed(cfg.run.device)
     try:
-        return _run(cfg, resume, d)
+        return _run(cfg, run_dir, resume, d)
+    except WriteError as e:  # a full disk, a lost mount ...: the message names the file
+        again = (
+            f"continue with: python train.py --resume {run_dir}"
+            if (run_dir / CONFIG_FILE).is_file()
+            else "run the same command again"
+        )
+        raise TrainingError(
+            f"{e}\n(the run stopped; {run_dir} keeps its last saved state: make room, then {again})"
+        ) from e
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, resume: Path | None, d: Dist) -> int:
+def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist) -> int:
     started = time.perf_counter()
-    run_dir = prepare_run_dir(cfg, resume)
     say = print if d.main else (lambda *a, **k: None)
     dtype = resolve_dtype(cfg.model.dtype, d.device)
     if cfg.data.synthetic:
@@ -1283,13 +1425,23 @@ def _run(cfg: TrainConfig, resume: Path | None, d: Dist) -> int:
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=peak_lr, betas=o.betas, eps=o.eps)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
 
-    pos = Position()
+    pos = Position(examples=len(examples))
+    change: dict[str, Any] = {}
     if resume is not None and (run_dir / STATE_FILE).is_file():
         pos = load_state(run_dir, model, optimizer, scaler, d, o.batch_size * o.grad_accum)
+        if not data_position_fits(pos, len(examples), per_rank, cfg, resume):  # accepted: the next epoch boundary
+            change["train_examples"] = [pos.examples, len(examples)]
+            pos = Position(pos.step, pos.epoch + (pos.sample > 0), 0)
+        pos.examples = len(examples)
         say(f"resuming {run_dir} at step {pos.step}/{total_steps} (epoch {pos.epoch + 1}, sample {pos.sample})")
+        if d.main:  # the adapter of the state continued from (an adapter write may have failed after state.pt's)
+            save_adapter_files(cfg, run_dir, model, pos.step)
+    if resume is not None and resume.changes:
+        change["settings"] = {path: list(values) for path, values in resume.changes.items()}
+        say(f"from step {pos.step} on: {describe_changes(resume.changes)} (--allow-changes)")
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / CONFIG_FILE, json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        write_run_config(run_dir, cfg, {"step": pos.step, **change} if change else None)
         truncate_metrics(run_dir / METRICS_FILE, pos.step)
 
     net: nn.Module = model
@@ -1318,7 +1470,8 @@ def _run(cfg: TrainConfig, resume: Path | None, d: Dist) -> int:
     try:
         outcome = train_loop(cfg, trainer, run_dir, pos, total_steps, steps_per_epoch, d)
     except DataError as e:  # an unreadable image or record met while loading a batch; the message names it
-        raise TrainingError(f"{e}\n(the last saved state is intact: fix the data, then --resume {run_dir})") from e
+        hint = f"fix the data, then --resume {run_dir} (with --allow-changes if records were removed)"
+        raise TrainingError(f"{e}\n(the last saved state is intact: {hint})") from e
     if d.main:
         plot_loss_curve(run_dir)
     leave_together(d)

@@ -4,12 +4,14 @@ Without --checkpoint the newest run under runs/ is served (``make train`` writes
 says to train one first. --base / --clip-weights point a run at weights that moved (they default to what the run's
 adapter.json records); --base alone serves that base model with a zero-init adapter (text only). The server binds
 127.0.0.1; --host 0.0.0.0 exposes it on the network and --share asks Gradio for a public link: both are opt-in.
+The server's files are its user's alone (umask 077; uploads in a private folder, removed when it stops).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,7 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from app.ui import build_demo, launch
 
     print(f"serving {engine.describe()}")
-    launch(build_demo(engine), host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size)
+    os.umask(0o077)  # the folders and files the server writes (uploads, Gradio's cache) are this user's alone
+    demo = build_demo(engine)
+    try:
+        launch(demo, host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size)
+    finally:
+        shutil.rmtree(demo.GRADIO_CACHE, ignore_errors=True)  # Gradio deletes the files, not their folders
     return 0
 
 

@@ -19,13 +19,23 @@ Prompts:
 Context fitting: a prompt may use ``max_seq_len`` minus the tokens kept for the answer (``max_new_tokens``, at most
 half the context). A chat first leaves out its oldest turns, then cuts the message itself; a question cuts its
 context. Every cut is reported in ``Reply.notes`` so the user sees it; nothing is dropped silently.
+
+Bounded work: whatever a client sends, a request tokenizes a bounded number of characters. Each text field is cut to
+``MAX_MESSAGE_CHARS`` before it is tokenized; a conversation is read from its newest turn back, at most ``MAX_TURNS``
+of them, and only while the turns kept stay within ``HISTORY_CHARS_PER_TOKEN`` characters per token of the prompt's
+budget: an older turn that would pass that allowance is left out without being tokenized, so a megabyte of history
+costs what an empty one does. Settings and texts are checked first (finite numbers, no lone surrogates) so a bad
+value gets a message naming it, not an error from torch or the tokenizer.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +55,11 @@ DEFAULT_MAX_NEW_TOKENS = 128
 MAX_MESSAGE_CHARS = 16_000
 """Characters of one text field kept before tokenizing: bounds the work a pasted megabyte can cause."""
 MAX_CHOICES = 8
+MAX_TURNS = 256
+"""Newest turns of a conversation considered for its prompt; older ones are left out (and said to be)."""
+HISTORY_CHARS_PER_TOKEN = 8
+"""Characters of earlier turns tokenized per token of the prompt's budget (English runs about 4 per token): a turn
+beyond that allowance could hardly fit, so it is left out unread and the tokenizer's work stays bounded."""
 
 # Where a reply would start a new turn of the template; an instruction-tuned model ends with EOS first, a weaker
 # one runs on into the next "### Instruction:" or "User:" line, which must not reach the user.
@@ -52,6 +67,7 @@ CHAT_STOP = ("### Instruction:", "\nUser:")
 QUESTION_STOP = ("\nQuestion:",)
 
 ImageInput = Image.Image | str | os.PathLike | None
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -98,6 +114,51 @@ def question_prompt(question: str, context: str = "", choices: Sequence[str] = (
 def latest_image(history: Sequence[Turn]) -> str | os.PathLike | Image.Image | None:
     """The image of the most recent turn that has one."""
     return next((turn.image for turn in reversed(history) if turn.image is not None), None)
+
+
+def _has_text(text: str) -> bool:
+    """Whether ``text`` holds a non-space character (read up to the first one, not copied as by ``strip``)."""
+    return bool(text) and not text.isspace()
+
+
+def _text(value: Any, what: str) -> str:
+    """``value`` as text to tokenize (None is empty), or a ValueError naming ``what`` for a non-string or a lone
+    surrogate (a half of a UTF-16 pair: no Unicode character, so no tokenizer can encode it)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"The {what} must be text, got {type(value).__name__} {value!r:.40}.")
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise ValueError(
+            f"The {what} holds an invalid character at position {bad.start()}: U+{ord(bad.group()):04X} is half of "
+            "a UTF-16 surrogate pair, not a Unicode character. Remove it, or paste the text again."
+        )
+    return value
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool, not a numeric string) other than NaN and infinities."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _finite(value: Any, name: str) -> float:
+    """A sampling setting as a float, or a ValueError naming it when it is not a finite number (NaN reaches the
+    sampler as a probability error from torch, a string as a conversion error)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
+    if not is_finite_number(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _sampling(temperature: Any, top_p: Any, max_new_tokens: Any) -> tuple[float, float, int]:
+    """(temperature, top_p, max_new_tokens) checked to be finite numbers, the last a whole one; their ranges are
+    checked by ``model.generate.stream``."""
+    tokens = _finite(max_new_tokens, "max_new_tokens")
+    if not tokens.is_integer():
+        raise ValueError(f"max_new_tokens must be a whole number, got {max_new_tokens}")
+    return _finite(temperature, "temperature"), _finite(top_p, "top_p"), int(tokens)
 
 
 def _cap_chars(text: str, what: str, notes: list[str]) -> str:
@@ -154,23 +215,24 @@ class Engine:
         """Answer ``message`` after the answered turns of ``history``; ``image`` (else the conversation's latest
         image) conditions the answer. Raises ValueError (readable) for an empty message, a bad image or bad
         settings; an over-long conversation loses its oldest turns, then the message is cut (see ``Reply.notes``)."""
-        message = (message or "").strip()
+        temperature, top_p, max_new_tokens = _sampling(temperature, top_p, max_new_tokens)
+        message = _text(message, "message").strip()
         if not message:
             raise ValueError("The message is empty: type a question or an instruction.")
         notes: list[str] = []
         message = _cap_chars(message, "message", notes)
-        turns = [turn for turn in history if turn.user.strip() and turn.assistant.strip()]
+        recent = history[-MAX_TURNS:]
+        turns = [turn for turn in recent if _has_text(turn.user) and _has_text(turn.assistant)]
         if image is None:
             image = latest_image(turns)
         budget = self._prompt_budget(max_new_tokens)
-        dropped = 0
-        while turns and self._n_tokens(chat_prompt(turns, message)) > budget:
-            turns, dropped = turns[1:], dropped + 1
+        kept = self._fit_history(turns, message, budget)
+        dropped = len(history) - len(recent) + len(turns) - len(kept)
         if dropped:
             left_out = "oldest turn of the conversation was" if dropped == 1 else f"{dropped} oldest turns were"
             notes.append(f"The {left_out} left out to fit the model's context ({self.max_seq_len} tokens).")
-        message = self._fit(lambda m: chat_prompt(turns, m), message, budget, "message", notes)
-        return self._reply(chat_prompt(turns, message), image, notes, CHAT_STOP, temperature, top_p, max_new_tokens)
+        message = self._fit(lambda m: chat_prompt(kept, m), message, budget, "message", notes)
+        return self._reply(chat_prompt(kept, message), image, notes, CHAT_STOP, temperature, top_p, max_new_tokens)
 
     def caption(
         self,
@@ -180,6 +242,7 @@ class Engine:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> Reply:
         """Describe ``image`` (the COCO captioning prompt)."""
+        temperature, top_p, max_new_tokens = _sampling(temperature, top_p, max_new_tokens)
         if image is None:
             raise ValueError("Upload an image to caption.")
         return self._reply(caption_prompt(), image, [], CHAT_STOP, temperature, top_p, max_new_tokens)
@@ -196,15 +259,17 @@ class Engine:
     ) -> Reply:
         """Answer ``question`` about ``image`` (optional), with an optional textual context and multiple-choice
         options (2 to MAX_CHOICES, ScienceQA style: the answer names a letter). An over-long context is cut."""
-        question = (question or "").strip()
+        temperature, top_p, max_new_tokens = _sampling(temperature, top_p, max_new_tokens)
+        question = _text(question, "question").strip()
         if not question:
             raise ValueError("The question is empty: type what you want to know about the image.")
-        choices = [c.strip() for c in choices if c.strip()]
+        choices = [c.strip() for c in (_text(c, "choice") for c in choices) if c.strip()]
         if len(choices) == 1 or len(choices) > MAX_CHOICES:
             raise ValueError(f"Give 2 to {MAX_CHOICES} choices (one per line), or none; got {len(choices)}.")
         notes: list[str] = []
         question = _cap_chars(question, "question", notes)
-        context = _cap_chars((context or "").strip(), "context", notes)
+        context = _cap_chars(_text(context, "context").strip(), "context", notes)
+        choices = [_cap_chars(c, f"choice {letter}", notes) for letter, c in zip("ABCDEFGH", choices)]
         stop = QUESTION_STOP if choices else CHAT_STOP
         budget = self._prompt_budget(max_new_tokens)
 
@@ -221,7 +286,30 @@ class Engine:
     def _prompt_budget(self, max_new_tokens: int) -> int:
         """Tokens a prompt may use: the context minus room for the answer (at most half, so that a large
         ``max_new_tokens`` still leaves room to ask)."""
-        return self.max_seq_len - min(max(int(max_new_tokens), 1), self.max_seq_len // 2)
+        return self.max_seq_len - min(max(max_new_tokens, 1), self.max_seq_len // 2)
+
+    def _fit_history(self, turns: Sequence[Turn], message: str, budget: int) -> list[Turn]:
+        """The newest ``turns`` that fit ``budget`` tokens in the chat prompt with ``message`` (none when the message
+        alone fills it). Read from the newest back, stopping at the first turn that does not fit, so what is kept
+        is the end of the conversation. A turn is tokenized only when it stays within the history's character
+        allowance (``HISTORY_CHARS_PER_TOKEN`` per token of ``budget``): the work does not grow with the turns."""
+        chars_left = HISTORY_CHARS_PER_TOKEN * budget
+        tokens_left = budget - self._n_tokens(format_prompt(message, "\n"))  # the template that carries turns
+        kept: list[Turn] = []
+        for turn in reversed(turns):
+            n_chars = len("User: \nAssistant: \n") + len(turn.user) + len(turn.assistant)
+            if tokens_left <= 0 or n_chars > chars_left:
+                break
+            user, assistant = _text(turn.user, "earlier message"), _text(turn.assistant, "earlier answer")
+            n_tokens = len(self.tokenizer.encode(f"User: {user}\nAssistant: {assistant}\n", bos=False))
+            if n_tokens > tokens_left:
+                break
+            kept.append(turn)
+            chars_left, tokens_left = chars_left - n_chars, tokens_left - n_tokens
+        kept.reverse()
+        while kept and self._n_tokens(chat_prompt(kept, message)) > budget:  # tokens can merge across the joins
+            kept = kept[1:]
+        return kept
 
     def _fit(self, build: Callable[[str], str], text: str, budget: int, what: str, notes: list[str]) -> str:
         """``text`` cut at a token boundary so that ``build(text)`` fits ``budget`` tokens (a note says so)."""
@@ -267,9 +355,9 @@ class Engine:
             self.model,
             prompt,
             self._load(image),
-            max_new_tokens=int(max_new_tokens),
-            temperature=float(temperature),
-            top_p=float(top_p),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
             stop=list(stop),
         )
         return Reply(prompt=prompt, pieces=pieces, notes=notes)

@@ -1,26 +1,43 @@
 """The Gradio 6 app: a multimodal chat tab and an image tab (caption / question), built around an ``Engine``.
 
 ``build_demo(engine)`` builds the Blocks without loading anything, so tests pass a tiny model; ``launch`` applies the
-safe serving settings (127.0.0.1, no share link, upload size limit, one queue of concurrency 1 on the model,
-readable errors). Endpoints for scripts (gradio_client): ``/chat`` (message {"text", "files"}, temperature, top_p,
-max_new_tokens), ``/caption`` (image, temperature, top_p, max_new_tokens) and ``/answer`` (image, question,
-context, choices one per line, temperature, top_p, max_new_tokens). Every one streams the answer as it decodes.
+safe serving settings (127.0.0.1, no share link, upload size limit, one queue of concurrency 1 on the model, a bounded
+number of sessions kept, readable errors). Endpoints for scripts (gradio_client): ``/chat`` (message {"text",
+"files"}, temperature, top_p, max_new_tokens), ``/caption`` (image, temperature, top_p, max_new_tokens) and
+``/answer`` (image, question, context, choices one per line, temperature, top_p, max_new_tokens). Every one streams
+the answer as it decodes.
 
 User mistakes (empty message, unreadable or non-image upload, impossible settings) become ``gr.Error`` with the
 engine's message, and the server keeps serving; what was cut to fit the context is said in a note above the answer.
+
+Uploads and the files Gradio caches live in a folder of their own per app, made by ``build_demo`` with mode 0700
+under Gradio's temp folder (``GRADIO_TEMP_DIR``, default <tmp>/gradio): other users of the machine cannot read them.
+Gradio deletes them ``DELETE_CACHE[1]`` seconds after they were written (checking every ``DELETE_CACHE[0]``
+seconds) and all of them when the server stops, so what clients upload does not pile up.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from app.engine import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Engine, Reply, Turn
+from app.engine import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_MESSAGE_CHARS,
+    MAX_TURNS,
+    Engine,
+    Reply,
+    Turn,
+    is_finite_number,
+)
 
 TITLE = "LLaMA-Adapter: multimodal chat"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -29,6 +46,13 @@ MODEL_QUEUE = "model"
 MAX_FILE_SIZE = "10mb"
 QUEUE_SIZE = 32
 """Requests waiting for the model beyond this are refused at once (rather than piling up without bound)."""
+SESSION_CAPACITY = 1000
+"""Sessions whose state (a chat's conversation) the server keeps; beyond this the oldest is forgotten."""
+DELETE_CACHE = (600, 3600)
+"""Gradio's ``delete_cache`` (frequency_s, age_s): every 10 minutes, delete the uploaded and cached files older than an
+hour."""
+MAX_HISTORY_MESSAGES = 4 * MAX_TURNS
+"""Newest chat messages read into turns (a turn is two to four messages: image and text, then the answer)."""
 
 COLOR_QUESTION = "What color is the ball in the picture?"
 SIDE_QUESTION = "Is the kite on the left or the right side of the picture?"
@@ -94,10 +118,11 @@ def to_turns(history: Sequence[dict[str, Any]]) -> list[Turn]:
     as two user messages; gradio_client sends one). When several submissions precede an answer, the earlier ones
     failed (their error was shown and they got no answer): only the last one counts, so a rejected upload never
     comes back to haunt the turns after it. Submissions after the last answer are left out for the same reason.
+    Only the newest ``MAX_HISTORY_MESSAGES`` messages are read (the engine keeps at most ``MAX_TURNS`` turns).
     """
     turns: list[Turn] = []
     text, files = "", []  # the current submission
-    for message in history:
+    for message in history[-MAX_HISTORY_MESSAGES:]:
         role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
         content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
         msg_texts, msg_files = _split_content(content)
@@ -145,14 +170,35 @@ def _parse_choices(choices: str | None) -> list[str]:
     return [line.strip() for line in (choices or "").splitlines() if line.strip()]
 
 
+def _checked(slider: gr.Slider) -> gr.Slider:
+    """``slider`` refusing a value sent through the API that is no number in its range, with a message naming the
+    setting: Gradio's own check names none, fails on a string with an internal TypeError and lets NaN through to the
+    sampler. The instance's ``preprocess`` is wrapped because subclassing a component makes Gradio write a .pyi stub
+    beside the subclass's module."""
+    preprocess = slider.preprocess
+
+    def checked(payload: Any) -> float:
+        if not (is_finite_number(payload) and slider.minimum <= payload <= slider.maximum):
+            raise gr.Error(
+                f"{slider.label} must be a number from {slider.minimum:g} to {slider.maximum:g}, got {payload!r:.40}.",
+                print_exception=False,
+            )
+        return preprocess(payload)
+
+    slider.preprocess = checked
+    return slider
+
+
 def _sampling_sliders(max_seq_len: int, render: bool = True) -> list[gr.Slider]:
-    """Temperature, top-p and max new tokens, at the paper's defaults; no answer outgrows the model's context."""
+    """Temperature, top-p and max new tokens, at the paper's defaults; no answer outgrows the model's context. The
+    image tab's events skip preprocessing: there the engine checks the values, naming them as well."""
     max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, max_seq_len)
-    return [
+    sliders = [
         gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature", info="0: greedy", render=render),
         gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p", render=render),
         gr.Slider(1, max_seq_len, value=max_new_tokens, step=1, label="Max new tokens", render=render),
     ]
+    return [_checked(slider) for slider in sliders]
 
 
 def _share_model_queue(demo: gr.Blocks, before: set[int]) -> None:
@@ -164,9 +210,21 @@ def _share_model_queue(demo: gr.Blocks, before: set[int]) -> None:
             demo.fns[fn_id].concurrency_id = MODEL_QUEUE
 
 
+def private_cache_dir() -> Path:
+    """A new folder only this user may enter (mode 0700, from ``mkdtemp``) inside Gradio's temp folder, made the
+    process's ``GRADIO_TEMP_DIR``: Gradio reads it when it builds components, creates the server and stores an upload.
+    """
+    parent = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="llama-adapter-demo-", dir=parent))
+    os.environ["GRADIO_TEMP_DIR"] = str(path)
+    return path
+
+
 # ---- the app --------------------------------------------------------------------------------------------------
 def build_demo(engine: Engine) -> gr.Blocks:
-    """The Gradio app around ``engine``: Chat tab (``/chat``) and Image tab (``/caption``, ``/answer``)."""
+    """The Gradio app around ``engine``: Chat tab (``/chat``) and Image tab (``/caption``, ``/answer``). Its uploads
+    and cached files go to a new private folder (``private_cache_dir``), deleted on the ``DELETE_CACHE`` schedule."""
 
     def chat(
         message: dict[str, Any], history: list[dict[str, Any]], temperature: float, top_p: float, max_new_tokens: int
@@ -198,7 +256,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
         reply = _start(engine.answer, question, path, context, choices, temperature, top_p, max_new_tokens, upload=path)
         yield from accumulate(reply)
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    private_cache_dir()  # before any component: each one records the cache folder when it is made
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"## {TITLE}\n{engine.describe()}")
         with gr.Tab("Chat"):
             before = set(demo.fns)
@@ -210,6 +269,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
                     file_count="single",
                     sources=["upload"],
                     placeholder="Ask anything; attach an image to talk about it",
+                    # it has no max_length; a longer paste arrives as a text file, which the image check refuses
+                    max_plain_text_length=MAX_MESSAGE_CHARS,
                 ),
                 additional_inputs=_sampling_sliders(engine.max_seq_len, render=False),  # ChatInterface places them
                 additional_inputs_accordion=gr.Accordion("Sampling", open=False, render=False),
@@ -227,9 +288,13 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 with gr.Column():
                     image = gr.Image(type="filepath", sources=["upload"], label="Image")
                 with gr.Column():
-                    question = gr.Textbox(label="Question", placeholder="What is in the picture?")
-                    context = gr.Textbox(label="Context (optional)")
-                    choices = gr.Textbox(label="Choices (optional, one per line)", lines=3)
+                    question = gr.Textbox(
+                        label="Question", placeholder="What is in the picture?", max_length=MAX_MESSAGE_CHARS
+                    )
+                    context = gr.Textbox(label="Context (optional)", max_length=MAX_MESSAGE_CHARS)
+                    choices = gr.Textbox(
+                        label="Choices (optional, one per line)", lines=3, max_length=MAX_MESSAGE_CHARS
+                    )
                     with gr.Row():
                         caption_btn = gr.Button("Caption")
                         answer_btn = gr.Button("Answer", variant="primary")
@@ -272,7 +337,9 @@ def launch(
     quiet: bool = False,
 ) -> tuple[Any, str, str]:
     """Serve ``demo`` with the safe settings: local address, no public link unless ``share``, uploads capped at
-    ``max_file_size``, a bounded queue, errors shown to the user. Returns Gradio's (app, local_url, share_url)."""
+    ``max_file_size`` and stored in the demo's private folder, a bounded queue and number of sessions kept, errors
+    shown to the user. Returns Gradio's (app, local_url, share_url)."""
+    os.environ["GRADIO_TEMP_DIR"] = demo.GRADIO_CACHE  # uploads go where the demo's components cache (its own)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo.launch(
         server_name=host,
@@ -283,4 +350,5 @@ def launch(
         prevent_thread_lock=prevent_thread_lock,
         quiet=quiet,
         footer_links=["api"],
+        state_session_capacity=SESSION_CAPACITY,
     )

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,15 +26,99 @@ class DataError(ValueError):
 
 
 def read_json(path: Path) -> Any:
-    """Parse a JSON file; errors name the file (and line / column for invalid JSON)."""
+    """Parse a JSON file; errors name the file (and line / column for invalid JSON).
+
+    Refused with a DataError as well: nesting deeper than Python's recursion limit (``json`` raises RecursionError)
+    and a string or key holding a lone surrogate (JSON allows the escape ``"\\ud800"``; it is not Unicode text and
+    would fail later in the tokenizer or when the text is written out); that error gives the value's place in the
+    file, e.g. ``[17]["output"]``.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read (lists / objects inside each other)") from None
+    if _SURROGATE_ESCAPE.search(text):  # the only way a surrogate gets in: strict UTF-8 decoding refuses raw ones
+        _refuse_lone_surrogates(path, data)
+    return data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json joins valid escaped pairs, so any one left is alone
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text`` as an escape (``"\\ud800"``), or None for valid Unicode text."""
+    match = _LONE_SURROGATE.search(text)
+    return None if match is None else f"\\u{ord(match.group()):04x}"
+
+
+def _refuse_lone_surrogates(path: Path, data: Any) -> None:
+    stack: list[tuple[str, Any]] = [("the top level", data)]  # (place in the file, value); iterative: any depth
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            bad = lone_surrogate(value)
+            if bad:
+                raise DataError(f"{path}: {where} holds a lone surrogate {bad}, which is not text")
+        elif isinstance(value, dict):
+            prefix = "" if where == "the top level" else where
+            for key, item in reversed(value.items()):
+                stack += [(f"{prefix}[{json.dumps(key)}]", item), (f"the key {json.dumps(key)} of {where}", key)]
+        elif isinstance(value, list):
+            prefix = "" if where == "the top level" else where
+            stack += [(f"{prefix}[{i}]", item) for i, item in reversed(list(enumerate(value)))]
+
+
+class ImageFolder:
+    """The folder that image paths named by a data file must stay inside.
+
+    ``path(*parts)`` is ``base / parts``, refused (ValueError, message without the data file) when a part is
+    absolute or has a ``..`` component, or when a link under ``base`` leads outside it. ``base`` itself may be a
+    link (e.g. an image folder on another disk): containment is checked against the folder it resolves to, once.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        try:
+            self.real = base.resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python 3.11)
+            raise DataError(f"{base}: cannot be resolved: {e}") from None
+
+    def path(self, *parts: str) -> Path:
+        """The plain join ``base / parts`` (not resolved; it need not exist), once it is known to stay inside."""
+        names = []
+        for part in parts:
+            if "\0" in part:
+                raise ValueError(f"path {part!r} holds a NUL character")
+            if os.path.isabs(part):
+                raise ValueError(f"path {part!r} is absolute; it must be relative to {self.base}")
+            part_names = part.split(os.sep)
+            if ".." in part_names:
+                raise ValueError(f"path {part!r} has a '..' component, which would leave {self.base}")
+            names += part_names
+        joined = self.base.joinpath(*parts)
+        # Without '..' or an absolute part only a link can lead outside: resolve only when one is on the way.
+        probe = str(self.real)
+        for name in names:
+            probe = os.path.join(probe, name)
+            if os.path.islink(probe):
+                break
+        else:
+            return joined
+        try:
+            real = self.real.joinpath(*parts).resolve()
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"path {joined} cannot be resolved: {e}") from None
+        if not real.is_relative_to(self.real):
+            raise ValueError(f"path {joined} resolves to {real}, outside {self.real} (a link that leaves the folder)")
+        return joined
 
 
 class InvalidRecords:

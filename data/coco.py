@@ -11,6 +11,12 @@
 Both give ``CocoImage(image_id (the COCO id), path, references)``; captions are the raw strings, stripped. Training
 uses one ``Example`` per (image, caption) with the Alpaca no-input prompt and the instruction "Generate caption of
 this image" (LLaMA-Adapter V2); evaluation uses the images with all their references.
+
+Checks: an image id (Karpathy ``cocoid``, official ``images[].id``) that appears twice in a file is an invalid
+record (DataError, or skipped and counted with ``skip_invalid``): its captions would be ambiguous, and the same
+image in two Karpathy splits leaks between training and evaluation. Image paths named by the file must stay inside
+the image folder (``..``, absolute paths and links leaving it are refused). Scoring needs no image file
+(``require_images=False``): pycocoevalcap reads the annotations and the results only.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data import DataError, InvalidRecords, read_json
+from data import DataError, ImageFolder, InvalidRecords, read_json
 from data.alpaca import format_prompt
 from data.collate import Example
 
@@ -49,12 +55,19 @@ def _is_int(x: Any) -> bool:
 
 
 def load_karpathy(
-    file: str | Path, split: str, *, image_root: str | Path | None = None, skip_invalid: bool = False
+    file: str | Path,
+    split: str,
+    *,
+    image_root: str | Path | None = None,
+    skip_invalid: bool = False,
+    require_images: bool = True,
 ) -> list[CocoImage]:
     """Images of a Karpathy split (train = train + restval, restval, val, test), in file order.
 
-    A malformed entry (missing field, unknown split, no captions, missing image file) raises DataError naming the
-    file and the entry; with ``skip_invalid=True`` it is skipped and one warning gives the count.
+    A malformed entry (missing field, unknown split, no captions, a cocoid seen before in the file, an image path
+    leaving ``image_root``, a missing image file) raises DataError naming the file and the entry; with
+    ``skip_invalid=True`` it is skipped and one warning gives the count. ``require_images=False`` does not look
+    for the image files (scoring).
     """
     file = Path(file)
     if split not in KARPATHY_SPLITS:
@@ -62,19 +75,31 @@ def load_karpathy(
     data = read_json(file)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{file}: expected an object with an 'images' list (Karpathy split format)")
-    root = Path(image_root) if image_root is not None else file.parent
+    folder = ImageFolder(Path(image_root) if image_root is not None else file.parent)
     invalid, wanted, out, n_seen = InvalidRecords(file, skip_invalid), KARPATHY_SPLITS[split], [], 0
+    first_entry: dict[int, int] = {}  # cocoid -> the entry that has it
     for i, entry in enumerate(data["images"]):
         name = f"image entry {i}" + (f" (cocoid {entry.get('cocoid')})" if isinstance(entry, dict) else "")
         problem = _check_karpathy(entry)
         if problem:
             invalid(f"{name}: {problem}")
             continue
+        n_seen += entry["split"] in wanted
+        if first_entry.setdefault(entry["cocoid"], i) != i:  # checked in every split: a repeat may be a leak
+            j = first_entry[entry["cocoid"]]
+            invalid(
+                f"{name}: cocoid {entry['cocoid']} is also image entry {j} (splits {data['images'][j]['split']!r}"
+                f" and {entry['split']!r}); one entry per image"
+            )
+            continue
         if entry["split"] not in wanted:
             continue
-        n_seen += 1
-        path = root / entry["filepath"] / entry["filename"]
-        if not path.is_file():
+        try:
+            path = folder.path(entry["filepath"], entry["filename"])
+        except ValueError as e:
+            invalid(f"{name}: image {e}")
+            continue
+        if require_images and not path.is_file():
             invalid(f"{name}: image file {path} is missing")
             continue
         out.append(CocoImage(entry["cocoid"], path, [s["raw"].strip() for s in entry["sentences"]]))
@@ -103,13 +128,19 @@ def _check_karpathy(entry: Any) -> str | None:
 
 
 def load_annotations(
-    file: str | Path, *, image_dir: str | Path | None = None, skip_invalid: bool = False
+    file: str | Path,
+    *,
+    image_dir: str | Path | None = None,
+    skip_invalid: bool = False,
+    require_images: bool = True,
 ) -> list[CocoImage]:
     """Images of an official captions_*.json (or any COCO-format ground truth), in the file's image order.
 
     image_dir: where ``file_name`` lives; default ``{file's grandparent}/{set}`` for ``annotations/captions_{set}.json``
-    (COCO's layout), else the file's folder. A malformed image or annotation raises DataError naming the file and
-    the id; with ``skip_invalid=True`` it is skipped and one warning gives the count.
+    (COCO's layout), else the file's folder. A malformed image or annotation (an image id seen before, a
+    ``file_name`` leaving image_dir, a missing image file) raises DataError naming the file and the id; with
+    ``skip_invalid=True`` it is skipped and one warning gives the count. ``require_images=False`` does not look for
+    the image files (scoring).
     """
     file = Path(file)
     data = read_json(file)
@@ -117,14 +148,18 @@ def load_annotations(
         raise DataError(f"{file}: expected an object with 'images' and 'annotations' lists (COCO format)")
     if not isinstance(data.get("annotations"), list):
         raise DataError(f"{file}: expected an object with 'images' and 'annotations' lists (COCO format)")
-    folder = Path(image_dir) if image_dir is not None else _default_image_dir(file)
+    folder = ImageFolder(Path(image_dir) if image_dir is not None else _default_image_dir(file))
     invalid = InvalidRecords(file, skip_invalid)
     images: dict[int, CocoImage] = {}
+    first_index: dict[int, int] = {}  # image id -> its first position in 'images'
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or not _is_int(img.get("id")) or not isinstance(img.get("file_name"), str):
             invalid(f"images[{i}]: needs an integer 'id' and a string 'file_name', got {img!r}")
             continue
-        images[img["id"]] = CocoImage(img["id"], folder / img["file_name"], [])
+        if first_index.setdefault(img["id"], i) != i:
+            invalid(f"images[{i}]: id {img['id']} is also images[{first_index[img['id']]}]")
+            continue
+        images[img["id"]] = CocoImage(img["id"], folder.base / img["file_name"], [])
     for i, ann in enumerate(data["annotations"]):
         ok = isinstance(ann, dict) and _is_int(ann.get("image_id")) and isinstance(ann.get("caption"), str)
         if not ok:
@@ -137,7 +172,13 @@ def load_annotations(
     for image in images.values():
         if not image.references:
             invalid(f"image id {image.image_id}: no captions")
-        elif not image.path.is_file():
+            continue
+        try:
+            folder.path(data["images"][first_index[image.image_id]]["file_name"])
+        except ValueError as e:
+            invalid(f"image id {image.image_id}: image {e}")
+            continue
+        if require_images and not image.path.is_file():
             invalid(f"image id {image.image_id}: image file {image.path} is missing")
         else:
             out.append(image)

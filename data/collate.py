@@ -5,6 +5,9 @@ EOS, and the id lists are concatenated. That is also what happens at inference (
 model continues it), and it avoids the official LLaMA-Adapter quirk of encoding prompt and prompt+output apart,
 where a sentencepiece merge across the boundary shifts the mask by a token.
 
+An empty target is trained as EOS alone (the real Alpaca file has such records; the official code does the same).
+Text holding a lone surrogate (not Unicode; the JSON readers refuse it already) is a DataError naming the example.
+
 Truncation never drops the answer or the EOS: an over-long prompt loses tokens from its middle (default: the
 question at the start and the options / "Answer:" cue at the end survive) or from its left, after BOS. An example
 whose BOS + target + EOS alone exceed ``max_len`` raises ``TargetTooLongError``; ``drop_overlong`` removes (and
@@ -30,7 +33,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from data import DataError
+from data import DataError, lone_surrogate
 
 IGNORE_INDEX = -100
 """Label of positions without loss (prompt and padding)."""
@@ -126,10 +129,12 @@ class Collator:
 
     def encode(self, example: Example) -> Encoded:
         """Token ids of one example, truncated to ``max_len`` without touching the target and EOS."""
+        for name, text in (("prompt", example.prompt), ("target", example.target)):
+            bad = lone_surrogate(text)
+            if bad:  # the tokenizer would fail with a raw pybind11 / Rust error
+                raise DataError(f"{describe(example)}: the {name} holds a lone surrogate {bad}, which is not text")
         prompt = self.tokenizer.encode(example.prompt, bos=True, eos=False)
-        target = self.tokenizer.encode(example.target, bos=False, eos=True)
-        if len(target) < 2:
-            raise DataError(f"{describe(example)}: empty target (only EOS); every example needs an answer")
+        target = self.tokenizer.encode(example.target, bos=False, eos=True)  # an empty target: EOS alone
         budget = self.max_len - len(target)
         n_cut = max(len(prompt) - budget, 0)
         if n_cut:

@@ -30,6 +30,13 @@ Prompt formats (``build_prompt`` / ``build_target``; reference/data_formats.md S
   The prompt ends with "Answer:" as in ScienceQA's base prompt. Unlike the GPT-3 code we keep real newlines in
   lectures and solutions (as LLaVA does after conversion); runs of spaces are collapsed.
 
+Checks on the files: train / val / test in pid_splits.json must be disjoint (a pid in two of them is a DataError:
+a problem in both training and evaluation data); a pid listed twice in one split is used once, with one warning
+giving the count (the duplicate adds nothing, and scoring must not count a problem twice). Image paths named by the
+files (``image``, a pid, the Hugging Face ``image.path``) must stay inside the image folder, ``..`` and links
+included. Scoring needs no image at all (``require_images=False``): the official scorer reads problems.json and
+pid_splits.json only.
+
 ``use_caption=True`` appends the problem's caption to the context (ScienceQA's captioned text baselines).
 Every ``Example`` keeps the problem's metadata (pid, subject, grade, has_text, has_image, ...) for per-category
 scoring.
@@ -39,11 +46,13 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data import DataError, InvalidRecords, read_json
+from data import DataError, ImageFolder, InvalidRecords, read_json
 from data.collate import Example
 
 BASE_SPLITS = ("train", "val", "test")
@@ -143,7 +152,7 @@ def check_record(rec: Any) -> None:
         raise ValueError(f"unknown grade {rec['grade']!r} (expected grade1 .. grade12)")
 
 
-def _problem(pid: str, rec: dict[str, Any], **image: Any) -> Problem:
+def make_problem(pid: str, rec: dict[str, Any], **image: Any) -> Problem:
     return Problem(
         pid=pid,
         choices=list(rec["choices"]),
@@ -160,14 +169,17 @@ def load_problems(
     *,
     skip_invalid: bool = False,
     pid_splits: str | Path | None = None,
+    require_images: bool = True,
 ) -> list[Problem]:
     """The problems of ``split`` (train / val / validation / test / trainval / minitrain / ...), in file order.
 
     root: the official folder (problems.json, pid_splits.json, images/), a Hugging Face ``save_to_disk`` folder,
         or a folder of parquet files. pid_splits: a pid_splits.json for a Hugging Face copy (default: the one in
-        root, if any).
-    A malformed record (missing field, answer out of range, unknown split, missing image file) raises DataError
-    naming the file and the pid; with ``skip_invalid=True`` it is skipped and one warning gives the count.
+        root, if any). require_images: False to read the problems without looking for their image files (scoring
+        never opens one); ``image_path`` is still set (and ``has_image`` true) for image problems.
+    A malformed record (missing field, answer out of range, unknown split, missing image file, image path leaving
+    the image folder) raises DataError naming the file and the pid; with ``skip_invalid=True`` it is skipped and one
+    warning gives the count.
     """
     root = Path(root)
     if root.is_file() and root.name == "problems.json":
@@ -176,27 +188,51 @@ def load_problems(
         raise FileNotFoundError(f"{root}: no such ScienceQA folder")
     split = canonical_split(split)
     if (root / "problems.json").is_file():
-        return _load_official(root, split, skip_invalid)
+        return _load_official(root, split, skip_invalid, require_images)
     splits_file = Path(pid_splits) if pid_splits is not None else root / "pid_splits.json"
-    return _load_hf(root, split, skip_invalid, splits_file if splits_file.is_file() else None)
+    from data.scienceqa_hf import load_hf
+
+    return load_hf(root, split, skip_invalid, splits_file if splits_file.is_file() else None, require_images)
 
 
-def _read_pid_splits(file: Path) -> dict[str, list[str]]:
+def read_pid_splits(file: Path) -> dict[str, list[str]]:
     data = read_json(file)
     if not isinstance(data, dict) or not all(
         isinstance(v, list) and all(isinstance(p, str) for p in v) for v in data.values()
     ):
         raise DataError(f"{file}: expected an object {{split: [pid strings]}}")
+    first_split: dict[str, str] = {}
+    for split in BASE_SPLITS:
+        for pid in data.get(split, []):
+            if first_split.setdefault(pid, split) != split:
+                raise DataError(
+                    f"{file}: pid {pid} is in both {first_split[pid]!r} and {split!r}; train / val / test must be "
+                    "disjoint (a problem in two of them leaks between training and evaluation)"
+                )
     return data
 
 
-def _split_pids(pid_splits: dict[str, list[str]], split: str, file: Path) -> list[str]:
+def split_pids(pid_splits: dict[str, list[str]], split: str, file: Path) -> list[str]:
+    """The pids ``split`` lists, as listed (repeats included)."""
     if split not in pid_splits:
         raise DataError(f"{file}: unknown split {split!r}; the file has {', '.join(sorted(pid_splits))}")
     return pid_splits[split]
 
 
-def _load_captions(root: Path) -> dict[str, str]:
+def pids_once(pids: list[str], split: str, file: Path) -> list[str]:
+    """``pids`` with repeats dropped (first kept); one warning with the count and the first repeated pid."""
+    unique = list(dict.fromkeys(pids))
+    if len(unique) < len(pids):
+        first = next(pid for pid, n in Counter(pids).items() if n > 1)
+        warnings.warn(
+            f"{file}: split {split!r} lists {len(pids) - len(unique)} pid(s) more than once (first: {first}); "
+            "each problem is used once",
+            stacklevel=4,
+        )
+    return unique
+
+
+def load_captions(root: Path) -> dict[str, str]:
     """captions.json in root or its parent (the official data/captions.json beside data/scienceqa/)."""
     for file in (root / "captions.json", root.parent / "captions.json"):
         if file.is_file():
@@ -208,14 +244,14 @@ def _load_captions(root: Path) -> dict[str, str]:
     return {}
 
 
-def _load_official(root: Path, split: str, skip_invalid: bool) -> list[Problem]:
+def _load_official(root: Path, split: str, skip_invalid: bool, require_images: bool) -> list[Problem]:
     problems_file, splits_file = root / "problems.json", root / "pid_splits.json"
     problems = read_json(problems_file)
     if not isinstance(problems, dict):
         raise DataError(f"{problems_file}: expected an object {{pid: problem}}, got a {type(problems).__name__}")
-    pids = _split_pids(_read_pid_splits(splits_file), split, splits_file)
-    captions = _load_captions(root)
-    invalid = InvalidRecords(problems_file, skip_invalid)
+    pids = pids_once(split_pids(read_pid_splits(splits_file), split, splits_file), split, splits_file)
+    captions = load_captions(root)
+    invalid, images = InvalidRecords(problems_file, skip_invalid), ImageFolder(root / "images")
     out = []
     for pid in pids:
         if pid not in problems:
@@ -232,115 +268,16 @@ def _load_official(root: Path, split: str, skip_invalid: bool) -> list[Problem]:
             if not isinstance(rec["image"], str) or not rec["image"]:
                 invalid(f"pid {pid}: field 'image' must be a file name or null, got {rec['image']!r}")
                 continue
-            image_path = root / "images" / rec["split"] / pid / rec["image"]
-            if not image_path.is_file():
+            try:
+                image_path = images.path(rec["split"], pid, rec["image"])
+            except ValueError as e:
+                invalid(f"pid {pid}: image {e}")
+                continue
+            if require_images and not image_path.is_file():
                 invalid(f"pid {pid}: image file {image_path} is missing")
                 continue
-        out.append(_problem(pid, rec, image_path=image_path, caption=captions.get(pid, "")))
+        out.append(make_problem(pid, rec, image_path=image_path, caption=captions.get(pid, "")))
     invalid.warn(len(pids))
-    return out
-
-
-# ---- Hugging Face copy --------------------------------------------------------------------------------------------
-def _hf_source(root: Path) -> tuple[str, Path]:
-    """("disk", folder) for save_to_disk output, ("parquet", folder with the parquet files)."""
-    if (root / "dataset_dict.json").is_file():
-        return "disk", root
-    for folder in (root / "data", root):
-        if folder.is_dir() and any(folder.glob("*.parquet")):
-            return "parquet", folder
-    raise DataError(
-        f"{root}: not a ScienceQA folder: no problems.json (official layout), no dataset_dict.json "
-        "(datasets save_to_disk) and no *.parquet files (Hugging Face copy)"
-    )
-
-
-def _hf_split(kind: str, folder: Path, split: str) -> tuple[Any, Path]:
-    """The ``datasets.Dataset`` of one base split (images left encoded) and the file(s) it came from."""
-    import datasets
-
-    name = HF_SPLIT_NAMES[split]
-    if kind == "disk":
-        index = read_json(folder / "dataset_dict.json")
-        names = index.get("splits", []) if isinstance(index, dict) else []
-        found = next((n for n in (name, split) if n in names), None)
-        if found is None:
-            raise DataError(f"{folder / 'dataset_dict.json'}: no split {name!r}; it has {', '.join(names)}")
-        ds, source = datasets.load_from_disk(str(folder / found)), folder / found
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        files = sorted({f for n in (name, split) for f in folder.glob(f"{n}-*.parquet")})
-        if not files:
-            raise DataError(f"{folder}: no {name}-*.parquet file for split {split!r}")
-        # Read straight into memory (no cache files); the schema's metadata carries the datasets features (Image).
-        ds, source = datasets.Dataset(pa.concat_tables([pq.read_table(f) for f in files])), files[0]
-    missing = [c for c in HF_COLUMNS if c not in ds.column_names]
-    if missing:
-        raise DataError(f"{source}: missing column(s) {', '.join(missing)}")
-    return ds.cast_column("image", datasets.Image(decode=False)), source
-
-
-def _load_hf(root: Path, split: str, skip_invalid: bool, splits_file: Path | None) -> list[Problem]:
-    kind, folder = _hf_source(root)
-    pid_splits = _read_pid_splits(splits_file) if splits_file is not None else None
-    if split in BASE_SPLITS:
-        parts = [(split, None)]
-    elif pid_splits is None:
-        raise DataError(
-            f"{root}: split {split!r} is not train / val / test; derived splits need a pid_splits.json "
-            "(put it in the folder or pass pid_splits=)"
-        )
-    else:
-        wanted = _split_pids(pid_splits, split, splits_file)
-        parts = [(base, set(wanted)) for base in BASE_SPLITS]
-    captions = _load_captions(root) if pid_splits is not None else {}
-    out: list[Problem] = []
-    for base, keep in parts:
-        ds, source = _hf_split(kind, folder, base)
-        pids = [f"{base}-{i}" for i in range(len(ds))]
-        if pid_splits is not None:
-            pids = _split_pids(pid_splits, base, splits_file)
-            if len(pids) != len(ds):
-                raise DataError(
-                    f"{splits_file}: lists {len(pids)} {base!r} pids but {source} has {len(ds)} rows; "
-                    "not the pid_splits.json this copy was built from"
-                )
-        out += _hf_rows(ds, pids, base, keep, captions, InvalidRecords(source, skip_invalid))
-    if pid_splits is not None and split not in BASE_SPLITS:  # keep pid_splits' order for derived splits
-        order = {pid: i for i, pid in enumerate(_split_pids(pid_splits, split, splits_file))}
-        out.sort(key=lambda p: order[p.pid])
-    return out
-
-
-def _hf_rows(
-    ds: Any, pids: list[str], split: str, keep: set[str] | None, captions: dict[str, str], invalid: InvalidRecords
-) -> list[Problem]:
-    out, n_rows = [], 0
-    for i, (row, pid) in enumerate(zip(ds, pids)):
-        if keep is not None and pid not in keep:
-            continue
-        n_rows += 1
-        rec = dict(row, split=split)
-        image = rec.pop("image")
-        rec["image"] = None if image is None else "image.png"  # as problems.json has it; the bytes are used below
-        try:
-            check_record(rec)
-        except ValueError as e:
-            invalid(f"row {i} (pid {pid}): {e}")
-            continue
-        image_bytes, image_path = None, None
-        if image is not None:
-            if image.get("bytes"):
-                image_bytes = image["bytes"]
-            elif image.get("path") and Path(image["path"]).is_file():
-                image_path = Path(image["path"])
-            else:
-                invalid(f"row {i} (pid {pid}): image has neither bytes nor an existing file ({image.get('path')!r})")
-                continue
-        out.append(_problem(pid, rec, image_path=image_path, image_bytes=image_bytes, caption=captions.get(pid, "")))
-    invalid.warn(n_rows)
     return out
 
 

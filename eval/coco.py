@@ -7,6 +7,8 @@ Annotations (read by data.coco): Karpathy's ``dataset_coco.json`` (a file named 
 ``--split``, at ``IMAGES/filepath/filename``, references = the ``raw`` sentences) or a COCO-format ground truth
 ``{"images": [...], "annotations": [...]}`` such as captions_val2014.json or BLIP's coco_karpathy_test_gt.json (all
 its images, at ``IMAGES/file_name``; ``--split`` does not apply). ``--images`` defaults as in data.coco.
+Scoring a results file (``--results``) reads the annotations and the results only, as pycocoevalcap does: no image
+needs to be there. Generating (``--checkpoint``) refuses a missing image by name.
 
 Scoring is what ``COCOEvalCap.evaluate()`` computes, minus SPICE: both sides tokenized with the PTB tokenizer
 (Stanford CoreNLP, lower-cased, punctuation dropped), then BLEU-1..4, METEOR, ROUGE_L and CIDEr(-D) called directly
@@ -64,14 +66,21 @@ _PY_TOKEN = re.compile(r"n't\b|'(?:s|re|ve|ll|d|m)\b|[^\W_]+(?:[-./:][^\W_]+)*|\
 
 
 # ---- annotations and results ----------------------------------------------------------------------------------------
-def load_split(annotations: str | Path, split: str = "test", images_dir: str | Path | None = None) -> list[CocoImage]:
+def load_split(
+    annotations: str | Path,
+    split: str = "test",
+    images_dir: str | Path | None = None,
+    *,
+    require_images: bool = True,
+) -> list[CocoImage]:
     """The images to evaluate with their references, read by data.coco: a Karpathy file (``dataset_*.json``: the
     images of ``split``, at ``images_dir/filepath/filename``) or a COCO-format ground truth (every image, at
-    ``images_dir/file_name``). ``images_dir`` defaults as in data.coco (beside the annotations)."""
+    ``images_dir/file_name``). ``images_dir`` defaults as in data.coco (beside the annotations).
+    ``require_images=False`` (scoring) does not look for the image files."""
     if Path(annotations).name.startswith("dataset_"):
-        images = load_karpathy(annotations, split, image_root=images_dir)
+        images = load_karpathy(annotations, split, image_root=images_dir, require_images=require_images)
     else:
-        images = load_annotations(annotations, image_dir=images_dir)
+        images = load_annotations(annotations, image_dir=images_dir, require_images=require_images)
     if not images:
         raise EvalError(f"{annotations}: no images to evaluate (split {split!r})")
     return images
@@ -237,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    images = load_split(args.annotations, args.split, args.images)
+    images = load_split(args.annotations, args.split, args.images, require_images=args.results is None)
     references = {im.image_id: im.references for im in images}
     if args.results is not None:
         results = read_json(Path(args.results))

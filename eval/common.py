@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -92,10 +91,9 @@ class GenerationLog:
                 raise EvalError(f"{self.path}:{n}: malformed record; delete the file to start over") from e
 
     def _append_lines(self, lines: list[str]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
+        from model.checkpoint import append_text
+
+        append_text(self.path, "".join(line + "\n" for line in lines))  # a cut last line is dropped by _reopen
 
     def append(self, items: Iterable[tuple[Any, str]]) -> None:
         """Record (id, output) pairs durably (one write, flushed and fsynced)."""
@@ -243,6 +241,9 @@ def run_cli(
     except (ValueError, FileNotFoundError) as e:  # EvalError, DataError, CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write failed (model.checkpoint.WriteError names the file); what was written is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def load_run_from_args(args: argparse.Namespace) -> LoadedRun:

@@ -16,6 +16,10 @@ makes scores irreproducible). In order:
 The letter must lie within the problem's choices. A failure is recorded as index -1 (always wrong), counted and
 listed with its reason and text in metrics.json.
 
+Scoring a results file (``--predictions``) reads problems.json and pid_splits.json only, as the official scorer
+does: the folder may hold no images at all. Generating (``--checkpoint``) needs every image of the split and
+refuses a missing one by name.
+
 A pid of the split that is missing from a results file counts as wrong (as an unanswered question) and is reported
 by count and name; a pid in the results that is not in the split is reported and ignored. Both are printed with
 the table, so a partial results file cannot pass for a full one.
@@ -278,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from data.scienceqa import load_problems
 
-    problems = load_problems(args.data, args.split)
+    problems = load_problems(args.data, args.split, require_images=args.predictions is None)  # scoring: no images
     if args.predictions is not None:
         results, outputs = read_predictions(args.predictions)
         metrics = score_scienceqa(problems, results, outputs, source=args.predictions)

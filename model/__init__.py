@@ -7,6 +7,7 @@ training run directory) and ``load_tokenizer``.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,11 @@ import torch
 
 from model.checkpoint import (
     AdapterWeights,
+    BaseWeightsWarning,
     CheckpointError,
+    WriteError,
+    adapter_paths,
+    check_base_weights,
     check_fingerprint,
     check_materialized,
     init_fresh_adapter,
@@ -26,18 +31,21 @@ from model.checkpoint import (
     read_json,
     save_adapter,
 )
-from model.config import PRESETS, AdapterConfig, LlamaConfig, ModelConfig, VisualConfig, preset
+from model.config import PRESETS, AdapterConfig, ConfigError, LlamaConfig, ModelConfig, VisualConfig, preset
 from model.llama import Transformer, count_trainable, is_trainable
 from model.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 __all__ = [
     "AdapterConfig",
+    "BaseWeightsWarning",
     "CheckpointError",
+    "ConfigError",
     "LlamaConfig",
     "ModelConfig",
     "Tokenizer",
     "Transformer",
     "VisualConfig",
+    "WriteError",
     "attach_tokenizer",
     "count_trainable",
     "find_tokenizer",
@@ -89,6 +97,8 @@ def load_model(
     adapter_config: AdapterConfig | None = None,
     seed: int = 0,
     official_gate_fn: Literal["tanh", "raw"] = "tanh",
+    strict_base: bool = False,
+    random_clip: bool = False,
 ) -> Transformer:
     """Build the frozen LLaMA with adaption prompts, load the weights, and return it in eval mode.
 
@@ -102,14 +112,19 @@ def load_model(
     clip: the visual path of a fresh adapter: an open_clip model name (``tiny`` for tests) or a full
         ``VisualConfig`` (feature layers, projector width); its projector is drawn from ``seed``. An adapter
         sidecar's visual config takes this role when it has one. clip_weights: local CLIP weights file (else
-        the sidecar's).
+        the sidecar's); required for any tower but ``tiny`` unless ``random_clip`` asks for random weights.
     dtype: of the frozen weights (CLIP tower included); None keeps the stored dtype (presets: float32). Adapter
         tensors (prompts, gates, visual projection) stay fp32.
     device: where the weights go (default CPU); ``"meta"`` builds and checks shapes without reading weights.
 
+    strict_base: refuse (CheckpointError) instead of warning (BaseWeightsWarning) when our adapter was trained on
+        a base with the same shapes but other weights (``model.base_weights_fingerprint``, recorded by
+        ``save_adapter``; adapters saved before it was recorded load silently).
+
     ``model.tokenizer`` is set from a tokenizer.model / tokenizer.json in the base directory (or its parent),
     else from the tokenizer recorded in our adapter's sidecar; its vocabulary must match the model's.
-    Raises CheckpointError (a ValueError) naming the file for anything unreadable or mismatched.
+    Raises CheckpointError (a ValueError) naming the file and field for anything unreadable, out of range or
+    mismatched.
     """
     device = torch.device(device or "cpu")
     if adapter is not None and adapter_config is not None:
@@ -141,21 +156,30 @@ def load_model(
     if visual_cfg is not None:
         from model.visual import build_visual  # imported on use: open_clip is only needed for the visual path
 
-        with torch.random.fork_rng(devices=[]):  # the projector's init from ``seed``, the caller's RNG untouched
+        # The projector's init from ``seed``, the caller's RNG untouched; a meta model gets a meta tower.
+        shapes_only = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[]), shapes_only:
             torch.manual_seed(seed)
-            visual = build_visual(visual_cfg, llama.dim, clip_weights).to(device)
+            try:
+                visual = build_visual(visual_cfg, llama.dim, clip_weights, random_clip=random_clip).to(device)
+            except (ValueError, FileNotFoundError) as e:
+                if weights is None or weights.visual is None:
+                    raise
+                raise CheckpointError(f"{adapter_paths(weights.source)[1]}: visual path: {e}") from e
         if dtype is not None:
             visual.clip.to(dtype)  # the frozen tower in the base dtype, as train.py runs it; adapter_proj stays fp32
     with torch.device("meta"):  # no memory for weights that are about to be replaced
         model = Transformer(config, visual=visual)
     if ckpt is None:
-        init_random_base(model, seed=seed, dtype=dtype or torch.float32, device=device)
+        fingerprint = init_random_base(model, seed=seed, dtype=dtype or torch.float32, device=device)
     else:
-        ckpt.load_into(model, dtype=dtype, device=device)
+        fingerprint = ckpt.load_into(model, dtype=dtype, device=device)
+    model.base_weights_fingerprint = fingerprint  # recorded by save_adapter
     init_fresh_adapter(model, seed=seed, device=device)
     if device.type != "meta":
         check_materialized(model)
     if weights is not None:
+        check_base_weights(weights, fingerprint, str(base), strict=strict_base)
         load_trainable(model, weights)
 
     tokenizer_path = _tokenizer_source(None if is_preset else Path(base), sidecar)
@@ -198,11 +222,13 @@ def load_run(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     seed: int | None = None,
+    strict_base: bool = False,
 ) -> Transformer:
     """The model of a train.py run directory (adapter.safetensors + adapter.json), with ``.tokenizer`` attached.
 
     base / clip_weights default to what the sidecar recorded (override them when the run moved machines);
-    ``seed`` (for a random preset base) defaults to the one the run recorded in ``extra.seed``.
+    ``seed`` (for a random preset base) defaults to the one the run recorded in ``extra.seed``; ``strict_base``
+    as in ``load_model``.
     """
     run_dir = Path(run_dir)
     sidecar = read_json(run_dir / "adapter.json") if (run_dir / "adapter.json").is_file() else None
@@ -213,7 +239,9 @@ def load_run(
         raise CheckpointError(f"{run_dir / 'adapter.json'}: no base recorded; pass base=")
     if seed is None:
         seed = int((sidecar.get("extra") or {}).get("seed", 0))
-    model = load_model(base, run_dir, clip_weights=clip_weights, dtype=dtype, device=device, seed=seed)
+    model = load_model(
+        base, run_dir, clip_weights=clip_weights, dtype=dtype, device=device, seed=seed, strict_base=strict_base
+    )
     if model.tokenizer is None:
         raise CheckpointError(
             f"{run_dir}: no tokenizer: the sidecar records {sidecar.get('tokenizer')!r} and base {base} holds none"

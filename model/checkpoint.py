@@ -1,25 +1,32 @@
 """Checkpoint formats: base weights (Meta, Hugging Face), our adapter files, and importers.
 
-Base weights are read lazily (memory-mapped ``torch.load`` or ``safetensors``), renamed to Meta's key names,
-checked against the model strictly, then copied tensor by tensor in the target dtype into a model built on the
-meta device, so no second full-size copy of the weights is ever held in memory.
+Base weights are read lazily (memory-mapped ``torch.load`` or ``safetensors``; a shard index may only name files
+inside the base folder), renamed to Meta's key names, checked against the model strictly (shapes, floating-point
+dtypes), then copied tensor by tensor in the target dtype into a model built on the meta device, so no second
+full-size copy of the weights is ever held in memory.
 
 Adapter files hold only the trainable tensors (``Transformer.adapter_state_dict()``) as safetensors, plus a JSON
-sidecar with the configs, the base, the tokenizer, the CLIP weights, the prompt format and a fingerprint of the base
-architecture. Importers turn the official LLaMA-Adapter V1 release file and PEFT adaption-prompt directories into
-the same trainable tensors.
+sidecar with the configs, the base, the tokenizer, the CLIP weights, the prompt format and two fingerprints of the
+base: its architecture (refused when it differs) and its weights' content (``weights_fingerprint``; a warning, or
+an error under ``strict_base``). Importers turn the official LLaMA-Adapter V1 release file and PEFT adaption-prompt
+directories into the same trainable tensors.
 
-Every problem with a file raises ``CheckpointError`` naming the file (and the keys), never a stack trace from torch.
+Every problem with a file raises ``CheckpointError`` naming the file (and the keys or the field), never a stack
+trace from torch; every failed write raises ``WriteError`` naming the file, and leaves its previous version intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +34,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from model.config import AdapterConfig, LlamaConfig, ModelConfig, VisualConfig
+from model.config import AdapterConfig, ConfigError, LlamaConfig, ModelConfig, VisualConfig
 from model.llama import Transformer, is_trainable
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -43,6 +50,21 @@ MAX_LISTED = 8  # keys listed per category in an error message
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory is missing, unreadable or does not match the model."""
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission, I/O error); its previous version is unchanged.
+
+    ``path`` is the file; ``errno`` the OS error number when one is known.
+    """
+
+    def __init__(self, path: Path, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path, self.errno = path, errno
+
+
+class BaseWeightsWarning(UserWarning):
+    """An adapter is loaded onto a base whose weights differ from those it was trained on (same shapes)."""
 
 
 # ---- reading files ------------------------------------------------------------------------------------------------
@@ -64,10 +86,27 @@ def torch_load(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises OSError, RuntimeError or UnpicklingError depending on the damage
+        refusal = weights_only_refusal(e)
+        if refusal is not None:
+            raise CheckpointError(f"{path}: {refusal}") from None
         raise CheckpointError(f"{path}: cannot read PyTorch weights, file truncated or corrupt? ({e})") from e
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a flat state dict of name -> tensor, got {type(obj).__name__}")
     return obj
+
+
+def weights_only_refusal(error: Exception) -> str | None:
+    """Our message for a pickle that ``torch.load(weights_only=True)`` refused: torch's reason, without its advice
+    to retry with ``weights_only=False`` or to allowlist the class (either would let the file run code). None for
+    other errors."""
+    message = str(error)
+    if not (isinstance(error, pickle.UnpicklingError) and message.startswith("Weights only load failed")):
+        return None
+    lines = [line.split(" Please use")[0].strip() for line in message.split("\n")]  # drop the allowlist advice
+    lines = [line.removeprefix("WeightsUnpickler error: ") for line in lines]
+    kept = [line for line in lines if line and "weights_only" not in line and "Weights only load failed" not in line]
+    reason = " ".join(kept) or "not a plain state dict of tensors"
+    return f"refused: the file holds Python objects other than tensors, which are never unpickled here ({reason})"
 
 
 def open_safetensors(path: Path) -> Any:
@@ -88,19 +127,92 @@ def load_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path`` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Write ``path`` all or nothing: ``write(tmp)`` fills a temporary file beside it, which is flushed to disk
+    (fsync), given the mode a plain ``open()`` gives (0o666 & ~umask) and renamed over ``path``; the directory is
+    then synced too where the OS allows.
+
+    Any failure to write (disk full, no permission, I/O error; OSError, safetensors' SafetensorError, the
+    RuntimeError of torch.save) raises one WriteError naming ``path``; the previous ``path`` is then unchanged
+    and no temporary file is left. Other errors from ``write`` pass through after the same clean-up.
+    """
+    atomic_write_files({Path(path): write})
+
+
+def atomic_write_files(writes: dict[Path, Callable[[Path], None]]) -> None:
+    """``atomic_write`` for files that belong together: every file is written and synced first, then all are
+    renamed, so a failed write (the WriteError names that file) leaves all of them unchanged."""
+    temps: list[tuple[str, Path]] = []
+    path = None
+    try:
+        for path, write in writes.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            temps.append((tmp, path))
+            write(Path(tmp))
+            _fsync(tmp)
+            # After write: safetensors writes a new file of mode 0600 and renames it over the one it is given.
+            os.chmod(tmp, _new_file_mode())
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except (OSError, SafetensorError, RuntimeError) as e:
+        errno, reason = _failure_reason(e)
+        kept = "the previous file is unchanged" if path.exists() else "no file was written"
+        raise WriteError(path, f"{path}: cannot write ({reason}); {kept}", errno) from e
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    for folder in {path.parent for path in writes}:
+        _fsync_directory(folder)
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append ``text`` to ``path`` and sync it to disk (append-only logs). A failed write raises one WriteError
+    naming ``path``; the lines written before are kept (a line cut by the failure is the reader's to drop)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError(path, f"{path}: cannot write ({e.strerror or e}); earlier records are kept", e.errno) from e
+
+
+def _new_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
+    return 0o666 & ~umask
+
+
+def _fsync(file: str) -> None:
+    fd = os.open(file, os.O_RDWR)
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
+        os.fsync(fd)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.close(fd)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; skipped where a directory cannot be opened (Windows) or synced."""
+    with contextlib.suppress(OSError):  # the rename is done either way; only its durability is at stake
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _failure_reason(error: BaseException) -> tuple[int | None, str]:
+    """errno and text of a failed write: the OSError itself or the one behind it (torch.save raises a RuntimeError
+    in its context when writing to a file object; safetensors quotes 'os error N' in its message)."""
+    for cause in (error, error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.errno, cause.strerror
+    code = re.search(r"os error (\d+)", str(error))
+    if code:
+        return int(code[1]), os.strerror(int(code[1]))
+    return None, str(error)
 
 
 # ---- strict key checking ------------------------------------------------------------------------------------------
@@ -151,14 +263,51 @@ def base_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
 
 
 # ---- base checkpoints ---------------------------------------------------------------------------------------------
+BASE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+"""The floating-point dtypes accepted for base weights, under their safetensors names."""
+
+
 @dataclass
 class _Entry:
-    """One base weight under its Meta name: where it is, its shape, and how to read it (in Meta layout)."""
+    """One base weight under its Meta name: where it is, its shape and dtype, and how to read it (in Meta layout)."""
 
     origin: str  # file (and original key) for error messages
     shape: tuple[int, ...]
+    dtype: torch.dtype | str  # a str: a safetensors dtype outside BASE_DTYPES (refused)
     load: Callable[[], Tensor]
     alias: str | None = None  # tied weight: reuse the tensor loaded under this name
+
+
+# ---- which base an adapter was trained on, by content ----------------------------------------------------------------
+FINGERPRINT_SAMPLES = 64
+
+
+def fingerprinted_weights(llama: LlamaConfig) -> tuple[str, ...]:
+    """The base weights the content fingerprint samples: none of them is permuted between the Meta and HF layouts."""
+    last = llama.n_layers - 1
+    return ("tok_embeddings.weight", "layers.0.attention.wv.weight", f"layers.{last}.feed_forward.w2.weight",
+            "norm.weight", "output.weight")  # fmt: skip
+
+
+def fingerprint_sample(weight: Tensor) -> Tensor:
+    """FINGERPRINT_SAMPLES values of ``weight`` evenly spaced over its flattened elements, as float32."""
+    flat = weight.reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, dtype=torch.float64).round().long()
+    return flat[index].to(device="cpu", dtype=torch.float32)
+
+
+def weights_fingerprint(samples: dict[str, Tensor]) -> str:
+    """Content fingerprint of a base: SHA-256 (first 32 hex digits) of the samples of ``fingerprinted_weights``.
+
+    Samples are taken from the weights as stored (Meta layout, before any dtype conversion, as float32), so the
+    same weights give the same fingerprint from a Meta or a Hugging Face directory and loaded in any dtype. It
+    tells bases apart (another model, another fine-tune, another random seed); it is no checksum of the files.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(samples):
+        digest.update(name.encode())
+        digest.update(samples[name].numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 @dataclass
@@ -171,16 +320,25 @@ class BaseCheckpoint:
     llama: LlamaConfig
     entries: dict[str, _Entry]
 
-    def load_into(self, model: Transformer, *, dtype: torch.dtype | None, device: torch.device) -> None:
-        """Check the keys strictly, then assign every weight in ``dtype`` (None: the stored dtype) on ``device``.
+    def load_into(self, model: Transformer, *, dtype: torch.dtype | None, device: torch.device) -> str | None:
+        """Check the keys and dtypes strictly, then assign every weight in ``dtype`` (None: the stored dtype) on
+        ``device``; return the base's ``weights_fingerprint``.
 
-        ``model`` is built on the meta device; on a meta ``device`` only the check runs.
+        ``model`` is built on the meta device; on a meta ``device`` only the checks run (and None is returned).
         """
         found = {n: e.shape for n, e in self.entries.items()}
         origin = {n: e.origin for n, e in self.entries.items()}
         check_keys(base_shapes(model), found, self.path, f"base weights (architecture from {self.config_file})", origin)
+        not_float = [f"{e.origin} ({e.dtype})" for e in self.entries.values() if e.dtype not in BASE_DTYPES.values()]
+        if not_float:
+            raise CheckpointError(
+                f"{self.path}: base weights must be floating point (float16, bfloat16, float32 or float64); "
+                f"found {_listing(not_float)}"
+            )
         if device.type == "meta":
-            return
+            return None
+        sampled = fingerprinted_weights(self.llama)
+        samples: dict[str, Tensor] = {}
         state: dict[str, Tensor] = {}
         for name, entry in self.entries.items():
             if entry.alias is not None:
@@ -189,6 +347,8 @@ class BaseCheckpoint:
                 tensor = entry.load()
             except Exception as e:  # e.g. a shard whose data region is damaged
                 raise CheckpointError(f"{self.path}: cannot read tensor {entry.origin} ({e})") from e
+            if name in sampled:
+                samples[name] = fingerprint_sample(tensor)
             dtype = dtype or tensor.dtype  # None: every weight takes the dtype of the first one
             # copy=True: a parameter must own its memory, not alias the memory-mapped file (rewriting the file
             # would change or fault the weights); the mapped pages stay reclaimable page cache.
@@ -196,9 +356,10 @@ class BaseCheckpoint:
             del tensor  # one source tensor alive at a time
         for name, entry in self.entries.items():
             if entry.alias is not None:
-                state[name] = state[entry.alias]
+                state[name], samples[name] = state[entry.alias], samples[entry.alias]
         # assign=True keeps our tensors as the parameters (requires_grad preserved): no second full copy.
         model.load_state_dict(state, strict=False, assign=True)
+        return weights_fingerprint(samples)
 
 
 def detect_base_format(path: Path) -> Literal["meta", "hf"]:
@@ -208,7 +369,7 @@ def detect_base_format(path: Path) -> Literal["meta", "hf"]:
         raise CheckpointError(f"{path}: base weights must be a directory (Meta or Hugging Face layout)")
     if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
         return "meta"
-    if (path / "config.json").is_file() and _hf_weight_files(path):
+    if (path / "config.json").is_file() and _hf_weight_files(path)[1]:
         return "hf"
     raise CheckpointError(
         f"{path}: neither a Meta checkpoint (params.json + consolidated.NN.pth) nor a Hugging Face one "
@@ -262,16 +423,21 @@ def _open_meta(path: Path) -> BaseCheckpoint:
             shape[dim] = sum(s[name].shape[dim] for s in shards)
         return tuple(shape)
 
-    vocab = params.get("vocab_size", -1)
+    from_embedding = params.get("vocab_size", -1) in (None, -1)  # Meta writes -1: the tokenizer's size
     try:
         llama = LlamaConfig.from_meta_params(
-            params, vocab_size=merged_shape("tok_embeddings.weight")[0] if not vocab or vocab <= 0 else None
+            params, vocab_size=merged_shape("tok_embeddings.weight")[0] if from_embedding else None
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{params_file}: invalid LLaMA parameters ({e!r})") from e
+    except ConfigError as e:
+        raise CheckpointError(f"{params_file}: field {e.field}: {e.problem}") from None
     origin = files[0].name if len(files) == 1 else f"{files[0].name}..{files[-1].name}"
     entries = {
-        n: _Entry(f"{origin}: {n}", merged_shape(n), functools.partial(_merge_shards, shards, n, split_dim(n)))
+        n: _Entry(
+            f"{origin}: {n}",
+            merged_shape(n),
+            shards[0][n].dtype,
+            functools.partial(_merge_shards, shards, n, split_dim(n)),
+        )
         for n in names
     }
     return BaseCheckpoint(path, "meta", params_file.name, llama, entries)
@@ -315,8 +481,9 @@ def hf_rows_to_meta(weight: Tensor, n_heads: int) -> Tensor:
     return per_head.transpose(1, 2).reshape(out_features, in_features)  # rows 2j, 2j+1 adjacent again
 
 
-def _hf_weight_files(path: Path) -> list[Path]:
-    """The weight files of a HF directory, from the index when sharded; [] if there are none."""
+def _hf_weight_files(path: Path) -> tuple[Path | None, dict[Path, list[str] | None]]:
+    """(index, {weight file: the keys the index assigns to it}) of a HF directory; a single unindexed file maps to
+    None (all its keys). No weight files: (None, {})."""
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):  # fmt: skip
         index = path / index_name
@@ -324,44 +491,54 @@ def _hf_weight_files(path: Path) -> list[Path]:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index}: no weight_map")
-            files = sorted({path / f for f in weight_map.values()})
-            absent = [f.name for f in files if not f.is_file()]
+            shard_keys: dict[str, list[str]] = {}
+            for key, name in weight_map.items():
+                if not isinstance(name, str) or not name:
+                    raise CheckpointError(f"{index}: weight_map value {name!r} for {key} is not a file name")
+                shard_keys.setdefault(name, []).append(key)
+            files = {_shard_file(path, index, name): keys for name, keys in shard_keys.items()}
+            absent = sorted(f.name for f in files if not f.is_file())
             if absent:
                 raise CheckpointError(f"{index}: shard files listed but absent: {_listing(absent)}")
-            return files
+            return index, files
         if (path / single).is_file():
-            return [path / single]
-    return []
+            return None, {path / single: None}
+    return None, {}
+
+
+def _shard_file(base: Path, index: Path, name: str) -> Path:
+    """The shard file an index names: a relative path that stays inside ``base``, symlinks followed.
+
+    A Hugging Face hub cache snapshot (``<repo>/snapshots/<revision>``) holds symlinks into ``<repo>/blobs``; those
+    are the only links allowed out of the folder.
+    """
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{index}: shard file {name!r} is outside the base folder {base}")
+    file = base / name
+    root = base.resolve()
+    allowed = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    target = file.resolve()
+    if file.exists() and not any(target.is_relative_to(folder) for folder in allowed):
+        raise CheckpointError(f"{index}: shard file {name!r} links to {target}, outside the base folder {base}")
+    return file
 
 
 def hf_config_to_llama(cfg: dict[str, Any], source: Path) -> LlamaConfig:
-    """LlamaConfig from a HF config.json dict; transformers 5 keeps rope_theta under ``rope_parameters``."""
+    """LlamaConfig from a HF config.json dict, or CheckpointError naming the file and the field."""
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{source}: model_type={cfg['model_type']!r}; only LLaMA checkpoints are supported")
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise CheckpointError(f"{source}: {flag}=true is not part of the LLaMA architecture we implement")
-    cfg = dict(cfg)
-    # transformers < 5: rope_theta at the top, rope_scaling beside it; transformers 5: both in rope_parameters.
-    rope = {**(cfg.pop("rope_scaling", None) or {}), **(cfg.pop("rope_parameters", None) or {})}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "llama3"):
-        raise CheckpointError(f"{source}: RoPE {rope!r}: only default and llama3 RoPE are supported")
-    if "rope_theta" in rope:
-        cfg["rope_theta"] = rope["rope_theta"]
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(
+            f"{source}: field hidden_act: {cfg['hidden_act']!r}; the LLaMA feed-forward block is SwiGLU, only 'silu' "
+            "is supported"
+        )
     try:
-        llama = LlamaConfig.from_hf_config(cfg)
-        if kind == "llama3":
-            llama = dataclasses.replace(
-                llama,
-                rope_scaling_factor=float(rope["factor"]),
-                rope_low_freq_factor=float(rope["low_freq_factor"]),
-                rope_high_freq_factor=float(rope["high_freq_factor"]),
-                rope_original_max_seq_len=int(rope["original_max_position_embeddings"]),
-            )
-        return llama
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: invalid LLaMA config ({e!r})") from e
+        return LlamaConfig.from_hf_config(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: field {e.field}: {e.problem}") from None
 
 
 class _WeightFile:
@@ -374,6 +551,12 @@ class _WeightFile:
 
     def keys(self) -> list[str]:
         return list(self._safetensors.keys() if self._safetensors is not None else self._state)
+
+    def dtype(self, key: str) -> torch.dtype | str:
+        if self._safetensors is not None:
+            stored = self._safetensors.get_slice(key).get_dtype()
+            return BASE_DTYPES.get(stored, stored)
+        return self._state[key].dtype
 
     def shape(self, key: str) -> tuple[int, ...]:
         if self._safetensors is not None:
@@ -396,38 +579,49 @@ def _open_hf(path: Path) -> BaseCheckpoint:
     # q rows are permuted per query head, k rows per key/value head (GQA).
     permuted = {"attention.wq.weight": llama.n_heads, "attention.wk.weight": llama.n_kv_heads}
     entries: dict[str, _Entry] = {}
-    for file in map(_WeightFile, _hf_weight_files(path)):
-        for key in file.keys():
+    index, files = _hf_weight_files(path)
+    for file_path, listed in files.items():
+        file = _WeightFile(file_path)
+        held = file.keys()
+        not_held = sorted(set(listed or ()) - set(held))
+        if not_held:
+            raise CheckpointError(f"{index}: names {file_path.name} for keys it does not hold: {_listing(not_held)}")
+        for key in listed or held:  # each key from the file the index names for it
             if key.endswith("rotary_emb.inv_freq"):  # buffer written by old transformers, recomputed by us
                 continue
             name = hf_to_meta_name(key) or key  # unknown keys keep their name and surface as unexpected
             heads = permuted.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
             load = functools.partial(_read_hf_tensor, file, key, heads)
-            entries[name] = _Entry(f"{file.path.name}: {key}", file.shape(key), load)
+            entries[name] = _Entry(f"{file.path.name}: {key}", file.shape(key), file.dtype(key), load)
     if "output.weight" not in entries and cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in entries:
         emb = entries["tok_embeddings.weight"]
-        entries["output.weight"] = _Entry(emb.origin, emb.shape, emb.load, alias="tok_embeddings.weight")
+        entries["output.weight"] = dataclasses.replace(emb, alias="tok_embeddings.weight")
     return BaseCheckpoint(path, "hf", config_file.name, llama, entries)
 
 
 # ---- weights without a checkpoint -----------------------------------------------------------------------------------
-def init_random_base(model: Transformer, *, seed: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Random frozen weights for a preset: N(0, 0.02) matrices and unit norms, drawn on the CPU from ``seed``.
+def init_random_base(model: Transformer, *, seed: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Random frozen weights for a preset: N(0, 0.02) matrices and unit norms, drawn on the CPU from ``seed``;
+    return their ``weights_fingerprint`` (None on the meta device, where nothing is drawn).
 
     Drawing on the CPU makes the weights identical on every device, so an adapter trained on a random preset
     on a GPU still fits the same preset loaded on a CPU.
     """
     if device.type == "meta":
-        return
+        return None
     gen = torch.Generator().manual_seed(seed)
-    state = {}
+    sampled = fingerprinted_weights(model.config.llama)
+    state, samples = {}, {}
     for name, shape in base_shapes(model).items():
         if name.endswith("norm.weight"):
             value = torch.ones(shape)
         else:
             value = torch.empty(shape).normal_(0.0, INIT_STD, generator=gen)
+        if name in sampled:
+            samples[name] = fingerprint_sample(value)
         state[name] = value.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)
+    return weights_fingerprint(samples)
 
 
 def init_fresh_adapter(model: Transformer, *, seed: int, device: torch.device) -> None:
@@ -492,10 +686,12 @@ def save_adapter(
     prompt_format: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the trainable tensors (safetensors) and the JSON sidecar, each atomically; return the tensor file.
+    """Write the trainable tensors (safetensors) and the JSON sidecar, both or neither; return the tensor file.
 
     ``path_or_dir``: a ``.safetensors`` path (sidecar beside it, ``.json``) or a directory (``adapter.safetensors``
     + ``adapter.json``). ``base``: preset name or base directory; ``extra``: free-form JSON-able metadata.
+    The sidecar records the base's architecture and, for a model from ``load_model``, its content fingerprint
+    (``weights_fingerprint``). Raises WriteError naming the file that could not be written.
     """
     tensor_path, sidecar_path = adapter_paths(path_or_dir)
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in model.adapter_state_dict().items()}
@@ -507,11 +703,16 @@ def save_adapter(
         "clip_weights": _path_or_name(clip_weights),
         "prompt_format": prompt_format,
         "base_fingerprint": base_fingerprint(model.config.llama),
+        "base_weights_fingerprint": model.base_weights_fingerprint,
         "extra": extra or {},
     }
     text = json.dumps(sidecar, indent=2) + "\n"  # fails before anything is written if extra is not JSON-able
-    atomic_write(tensor_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write(sidecar_path, lambda tmp: tmp.write_text(text))
+    atomic_write_files(
+        {
+            tensor_path: lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),
+            sidecar_path: lambda tmp: tmp.write_text(text),
+        }
+    )
     return tensor_path
 
 
@@ -545,6 +746,8 @@ def read_adapter(path: str | Path) -> AdapterWeights:
     sidecar = read_sidecar(sidecar_path)
     try:
         config = ModelConfig.from_dict(sidecar["model_config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{sidecar_path}: field model_config.llama.{e.field}: {e.problem}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{sidecar_path}: invalid model_config ({e!r})") from e
     return AdapterWeights(load_safetensors(tensor_path), config.adapter, config.visual, tensor_path, sidecar)
@@ -559,6 +762,25 @@ def check_fingerprint(weights: AdapterWeights, llama: LlamaConfig, base_name: st
             f"  adapter base ({weights.sidecar.get('base')}): {_describe(recorded)}\n"
             f"  this base ({base_name}): {_describe(base_fingerprint(llama))}"
         )
+
+
+def check_base_weights(weights: AdapterWeights, fingerprint: str | None, base_name: str, *, strict: bool) -> None:
+    """Warn (BaseWeightsWarning), or with ``strict`` raise CheckpointError, when the adapter was trained on a base
+    whose weights differ from this one's (``fingerprint``, see ``weights_fingerprint``) although the shapes match.
+
+    Silent when either side has no content fingerprint: adapters saved before it was recorded, models whose
+    weights were not loaded by ``load_model``.
+    """
+    recorded = weights.sidecar.get("base_weights_fingerprint") if weights.sidecar else None
+    if recorded is None or fingerprint is None or recorded == fingerprint:
+        return
+    message = (
+        f"{weights.source}: adapter was trained on base {weights.sidecar.get('base')}, whose weights differ from "
+        f"those of this base ({base_name}) although the shapes match; its outputs will not be the trained ones"
+    )
+    if strict:
+        raise CheckpointError(message)
+    warnings.warn(f"{message} (strict_base=True refuses this)", BaseWeightsWarning, stacklevel=3)
 
 
 def load_trainable(model: Transformer, weights: AdapterWeights) -> None:
@@ -589,14 +811,16 @@ def load_trainable(model: Transformer, weights: AdapterWeights) -> None:
                 params[name].copy_(tensor)
 
 
-def load_adapter(model: Transformer, path: str | Path) -> dict[str, Any]:
+def load_adapter(model: Transformer, path: str | Path, *, strict_base: bool = False) -> dict[str, Any]:
     """Load our adapter (file or directory) into ``model`` strictly; return its sidecar.
 
     Fails with CheckpointError when the sidecar's base fingerprint or adapter config differs from the model's,
-    or when any key is missing, unexpected or mis-shaped.
+    or when any key is missing, unexpected or mis-shaped. An adapter trained on other base weights of the same
+    shapes warns (BaseWeightsWarning), or fails under ``strict_base`` (see ``check_base_weights``).
     """
     weights = read_adapter(path)
     check_fingerprint(weights, model.config.llama, "the model")
+    check_base_weights(weights, model.base_weights_fingerprint, "the model", strict=strict_base)
     load_trainable(model, weights)
     return weights.sidecar
 

@@ -8,8 +8,52 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A LlamaConfig field of the wrong type or out of range: ``field`` names it, ``problem`` says what is wrong.
+
+    Checkpoint loaders turn it into a CheckpointError naming the file and the file's own key for the field.
+    """
+
+    def __init__(self, field: str, problem: str, owner: str | None = None) -> None:
+        super().__init__(f"LlamaConfig.{field}: {problem}" if owner is None else f"{owner}: field {field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+# Bounds that refuse absurd configs before anything is built or allocated, generous for every released LLaMA
+# (Llama 3.1 405B: dim 16384, 126 layers, 128 heads, vocabulary 128256, FFN 53248, 131072 positions).
+_INT_LIMITS = {
+    "dim": 2**16,
+    "n_layers": 2**10,
+    "n_heads": 2**16,
+    "n_kv_heads": 2**16,
+    "vocab_size": 2**22,
+    "ffn_dim": 2**20,
+    "max_seq_len": 2**21,
+    "rope_original_max_seq_len": 2**21,
+}
+MAX_ROPE_TABLE = 2**28
+"""Most values in each RoPE cos / sin table, max_seq_len x head_dim / 2 (1 GiB in fp32; Llama 3.1: 2**23)."""
+
+
+def _check_int(name: str, value: Any, limit: int, owner: str | None = None) -> None:
+    """A real int (not a bool, not a float such as 64.0) in 1..limit."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer, got {value!r} ({type(value).__name__})", owner)
+    if not 0 < value <= limit:
+        raise ConfigError(name, f"must be in 1..{limit:,}, got {value:,}", owner)
+
+
+def _check_real(name: str, value: Any, bound: str, ok: Callable[[float], bool], owner: str | None = None) -> None:
+    """A finite int or float (not a bool) for which ``ok`` holds (``bound`` says which range that is)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be a number, got {value!r} ({type(value).__name__})", owner)
+    if not math.isfinite(value) or not ok(value):
+        raise ConfigError(name, f"must be finite and {bound}, got {value!r}", owner)
 
 
 @dataclass
@@ -47,22 +91,30 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
+        for name, limit in _INT_LIMITS.items():
+            _check_int(name, getattr(self, name), limit)
         if self.dim % self.n_heads:
-            raise ValueError(f"LlamaConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            raise ConfigError("n_heads", f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"LlamaConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+            raise ConfigError("n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.rope_scaling_factor is not None and not (
-            self.rope_scaling_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
-        ):
-            raise ValueError(
-                f"llama3 RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got "
-                f"{self.rope_scaling_factor}, {self.rope_low_freq_factor}, {self.rope_high_freq_factor}"
+            raise ConfigError("n_heads", f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
+        rope_values = self.max_seq_len * self.head_dim // 2
+        if rope_values > MAX_ROPE_TABLE:
+            raise ConfigError(
+                "max_seq_len",
+                f"{self.max_seq_len} positions x head_dim {self.head_dim} need a RoPE table of {rope_values:,} values "
+                f"per cos/sin, over the limit of {MAX_ROPE_TABLE:,}",
             )
+        _check_real("norm_eps", self.norm_eps, "0 < norm_eps < 1", lambda x: 0 < x < 1)
+        _check_real("rope_theta", self.rope_theta, "> 1", lambda x: x > 1)
+        if self.rope_scaling_factor is not None:
+            _check_real("rope_scaling_factor", self.rope_scaling_factor, "> 0", lambda x: x > 0)
+            _check_real("rope_low_freq_factor", self.rope_low_freq_factor, "> 0", lambda x: x > 0)
+            _check_real(
+                "rope_high_freq_factor", self.rope_high_freq_factor, "> rope_low_freq_factor",
+                lambda x: x > self.rope_low_freq_factor,
+            )  # fmt: skip
 
     @property
     def head_dim(self) -> int:
@@ -78,43 +130,88 @@ class LlamaConfig:
 
     @classmethod
     def from_meta_params(cls, params: dict[str, Any], vocab_size: int | None = None) -> LlamaConfig:
-        """Build from a Meta ``params.json`` dict. ``vocab_size`` overrides the file's (-1 means "from tokenizer")."""
-        vocab = params.get("vocab_size", -1)
+        """Build from a Meta ``params.json`` dict. ``vocab_size`` overrides the file's (-1 means "from tokenizer").
+
+        Raises ConfigError naming the params.json key of a missing, mistyped or out-of-range value.
+        """
+        owner = "params.json"
+        for key in ("dim", "n_layers", "n_heads"):
+            if key not in params:
+                raise ConfigError(key, "missing", owner)
+        dim, multiple_of, multiplier = params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier")
+        _check_int("dim", dim, _INT_LIMITS["dim"], owner)  # the FFN rule below needs a sane dim and multiple_of
+        _check_int("multiple_of", multiple_of, _INT_LIMITS["ffn_dim"], owner)
+        if multiplier is not None:
+            _check_real("ffn_dim_multiplier", multiplier, "in (0, 1024]", lambda x: 0 < x <= 1024, owner)
+        values = {f: params[f] for f in _META_KEYS if f in params}
         if vocab_size is not None:
-            vocab = vocab_size
-        if vocab is None or vocab <= 0:
-            raise ValueError("params.json has vocab_size=-1; pass the vocabulary size (from the weights or tokenizer)")
-        dim = params["dim"]
-        return cls(
-            dim=dim,
-            n_layers=params["n_layers"],
-            n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads"),
-            vocab_size=vocab,
-            ffn_dim=cls.meta_ffn_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-            norm_eps=params.get("norm_eps", 1e-6),
-            rope_theta=params.get("rope_theta", 10000.0),
-            max_seq_len=params.get("max_seq_len", 2048),
-        )
+            values["vocab_size"] = vocab_size
+        try:
+            return cls(**values, ffn_dim=cls.meta_ffn_dim(dim, multiple_of, multiplier))
+        except ConfigError as e:  # ffn_dim comes from ffn_dim_multiplier
+            raise ConfigError(e.field if e.field in _META_KEYS else "ffn_dim_multiplier", e.problem, owner) from None
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaConfig:
-        """Build from a Hugging Face ``config.json`` dict of a ``LlamaForCausalLM``."""
-        hidden = cfg["hidden_size"]
-        n_heads = cfg["num_attention_heads"]
-        if cfg.get("head_dim") not in (None, hidden // n_heads):
-            raise ValueError(f"config.json head_dim={cfg['head_dim']} differs from hidden_size/num_attention_heads")
-        return cls(
-            dim=hidden,
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            vocab_size=cfg["vocab_size"],
-            ffn_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
-        )
+        """Build from a Hugging Face ``config.json`` dict of a ``LlamaForCausalLM`` (default or llama3 RoPE).
+
+        transformers < 5 writes rope_theta at the top and rope_scaling beside it; transformers 5 puts both in
+        rope_parameters. Raises ConfigError naming the config.json key of a missing, mistyped or out-of-range value.
+        """
+        owner = "config.json"
+        rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        for key in ("rope_scaling", "rope_parameters"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+                raise ConfigError(key, f"must be an object, got {cfg[key]!r}", owner)
+        rope = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise ConfigError(f"{rope_key}.rope_type", f"{kind!r}: only default and llama3 RoPE are supported", owner)
+        keys = dict(_HF_KEYS)  # LlamaConfig field -> config.json key ("section.key" inside the RoPE section)
+        required = set(_HF_REQUIRED)
+        if "rope_theta" in rope:
+            keys["rope_theta"] = f"{rope_key}.rope_theta"
+        if kind == "llama3":
+            keys.update({f: f"{rope_key}.{k}" for f, k in _HF_LLAMA3_KEYS.items()})
+            required.update(f"{rope_key}.{k}" for k in _HF_LLAMA3_KEYS.values())
+        values = {}
+        for name, key in keys.items():
+            section, entry = (rope, key.split(".", 1)[1]) if "." in key else (cfg, key)
+            if entry in section:
+                values[name] = section[entry]
+            elif key in required:
+                raise ConfigError(key, "missing", owner)
+        try:
+            llama = cls(**values)
+        except ConfigError as e:
+            raise ConfigError(keys[e.field], e.problem, owner) from None
+        if cfg.get("head_dim") not in (None, llama.head_dim):
+            problem = f"{cfg['head_dim']!r} differs from hidden_size / num_attention_heads = {llama.head_dim}"
+            raise ConfigError("head_dim", problem, owner)
+        return llama
+
+
+_META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta", "max_seq_len")
+"""LlamaConfig fields read from params.json under the same name (ffn_dim comes from multiple_of and
+ffn_dim_multiplier)."""
+_HF_KEYS = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+    "ffn_dim": "intermediate_size",
+    "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "max_seq_len": "max_position_embeddings",
+}
+_HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+_HF_LLAMA3_KEYS = {
+    "rope_scaling_factor": "factor",
+    "rope_low_freq_factor": "low_freq_factor",
+    "rope_high_freq_factor": "high_freq_factor",
+    "rope_original_max_seq_len": "original_max_position_embeddings",
+}
 
 
 @dataclass

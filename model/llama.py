@@ -209,6 +209,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.visual = visual
         self.tokenizer: Any = None  # set by load_model when a tokenizer is known; used by generate / stream
+        self.base_weights_fingerprint: str | None = None  # set by load_model; recorded by save_adapter
         self._rope: tuple[Tensor, Tensor] | None = None
         self.freeze_base()
 

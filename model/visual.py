@@ -17,6 +17,7 @@ clear ``ImageLoadError`` that names the file.
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import IO, Any
@@ -242,13 +243,23 @@ def _check_weights_file(path: Path, model_name: str) -> None:
                 )
 
 
-def _open_clip_tower(name: str, clip_weights: str | os.PathLike | None) -> tuple[nn.Module, dict[str, Any], int]:
+def _open_clip_tower(
+    name: str, clip_weights: str | os.PathLike | None, random_clip: bool
+) -> tuple[nn.Module, dict[str, Any], int]:
     import open_clip
+
+    from model.checkpoint import weights_only_refusal
 
     if name not in open_clip.list_models():
         raise ValueError(
             f"unknown CLIP model {name!r}: use 'tiny' or a built-in open_clip name such as 'ViT-L-14-quickgelu' "
             "(open_clip.list_models() lists them; hub names are refused because they download)"
+        )
+    on_meta = torch.get_default_device().type == "meta"  # shapes only: nothing is allocated
+    if clip_weights is None and not (random_clip or on_meta):
+        raise ValueError(
+            f"CLIP model {name!r} needs its weights: pass a local weights file (clip_weights=, --clip-weights); "
+            "random_clip=True builds a randomly initialised tower instead, which only benchmarks want"
         )
     pretrained = None
     if clip_weights is not None:
@@ -262,25 +273,37 @@ def _open_clip_tower(name: str, clip_weights: str | os.PathLike | None) -> tuple
         if pretrained is None:
             raise
         raise ValueError(f"CLIP weights {pretrained} do not fit open_clip model {name}: {e}") from e
+    except pickle.UnpicklingError as e:
+        refusal = weights_only_refusal(e)
+        if refusal is None:
+            raise ValueError(f"CLIP weights {pretrained}: cannot read the file, truncated or corrupt? ({e})") from e
+        raise ValueError(f"CLIP weights {pretrained}: {refusal}") from None
     pooled_dim = open_clip.get_model_config(name)["embed_dim"]
     return model.visual, open_clip.get_model_preprocess_cfg(model), pooled_dim  # the text tower is dropped
 
 
-def build_visual(cfg: VisualConfig, llama_dim: int, clip_weights: str | os.PathLike | None = None) -> VisualPrompt:
+def build_visual(
+    cfg: VisualConfig,
+    llama_dim: int,
+    clip_weights: str | os.PathLike | None = None,
+    *,
+    random_clip: bool = False,
+) -> VisualPrompt:
     """The visual path for a model of width ``llama_dim``.
 
     ``cfg.clip_model == "tiny"``: the seeded, download-free test tower (takes no weights). Otherwise a built-in
     open_clip model name, with ``clip_weights`` a LOCAL checkpoint file (open_clip / OpenAI state dict,
-    ``.safetensors`` or a ``torch.load(weights_only=True)``-able file). Nothing is ever downloaded; without
-    ``clip_weights`` the tower is randomly initialised (benchmarks only; open_clip logs a warning).
-    Works under ``with torch.device("meta")`` for parameter counting.
+    ``.safetensors`` or a ``torch.load(weights_only=True)``-able file). Nothing is ever downloaded. Without
+    ``clip_weights`` the build is refused (a ViT-L tower is 1.2 GB of random numbers that no result can use)
+    unless ``random_clip`` asks for a random tower (benchmarks) or it runs under ``with torch.device("meta")``
+    (parameter counting: nothing is allocated).
     """
     if cfg.clip_model == "tiny":
         if clip_weights is not None:
             raise ValueError("the 'tiny' CLIP tower is built from a fixed seed and takes no clip_weights")
         clip, pre, pooled_dim = _tiny_tower()
     else:
-        clip, pre, pooled_dim = _open_clip_tower(cfg.clip_model, clip_weights)
+        clip, pre, pooled_dim = _open_clip_tower(cfg.clip_model, clip_weights, random_clip)
 
     depth = len(clip.transformer.resblocks) if _is_vit(clip) else 0
     layers = cfg.feature_layers if cfg.feature_layers is not None else default_feature_layers(depth)

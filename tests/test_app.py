@@ -1,23 +1,50 @@
 """app/: the engine's prompts and context fitting, and the Gradio app served for real and driven by gradio_client."""
 
+import json
 import os
 import random
+import shutil
+import stat
 import threading
 import warnings
 from pathlib import Path
 
+import gradio as gr
+import httpx
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from gradio.route_utils import delete_files_created_by_app
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 from app.__main__ import build_parser as app_parser
 from app.__main__ import find_latest_run, load_engine, main
-from app.engine import CHAT_STOP, Engine, Reply, Turn, chat_prompt, question_prompt
-from app.ui import ASSETS, MODEL_QUEUE, accumulate, build_demo, format_notes, launch, strip_notes, to_turns
+from app.engine import (
+    CHAT_STOP,
+    HISTORY_CHARS_PER_TOKEN,
+    MAX_MESSAGE_CHARS,
+    Engine,
+    Reply,
+    Turn,
+    chat_prompt,
+    question_prompt,
+)
+from app.ui import (
+    ASSETS,
+    DELETE_CACHE,
+    MAX_HISTORY_MESSAGES,
+    MODEL_QUEUE,
+    SESSION_CAPACITY,
+    accumulate,
+    build_demo,
+    format_notes,
+    launch,
+    strip_notes,
+    to_turns,
+)
 from data.alpaca import format_prompt
 from model.checkpoint import save_adapter
 from model.config import VisualConfig, preset
@@ -247,6 +274,80 @@ def test_megabyte_paste_is_cut_to_characters_first(engine):
     assert n_tokens(engine, reply.prompt) <= 256 - 8
 
 
+def count_encoded(engine: Engine, monkeypatch) -> list[int]:
+    """The length of every text the engine's tokenizer encodes from now on, one entry per call, in order."""
+    encoded: list[int] = []
+    encode = engine.tokenizer.encode
+
+    def counting(text, *args, **kwargs):
+        encoded.append(len(text))
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "encode", counting)
+    return encoded
+
+
+MEGABYTE_TURN = Turn("the cat sat on a mat " * 50_000, "dogs ran fast over green hills " * 34_000)  # 1 MB each side
+
+
+def test_megabyte_history_costs_what_an_empty_one_does(engine, monkeypatch):
+    """16 turns of 1 MB from a client: nothing of them is tokenized (they took 33 s per request before)."""
+    encoded = count_encoded(engine, monkeypatch)
+    empty = engine.chat([], "what now", None, *GREEDY)
+    empty_encoded = encoded.copy()
+    encoded.clear()
+    reply = engine.chat([MEGABYTE_TURN] * 16, "what now", None, *GREEDY)
+    assert encoded == empty_encoded and max(encoded) < 1_000  # the same texts: templates around "what now"
+    assert reply.prompt == empty.prompt == format_prompt("what now")
+    assert reply.notes == ["The 16 oldest turns were left out to fit the model's context (256 tokens)."]
+
+
+def test_history_is_read_from_the_newest_turn_within_its_character_allowance(engine, monkeypatch):
+    encoded = count_encoded(engine, monkeypatch)
+    recent = [Turn(f"question {i} " + "the cat sat on a mat " * 4, "an answer about dogs " * 4) for i in range(20)]
+    short = engine.chat(recent, "what now", None, *GREEDY)
+    short_encoded = encoded.copy()
+    encoded.clear()
+    long = engine.chat([MEGABYTE_TURN] * 16 + recent, "what now", None, *GREEDY)
+    assert encoded == short_encoded and long.prompt == short.prompt  # the old megabytes cost nothing
+    budget = 256 - GREEDY[2]
+    assert (
+        sum(encoded) - 3 * len(long.prompt) <= HISTORY_CHARS_PER_TOKEN * budget
+        and n_tokens(engine, long.prompt) <= budget
+    )
+    kept = long.prompt.count("User: question ")
+    assert 0 < kept < 20 and "User: question 19 " in long.prompt and f"User: question {19 - kept} " not in long.prompt
+    assert long.notes == [f"The {36 - kept} oldest turns were left out to fit the model's context (256 tokens)."]
+
+
+def test_bad_settings_and_texts_get_errors_naming_them(engine):
+    """What a hostile client sends: NaN / infinite / string settings, lone surrogates (half a UTF-16 pair)."""
+    cases = [
+        (lambda: engine.chat([], "hi", None, float("nan"), 0.75, 8), "temperature must be a finite number, got nan"),
+        (lambda: engine.chat([], "hi", None, float("-inf"), 0.75, 8), "temperature must be a finite number, got -inf"),
+        (lambda: engine.chat([], "hi", None, "abc", 0.75, 8), "temperature must be a number, got str 'abc'"),
+        (lambda: engine.chat([], "hi", None, -1, 0.75, 8), r"temperature must be >= 0 \(0 = greedy\), got -1.0"),
+        (lambda: engine.caption(RED, 0.1, float("nan"), 8), "top_p must be a finite number, got nan"),
+        (lambda: engine.answer("q", None, "", [], 0.1, 0.75, float("inf")), "max_new_tokens must be a finite number"),
+        (lambda: engine.answer("q", None, "", [], 0.1, 0.75, 2.5), "max_new_tokens must be a whole number, got 2.5"),
+        (lambda: engine.chat([], 5, None), "The message must be text, got int 5."),
+        (lambda: engine.chat([], "hi\ud800 there", None),
+         r"The message holds an invalid character at position 2: U\+D800 is half of a UTF-16 surrogate pair"),
+        (lambda: engine.chat([Turn("fine", "ok\udfff")], "hi", None),
+         r"The earlier answer holds an invalid character at position 2: U\+DFFF"),
+        (lambda: engine.answer("what\ud800", None), "The question holds an invalid character at position 4"),
+        (lambda: engine.answer("what", None, "\udc00"), "The context holds an invalid character at position 0"),
+        (lambda: engine.answer("what", None, "", ["red", "bl\ud800ue"]),
+         "The choice holds an invalid character at position 2"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(ValueError, match=f"^{message}"):
+            call()
+    assert answer(engine.chat([], "the cat", None, *GREEDY)) == generate(
+        engine.model, format_prompt("the cat"), temperature=0, max_new_tokens=12, stop=list(CHAT_STOP)
+    )
+
+
 # ---- the Gradio message format --------------------------------------------------------------------------------------
 def test_to_turns_reads_both_history_shapes_and_strips_notes():
     history = [
@@ -277,6 +378,13 @@ def test_to_turns_forgets_failed_submissions():
     assert to_turns(history) == [
         Turn("what about this", "no idea", None),
         Turn("describe it", "a square", "/tmp/ok.png"),
+    ]
+
+
+def test_to_turns_reads_only_the_newest_messages():
+    history = [{"role": role, "content": f"{role} {i}"} for i in range(10_000) for role in ("user", "assistant")]
+    assert to_turns(history) == [
+        Turn(f"user {i}", f"assistant {i}") for i in range(10_000 - MAX_HISTORY_MESSAGES // 2, 10_000)
     ]
 
 
@@ -403,6 +511,40 @@ def test_over_long_message_is_answered_with_a_note(client):
     assert len(strip_notes(reply)) > 0
 
 
+def call_raw(url: str, api: str, body: str) -> str:
+    """The error shown for one call of endpoint ``api`` with the JSON ``body`` sent as written: any HTTP client can
+    send JSON's NaN and a lone surrogate ("\\ud800"); gradio_client cannot (httpx refuses NaN, UTF-8 the other)."""
+    job = httpx.post(f"{url}gradio_api/call/{api}", content=body, headers={"Content-Type": "application/json"})
+    job.raise_for_status()
+    lines = httpx.get(f"{url}gradio_api/call/{api}/{job.json()['event_id']}", timeout=60).text.splitlines()
+    return json.loads(lines[lines.index("event: error") + 1].removeprefix("data: "))["error"]
+
+
+def test_bad_settings_and_surrogates_from_any_client_get_errors_naming_them(served, client, engine):
+    url, message = served[1], '{"text": "the cat", "files": []}'
+    assert call_raw(url, "chat", f'{{"data": [{message}, NaN, 0.75, 8]}}') == (
+        "Temperature must be a number from 0 to 2, got nan."
+    )
+    assert call_raw(url, "chat", f'{{"data": [{message}, 0.1, 0.75, Infinity]}}') == (
+        "Max new tokens must be a number from 1 to 256, got inf."
+    )
+    assert call_raw(url, "chat", '{"data": [{"text": "the cat\\ud800", "files": []}, 0.1, 0.75, 8]}') == (
+        "The message holds an invalid character at position 7: U+D800 is half of a UTF-16 surrogate pair, not a "
+        "Unicode character. Remove it, or paste the text again."
+    )
+    assert call_raw(url, "caption", '{"data": [null, NaN, 0.75, 8]}') == "temperature must be a finite number, got nan"
+    assert call_raw(url, "answer", '{"data": [null, "what", "\\udc00", "", 0.1, 0.75, 8]}').startswith(
+        "The context holds an invalid character at position 0: U+DC00"
+    )
+    with pytest.raises(AppError, match=r"^Top-p must be a number from 0\.05 to 1, got 'abc'\.$"):
+        client.predict({"text": "the cat", "files": []}, 0.1, "abc", 8, api_name="/chat")
+    with pytest.raises(AppError, match=r"^top_p must be a number, got str 'abc'$"):
+        client.predict(None, "what", "", "", 0.1, "abc", 8, api_name="/answer")
+    assert client.predict({"text": "the cat", "files": []}, *GREEDY, api_name="/chat") == answer(
+        engine.chat([], "the cat", None, *GREEDY)
+    )
+
+
 def test_concurrent_clients_are_all_answered_one_at_a_time(served, engine):
     _, url, counting = served
     requests = [
@@ -427,6 +569,34 @@ def test_concurrent_clients_are_all_answered_one_at_a_time(served, engine):
     demo = served[0]
     model_events = {fn.api_name for fn in demo.fns.values() if fn.concurrency_id == MODEL_QUEUE}
     assert {"chat", "caption", "answer"} <= model_events
+
+
+def test_text_boxes_are_capped_at_the_engines_field_limit(served):
+    blocks = served[0].blocks.values()
+    caps = {b.label: b.max_length for b in blocks if isinstance(b, gr.Textbox) and b.interactive is not False}
+    assert caps == dict.fromkeys(
+        ["Question", "Context (optional)", "Choices (optional, one per line)"], MAX_MESSAGE_CHARS
+    )
+    [chat_box] = [b for b in blocks if isinstance(b, gr.MultimodalTextbox)]
+    assert chat_box.max_plain_text_length == MAX_MESSAGE_CHARS  # it has no max_length: a longer paste becomes a file
+
+
+def test_uploads_land_in_a_private_folder_that_gradio_cleans(served, client, tmp_path):
+    demo = served[0]
+    assert demo.delete_cache == DELETE_CACHE == (600, 3600)  # every 10 minutes, the files older than an hour
+    assert demo.state_session_capacity == SESSION_CAPACITY
+    cache = Path(demo.GRADIO_CACHE)
+    assert cache.name.startswith("llama-adapter-demo-") and stat.S_IMODE(cache.stat().st_mode) == 0o700
+    photo = tmp_path / "private_photo.png"
+    shutil.copy(RED, photo)
+    photo.chmod(0o644)
+    client.predict(handle_file(photo), *GREEDY, api_name="/caption")
+    [upload] = cache.rglob("private_photo.png")
+    assert stat.S_IMODE(upload.stat().st_mode) == 0o600
+    delete_files_created_by_app(demo, age=DELETE_CACHE[1])  # what Gradio runs every DELETE_CACHE[0] seconds
+    assert upload.exists()  # younger than an hour
+    delete_files_created_by_app(demo, age=None)  # what it runs when the server stops
+    assert not upload.exists()
 
 
 def test_app_is_safe_by_default():
@@ -463,3 +633,22 @@ def test_load_engine_serves_the_newest_run_with_its_prompt_format(tmp_path, monk
     assert engine.name == "run new" and engine.question_format == "QCM-A" and engine.has_vision
     old = load_engine(app_parser().parse_args(["--checkpoint", str(runs / "old")]))
     assert old.question_format == "llama_adapter"  # an Alpaca run asks questions in the V1 format
+
+
+def test_main_serves_with_umask_077_and_removes_its_upload_folder(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    monkeypatch.setattr("app.__main__.load_engine", lambda args: engine)
+    served = {}
+
+    def serve(demo, **kwargs):  # stands in for launch, which would block until Ctrl-C
+        served["umask"] = os.umask(0o077)
+        served["cache"] = Path(demo.GRADIO_CACHE)
+        assert served["cache"].is_dir()
+
+    monkeypatch.setattr("app.ui.launch", serve)
+    umask = os.umask(0o022)
+    try:
+        assert main([]) == 0
+    finally:
+        os.umask(umask)
+    assert served["umask"] == 0o077 and served["cache"].parent == tmp_path and not served["cache"].exists()

@@ -5,18 +5,23 @@ consolidated.NN.pth shards, PEFT's save_pretrained, the official V1 release layo
 reuses them for the end-to-end parity tests.
 """
 
+import errno
 import json
+import os
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
-from model import CheckpointError, load_adapter, load_model, save_adapter
-from model.checkpoint import detect_base_format, hf_rows_to_meta, open_adapter, read_official_v1
-from model.config import LlamaConfig
+from model import BaseWeightsWarning, CheckpointError, WriteError, load_adapter, load_model, save_adapter
+from model.checkpoint import atomic_write, detect_base_format, hf_rows_to_meta, open_adapter, read_official_v1
+from model.config import ConfigError, LlamaConfig
 
 # hidden 64, 4 query heads, 2 key/value heads (GQA), 3 layers, vocab 100. ffn 176 = Meta's rule for dim 64 with
 # multiple_of 16; rope_theta and norm_eps differ from the defaults so a config that drops them shows.
@@ -199,7 +204,7 @@ def test_base_weights_that_do_not_fit_the_config_name_the_keys(tmp_path):
         ({"model_type": "gpt2"}, "model_type='gpt2'; only LLaMA"),
         ({"attention_bias": True}, "attention_bias=true"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}, "only default and llama3 RoPE"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "KeyError\\('factor'\\)"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "field rope_parameters.factor: missing"),
     ],
 )
 def test_unsupported_hf_configs_are_refused(tmp_path, hf_dir, change, message):
@@ -360,3 +365,280 @@ def test_peft_directory_of_another_method_or_size_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").unlink()
     with pytest.raises(CheckpointError, match="no adapter.safetensors .* and no adapter_config.json"):
         open_adapter(tmp_path, llama)
+
+
+# ---- hostile configs and weights ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def meta_dir(tmp_path_factory) -> Path:
+    return write_meta(make_hf_model(), tmp_path_factory.mktemp("meta") / "meta")
+
+
+INF, NAN = float("inf"), float("nan")  # json.dumps writes the literals Infinity and NaN, which json.loads accepts
+
+
+@pytest.mark.parametrize(
+    "layout, change, field, problem",
+    [
+        ("meta", {"n_layers": 10**7}, "n_layers", "must be in 1..1,024, got 10,000,000"),  # used to hang
+        ("meta", {"n_heads": None}, "n_heads", "must be an integer, got None (NoneType)"),
+        ("meta", {"multiple_of": 0}, "multiple_of", "must be in 1..1,048,576, got 0"),
+        ("meta", {"dim": 64.0}, "dim", "must be an integer, got 64.0 (float)"),
+        ("meta", {"dim": True}, "dim", "must be an integer, got True (bool)"),
+        ("meta", {"vocab_size": INF}, "vocab_size", "must be an integer, got inf (float)"),
+        ("meta", {"dim": 2**31}, "dim", "must be in 1..65,536, got 2,147,483,648"),
+        ("meta", {"n_heads": 0}, "n_heads", "must be in 1..65,536, got 0"),
+        ("meta", {"n_heads": 3}, "n_heads", "dim=64 is not divisible by n_heads=3"),
+        ("meta", {"rope_theta": 0}, "rope_theta", "must be finite and > 1, got 0"),
+        ("meta", {"rope_theta": -1}, "rope_theta", "must be finite and > 1, got -1"),
+        ("meta", {"rope_theta": NAN}, "rope_theta", "must be finite and > 1, got nan"),
+        ("meta", {"norm_eps": "1e-5"}, "norm_eps", "must be a number, got '1e-5' (str)"),
+        ("meta", {"max_seq_len": 10**11}, "max_seq_len", "must be in 1..2,097,152, got 100,000,000,000"),
+        ("meta", {"ffn_dim_multiplier": INF}, "ffn_dim_multiplier", "must be finite and in (0, 1024], got inf"),
+        ("hf", {"num_hidden_layers": 10**7}, "num_hidden_layers", "must be in 1..1,024, got 10,000,000"),
+        ("hf", {"hidden_size": 64.0}, "hidden_size", "must be an integer, got 64.0 (float)"),
+        ("hf", {"vocab_size": INF}, "vocab_size", "must be an integer, got inf (float)"),
+        ("hf", {"num_attention_heads": 0}, "num_attention_heads", "must be in 1..65,536, got 0"),
+        ("hf", {"intermediate_size": None}, "intermediate_size", "must be an integer, got None (NoneType)"),
+        ("hf", {"rms_norm_eps": -1e-6}, "rms_norm_eps", "must be finite and 0 < norm_eps < 1, got -1e-06"),
+        ("hf", {"rope_parameters": {"rope_type": "default", "rope_theta": NAN}}, "rope_parameters.rope_theta",
+         "must be finite and > 1, got nan"),
+        ("hf", {"max_position_embeddings": 10**11}, "max_position_embeddings",
+         "must be in 1..2,097,152, got 100,000,000,000"),
+        ("hf", {"head_dim": 32}, "head_dim", "32 differs from hidden_size / num_attention_heads = 16"),
+        ("hf", {"hidden_act": "gelu"}, "hidden_act",
+         "'gelu'; the LLaMA feed-forward block is SwiGLU, only 'silu' is supported"),
+    ],
+)  # fmt: skip
+def test_hostile_config_values_name_the_file_and_field(tmp_path, meta_dir, hf_dir, layout, change, field, problem):
+    folder = tmp_path / layout
+    shutil.copytree(meta_dir if layout == "meta" else hf_dir, folder)
+    config_file = folder / ("params.json" if layout == "meta" else "config.json")
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert str(e.value) == f"{config_file}: field {field}: {problem}"
+
+
+def test_max_seq_len_is_bounded_by_the_rope_table_size():
+    llama = dict(dim=4096, n_layers=1, n_heads=1, vocab_size=10, ffn_dim=10)  # head_dim 4096
+    with pytest.raises(ConfigError, match=r"LlamaConfig\.max_seq_len: 1048576 positions x head_dim 4096 need a RoPE"):
+        LlamaConfig(**llama, max_seq_len=2**20)
+    assert LlamaConfig(**llama, max_seq_len=2**17).max_seq_len == 131072
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_integer_or_bool_base_weights_are_refused_by_name(tmp_path, meta_dir, hf_dir, layout):
+    folder = tmp_path / layout
+    shutil.copytree(meta_dir if layout == "meta" else hf_dir, folder)
+    if layout == "meta":
+        shard = torch.load(folder / "consolidated.00.pth", weights_only=True)
+        shard["layers.1.attention.wv.weight"] = shard["layers.1.attention.wv.weight"].to(torch.int8)
+        torch.save(shard, folder / "consolidated.00.pth")
+        found = "consolidated.00.pth: layers.1.attention.wv.weight (torch.int8)"
+    else:
+        sd = load_file(folder / "model.safetensors")
+        sd["model.layers.1.mlp.up_proj.weight"] = sd["model.layers.1.mlp.up_proj.weight"] > 0
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+        found = "model.safetensors: model.layers.1.mlp.up_proj.weight (BOOL)"
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    must = "base weights must be floating point (float16, bfloat16, float32 or float64)"
+    assert str(e.value) == f"{folder}: {must}; found {found}"
+
+
+# ---- HF shard index -------------------------------------------------------------------------------------------
+def sharded_hf(folder: Path) -> dict[str, str]:
+    """The tiny HF model saved in several safetensors shards; returns the index's weight_map."""
+    make_hf_model().save_pretrained(folder, max_shard_size="20KB")
+    return json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def write_index(folder: Path, weight_map: dict[str, str]) -> Path:
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_shard_index_naming_a_file_outside_the_folder_is_refused(tmp_path, kind):
+    folder = tmp_path / "hf"
+    weight_map = sharded_hf(folder)
+    shard = weight_map["model.norm.weight"]
+    outside = tmp_path / "elsewhere.safetensors"
+    (folder / shard).rename(outside)
+    if kind == "symlink":
+        (folder / shard).symlink_to(outside)
+        name, problem = shard, f"links to {outside}, outside the base folder {folder}"
+    else:
+        name = "../elsewhere.safetensors" if kind == "dotdot" else str(outside)
+        problem = f"is outside the base folder {folder}"
+    index = write_index(folder, {k: name if v == shard else v for k, v in weight_map.items()})
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert str(e.value) == f"{index}: shard file {name!r} {problem}"
+
+
+def test_each_tensor_is_read_from_the_shard_the_index_names(tmp_path):
+    folder = tmp_path / "hf"
+    weight_map = sharded_hf(folder)
+    shards = sorted(set(weight_map.values()))
+    key = next(k for k, v in weight_map.items() if v != shards[-1])
+    decoy = load_file(folder / shards[-1])  # read last: it used to win
+    decoy[key] = torch.zeros_like(load_file(folder / weight_map[key])[key])
+    save_file(decoy, folder / shards[-1], metadata={"format": "pt"})
+    tokens = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = make_hf_model()(tokens).logits
+        torch.testing.assert_close(load_model(folder)(tokens), expected, atol=1e-4, rtol=0)
+    other = next(s for s in shards if s != weight_map["lm_head.weight"])
+    index = write_index(folder, {**weight_map, "lm_head.weight": other})
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert str(e.value) == f"{index}: names {other} for keys it does not hold: lm_head.weight"
+
+
+def test_hub_cache_snapshot_links_into_its_blobs_folder_load(tmp_path):
+    repo = tmp_path / "models--someone--tiny-llama"
+    snapshot = repo / "snapshots" / "0123abc"
+    weight_map = sharded_hf(snapshot)
+    (repo / "blobs").mkdir()
+    for i, name in enumerate(sorted({*weight_map.values(), "config.json"})):
+        blob = repo / "blobs" / f"blob{i}"
+        (snapshot / name).rename(blob)
+        (snapshot / name).symlink_to(Path("../..") / "blobs" / blob.name)
+    assert load_model(snapshot).config.llama.n_layers == LAYERS
+
+
+# ---- refused pickles ------------------------------------------------------------------------------------------
+class Opaque:
+    """A class that weights-only loading does not allow."""
+
+
+@pytest.mark.parametrize(
+    "obj, reason",
+    [
+        (Opaque(), "Unsupported global: GLOBAL tests.test_checkpoint.Opaque was not an allowed global by default."),
+        (os.system, f"Trying to load unsupported GLOBAL {os.system.__module__}.system whose module "
+                    f"{os.system.__module__} is blocked."),
+    ],
+)  # fmt: skip
+def test_refused_pickle_gives_the_reason_without_the_unsafe_hint(tmp_path, hf_dir, obj, reason):
+    torch.save({"adapter_query.weight": torch.zeros(20, HIDDEN), "extra": obj}, tmp_path / "release.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_model(hf_dir, tmp_path / "release.pth")
+    assert str(e.value) == (
+        f"{tmp_path / 'release.pth'}: refused: the file holds Python objects other than tensors, which are never "
+        f"unpickled here ({reason})"
+    )
+
+
+# ---- writing files --------------------------------------------------------------------------------------------
+def test_saved_files_get_the_mode_of_a_plain_open(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_adapter(trained_tiny(), tmp_path, base="tiny")  # safetensors alone writes 0600 files
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"adapter.safetensors": 0o640, "adapter.json": 0o640}
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
+    atomic_write(tmp_path / "notes.txt", lambda tmp: tmp.write_text("done"))
+    assert calls == ["fsync", "replace", "fsync"] and (tmp_path / "notes.txt").read_text() == "done"
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def safetensors_disk_full(tensors, filename, metadata=None):
+    Path(filename).write_bytes(b"\0" * 10)  # a partial file, then safetensors' own error for ENOSPC
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+class FullDisk:
+    """A file object on a full disk: torch.save turns its OSError into a RuntimeError (the OSError as context)."""
+
+    def write(self, data: bytes) -> int:
+        disk_full()
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("failure", ["fsync", "safetensors", "write_text"])
+def test_full_disk_names_the_file_and_keeps_the_previous_adapter(tmp_path, monkeypatch, failure):
+    save_adapter(trained_tiny(), tmp_path, base="tiny")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    if failure == "fsync":
+        monkeypatch.setattr(os, "fsync", disk_full)
+    elif failure == "safetensors":
+        monkeypatch.setattr("model.checkpoint.save_file", safetensors_disk_full)
+    else:
+        monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(WriteError) as e:
+        save_adapter(trained_tiny(seed=9), tmp_path, base="tiny")
+    failed = tmp_path / ("adapter.json" if failure == "write_text" else "adapter.safetensors")
+    assert str(e.value) == f"{failed}: cannot write (No space left on device); the previous file is unchanged"
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC and e.value.path == failed
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file either
+
+
+def test_failed_first_write_leaves_nothing(tmp_path):
+    with pytest.raises(WriteError) as e:
+        atomic_write(tmp_path / "state.pt", lambda tmp: torch.save({"x": torch.zeros(99)}, FullDisk()))
+    assert str(e.value) == f"{tmp_path / 'state.pt'}: cannot write (No space left on device); no file was written"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- which base an adapter was trained on -------------------------------------------------------------------------
+TINY_BASE = Path(__file__).resolve().parents[1] / "assets" / "tiny-base"  # Meta layout, shaped like the preset
+
+
+def test_adapter_on_a_base_with_other_weights_warns_and_strict_refuses(tmp_path):
+    model = load_model(TINY_BASE)
+    save_adapter(model, tmp_path, base=TINY_BASE)
+    message = (
+        f"{tmp_path / 'adapter.safetensors'}: adapter was trained on base {TINY_BASE}, whose weights differ from "
+        "those of this base (tiny) although the shapes match; its outputs will not be the trained ones"
+    )
+    with pytest.warns(BaseWeightsWarning) as record:
+        load_model("tiny", tmp_path)
+    assert [str(w.message) for w in record] == [f"{message} (strict_base=True refuses this)"]
+    with pytest.raises(CheckpointError) as e:
+        load_model("tiny", tmp_path, strict_base=True)
+    assert str(e.value) == message
+    with pytest.raises(CheckpointError, match="the model\\) although the shapes match"):
+        load_adapter(load_model("tiny"), tmp_path, strict_base=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(TINY_BASE, tmp_path, strict_base=True)  # the same weights, another dtype
+        load_model(TINY_BASE, tmp_path, dtype=torch.bfloat16, strict_base=True)
+
+
+def test_adapter_saved_before_content_fingerprints_loads_silently(tmp_path):
+    save_adapter(trained_tiny(), tmp_path, base="tiny")
+    sidecar = json.loads((tmp_path / "adapter.json").read_text())
+    assert len(sidecar.pop("base_weights_fingerprint")) == 32
+    (tmp_path / "adapter.json").write_text(json.dumps(sidecar))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model("tiny", tmp_path, seed=1, strict_base=True)
+
+
+def test_hostile_value_in_an_adapter_sidecar_names_the_field(tmp_path):
+    save_adapter(trained_tiny(), tmp_path, base="tiny")
+    sidecar = json.loads((tmp_path / "adapter.json").read_text())
+    sidecar["model_config"]["llama"]["n_layers"] = 10**7
+    (tmp_path / "adapter.json").write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError) as e:
+        load_model("tiny", tmp_path)
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'adapter.json'}: field model_config.llama.n_layers: must be in 1..1,024, got 10,000,000"
+    )

@@ -1,12 +1,22 @@
 """data/alpaca.py: the two exact Alpaca templates and alpaca_data.json reading."""
 
 import json
+import warnings
 
 import pytest
 
 from data import DataError
-from data.alpaca import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt, load_examples, load_records
-from data.synthetic import make_alpaca
+from data.alpaca import (
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    EmptyOutputWarning,
+    format_prompt,
+    load_examples,
+    load_records,
+)
+from data.collate import IGNORE_INDEX, Collator
+from data.synthetic import make_alpaca, synthetic_corpus, train_tokenizer
+from model.tokenizer import load_tokenizer
 
 # stanford_alpaca train.py PROMPT_DICT, character for character
 WITH_INPUT = (
@@ -65,7 +75,8 @@ def test_missing_input_field_uses_the_no_input_template(tmp_path):
     ("record", "message"),
     [
         ({"input": "", "output": "x"}, "record 1: missing field 'instruction'"),
-        ({"instruction": "x", "input": "", "output": ""}, "record 1: field 'output' must be a non-empty string"),
+        ({"instruction": " ", "input": "", "output": "x"}, "record 1: field 'instruction' must be a non-empty string"),
+        ({"instruction": "x", "input": "", "output": 3}, "record 1: field 'output' must be a string, got 3"),
         ({"instruction": "x", "input": 3, "output": "y"}, "record 1: field 'input' must be a string, got 3"),
         (["x"], "record 1: expected an object, got list"),
     ],
@@ -90,3 +101,53 @@ def test_invalid_json_and_wrong_top_level(tmp_path):
         load_records(path)
     with pytest.raises(FileNotFoundError, match="missing.json: no such file"):
         load_records(tmp_path / "missing.json")
+
+
+# Records as alpaca_data.json holds them (indent 4, as released); two have "output": "", as 28 of the real file do.
+REAL_FORMAT = [
+    {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well, sleep, move."},
+    {"instruction": "Rewrite the sentence in passive voice.", "input": "The cat chased the mouse.", "output": ""},
+    {"instruction": "Name a color.", "input": "", "output": "Red."},
+    {"instruction": "Find the odd one out.", "input": "Twitter, Instagram, Telegram", "output": ""},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+]
+
+
+def test_empty_outputs_load_with_a_count_and_train_on_eos_alone(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps(REAL_FORMAT, indent=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        examples = load_examples(path)
+    assert len(examples) == 5 and [ex.target for ex in examples] == [r["output"] for r in REAL_FORMAT]
+    [warning] = caught
+    assert warning.category is EmptyOutputWarning and warning.message.count == 2
+    assert str(warning.message) == (
+        f"{path}: 2 records have an empty output (first: record 1); their target is EOS alone, "
+        "as in the official Alpaca training"
+    )
+    tok = load_tokenizer(train_tokenizer(synthetic_corpus(n=200), tmp_path / "tok.model"))
+    batch = Collator(tok, 512)(examples)
+    width = batch["tokens"].shape[1]
+    for row in (1, 3):
+        n = int(batch["lengths"][row])
+        assert batch["tokens"][row, :n].tolist() == [*tok.encode(examples[row].prompt, bos=True), tok.eos_id]
+        assert batch["labels"][row].tolist() == [IGNORE_INDEX] * (n - 1) + [tok.eos_id] + [IGNORE_INDEX] * (width - n)
+    assert batch["labels"][0].ne(IGNORE_INDEX).sum() == len(tok.encode(REAL_FORMAT[0]["output"], bos=False)) + 1
+
+
+def test_lone_surrogate_and_deep_nesting_are_data_errors_naming_the_file(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    path.write_bytes(
+        b'[\n    {"instruction": "Say hi.", "input": "", "output": "Hi."},\n'
+        b'    {"instruction": "Say bye.", "input": "", "output": "Bye \\ud800 now."}\n]\n'
+    )
+    with pytest.raises(DataError) as info:
+        load_records(path)
+    assert str(info.value) == f'{path}: [1]["output"] holds a lone surrogate \\ud800, which is not text'
+    path.write_bytes(b'[{"instruction": "\\ud83d\\ude00 is fine", "input": "", "output": "a pair: \\ud83d\\ude00"}]')
+    assert load_records(path)[0].output == "a pair: \U0001f600"  # a valid escaped pair is one character
+    path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(DataError) as info:
+        load_records(path)
+    assert str(info.value) == f"{path}: JSON nested too deeply to read (lists / objects inside each other)"

@@ -1,6 +1,7 @@
 """data/coco.py: Karpathy split and official annotations agree; training / evaluation items; malformed files."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -132,3 +133,103 @@ def test_missing_image_and_bad_files(copy):
         load_annotations(ann)
     with pytest.raises(DataError, match="holds neither dataset_coco.json nor annotations/captions_x.json"):
         load_images(copy / "annotations", "x")
+
+
+# ---- image paths that leave the dataset, duplicate ids, hostile JSON ----------------------------------------------
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_karpathy_image_path_leaving_the_image_root_is_refused_by_name(copy, tmp_path, kind, outside):
+    entries = json.loads((copy / "dataset_coco.json").read_text())["images"]
+    index = next(i for i, e in enumerate(entries) if e["split"] == "test")  # the entry _edit_karpathy edits
+    entry, cocoid = entries[index], entries[index]["cocoid"]
+    if kind == "dotdot":
+        _edit_karpathy(copy, lambda e: e.update(filepath="val2014/../..", filename="outside/secret.jpg"))
+        message = f"path 'val2014/../..' has a '..' component, which would leave {copy}"
+    elif kind == "absolute":
+        _edit_karpathy(copy, lambda e: e.update(filename=str(outside)))
+        message = f"path '{outside}' is absolute; it must be relative to {copy}"
+    else:
+        image = copy / entry["filepath"] / entry["filename"]
+        image.unlink()
+        image.symlink_to(outside)
+        message = (
+            f"path {image} resolves to {outside.resolve()}, outside {copy.resolve()} (a link that leaves the folder)"
+        )
+    with pytest.raises(DataError) as info:
+        load_images(copy, "test")
+    assert str(info.value) == f"{copy / 'dataset_coco.json'}: image entry {index} (cocoid {cocoid}): image {message}"
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_annotation_file_name_leaving_the_image_folder_is_refused_by_name(copy, tmp_path, kind, outside):
+    ann = copy / "annotations" / "captions_val2014.json"
+    data = json.loads(ann.read_text())
+    image = data["images"][1]
+    folder = copy / "val2014"
+    if kind == "dotdot":
+        image["file_name"] = "../../outside/secret.jpg"
+        message = f"path '../../outside/secret.jpg' has a '..' component, which would leave {folder}"
+    elif kind == "absolute":
+        image["file_name"] = str(outside)
+        message = f"path '{outside}' is absolute; it must be relative to {folder}"
+    else:
+        (folder / image["file_name"]).unlink()
+        (folder / image["file_name"]).symlink_to(outside)
+        message = (
+            f"path {folder / image['file_name']} resolves to {outside.resolve()}, outside {folder.resolve()} "
+            "(a link that leaves the folder)"
+        )
+    ann.write_text(json.dumps(data))
+    for require_images in (True, False):
+        with pytest.raises(DataError) as info:
+            load_annotations(ann, require_images=require_images)
+        assert str(info.value) == f"{ann}: image id {image['id']}: image {message}"
+
+
+def test_a_duplicate_cocoid_or_image_id_is_refused_or_skipped_and_counted(copy):
+    file = copy / "dataset_coco.json"
+    data = json.loads(file.read_text())
+    train = next(i for i, e in enumerate(data["images"]) if e["split"] == "train")
+    test = next(i for i, e in enumerate(data["images"]) if e["split"] == "test")
+    cocoid = data["images"][train]["cocoid"]
+    data["images"][test]["cocoid"] = cocoid  # the same image in train and test: leakage
+    file.write_text(json.dumps(data))
+    message = (
+        f"image entry {test} (cocoid {cocoid}): cocoid {cocoid} is also image entry {train} "
+        "(splits 'train' and 'test'); one entry per image"
+    )
+    with pytest.raises(DataError) as info:
+        load_karpathy(file, "test")
+    assert str(info.value) == f"{file}: {message}"
+    with pytest.warns(UserWarning) as caught:
+        assert len(load_karpathy(file, "test", skip_invalid=True)) == N["n_test"] - 1
+    assert [str(w.message) for w in caught] == [
+        f"{file}: skipped 1 of {N['n_test']} invalid records (first: {message})"
+    ]
+
+    ann = copy / "annotations" / "captions_val2014.json"
+    data = json.loads(ann.read_text())
+    data["images"].append(dict(data["images"][0]))
+    ann.write_text(json.dumps(data))
+    n = len(data["images"]) - 1
+    message = f"images[{n}]: id {data['images'][0]['id']} is also images[0]"
+    with pytest.raises(DataError) as info:
+        load_annotations(ann)
+    assert str(info.value) == f"{ann}: {message}"
+    with pytest.warns(UserWarning, match=rf"skipped 1 of \d+ invalid records \(first: {re.escape(message)}\)"):
+        assert len(load_annotations(ann, skip_invalid=True)) == n
+
+
+def test_lone_surrogate_and_deep_nesting_name_the_file_and_record(copy):
+    file = copy / "dataset_coco.json"
+    index, _ = _edit_karpathy(copy, lambda e: e["sentences"][1].update(raw="HOSTILE"))
+    file.write_bytes(file.read_bytes().replace(b'"HOSTILE"', b'"A dog \\udfff on a mat."'))
+    with pytest.raises(DataError) as info:
+        load_images(copy, "test")
+    assert str(info.value) == (
+        f'{file}: ["images"][{index}]["sentences"][1]["raw"] holds a lone surrogate \\udfff, which is not text'
+    )
+    ann = copy / "annotations" / "captions_val2014.json"
+    ann.write_bytes(b'{"images": [], "annotations": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(DataError) as info:
+        load_annotations(ann)
+    assert str(info.value) == f"{ann}: JSON nested too deeply to read (lists / objects inside each other)"

@@ -108,8 +108,18 @@ def test_target_that_cannot_fit_is_an_error_or_dropped_with_a_count(tok):
         collator([ok, long])
     with pytest.warns(UserWarning, match=r"dropped 1 of 2 examples .* max_len=16 \(first: example pid=42\)"):
         assert drop_overlong([ok, long], collator) == [ok]
-    with pytest.raises(DataError, match="example pid=43: empty target"):
-        collator([Example("Question?", "", None, {"pid": "43"})])
+
+
+def test_text_that_is_not_unicode_is_a_data_error_naming_the_example(tok):
+    collator = Collator(tok, 64)
+    with pytest.raises(DataError) as info:  # the tokenizer itself would raise a raw pybind11 RuntimeError
+        collator(
+            [Example("Question: why?\nAnswer:", "A", None, {"pid": "1"}), Example("Q \ud800?", "A", None, {"pid": "2"})]
+        )
+    assert str(info.value) == "example pid=2: the prompt holds a lone surrogate \\ud800, which is not text"
+    with pytest.raises(DataError) as info:
+        collator.encode(Example("Question?", "The answer \udfff", None, {"index": 7}))
+    assert str(info.value) == "example index=7: the target holds a lone surrogate \\udfff, which is not text"
 
 
 def test_images_transformed_and_text_only_rows_masked(tok, sqa, tmp_path):

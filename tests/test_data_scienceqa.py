@@ -238,3 +238,135 @@ def test_every_format_ends_the_prompt_with_the_answer_cue_and_states_the_letter_
             assert build_prompt(p, fmt).endswith("\nAnswer:")
             assert build_target(p, fmt).count("The answer is") == 1
             assert f"The answer is {letter}" in build_target(p, fmt)
+
+
+# ---- image paths that leave the dataset, duplicates, hostile JSON -------------------------------------------------
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_image_path_leaving_the_image_folder_is_refused_by_name(copy, tmp_path, kind, outside):
+    pid = _first(copy, "val", image=True)
+    image = copy / "images" / "val" / pid / "image.png"
+    images = (copy / "images").resolve()
+    if kind == "dotdot":
+        _edit_problems(copy, pid, lambda r: r.update(image="../../../../outside/secret.png"))
+        message = f"path '../../../../outside/secret.png' has a '..' component, which would leave {copy / 'images'}"
+    elif kind == "absolute":
+        _edit_problems(copy, pid, lambda r: r.update(image=str(outside)))
+        message = f"path '{outside}' is absolute; it must be relative to {copy / 'images'}"
+    else:
+        image.unlink()
+        image.symlink_to(outside)
+        message = f"path {image} resolves to {outside.resolve()}, outside {images} (a link that leaves the folder)"
+    for require_images in (True, False):  # refused for scoring too: the record itself is hostile
+        with pytest.raises(DataError) as info:
+            load_problems(copy, "val", require_images=require_images)
+        assert str(info.value) == f"{copy / 'problems.json'}: pid {pid}: image {message}"
+
+
+def test_a_linked_image_folder_is_fine(copy, tmp_path):
+    elsewhere = tmp_path / "big-disk" / "images"
+    elsewhere.parent.mkdir()
+    shutil.move(copy / "images", elsewhere)
+    (copy / "images").symlink_to(elsewhere, target_is_directory=True)
+    problems = [p for p in load_problems(copy, "val") if p.has_image]
+    assert problems and all(p.image_path.resolve().is_relative_to(elsewhere) for p in problems)
+
+
+def test_hugging_face_image_path_must_stay_in_the_dataset_folder(sqa, tmp_path, outside):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = export_scienceqa_hf(sqa, tmp_path / "hf", fmt="parquet")
+    file = out / "data" / "test-00000-of-00001.parquet"
+    table = pq.read_table(file)
+    images = table.column("image").to_pylist()
+    row = next(i for i, im in enumerate(images) if im is not None)
+    (out / "images").mkdir()
+    (out / "images" / "kept.png").write_bytes(images[row]["bytes"])
+
+    def with_path(path: str) -> None:
+        field = table.schema.field("image")
+        column = pa.array([*images[:row], {"bytes": None, "path": path}, *images[row + 1 :]], type=field.type)
+        pq.write_table(table.set_column(table.schema.get_field_index("image"), field, column), file)
+
+    with_path("images/kept.png")  # a path relative to the dataset folder is read from there
+    assert load_problems(out, "test")[row].image_path == out / "images" / "kept.png"
+    with_path(str(outside))
+    with pytest.raises(DataError) as info:
+        load_problems(out, "test")
+    assert str(info.value) == f"{file}: row {row} (pid test-{row}): image path '{outside}' is absolute; it must be " \
+        f"relative to {out}"  # fmt: skip
+    with_path("../outside/secret.png")
+    with pytest.raises(DataError, match=rf"row {row} \(pid test-{row}\): image path '\.\./outside/secret\.png' has a"):
+        load_problems(out, "test")
+
+
+def test_a_pid_in_two_splits_is_an_error_naming_it(copy):
+    splits = json.loads((copy / "pid_splits.json").read_text())
+    leaked = splits["test"][3]
+    splits["train"].append(leaked)
+    (copy / "pid_splits.json").write_text(json.dumps(splits))
+    for split in ("train", "test", "minival"):  # whatever split is asked for: the file is wrong
+        with pytest.raises(DataError) as info:
+            load_problems(copy, split)
+        assert str(info.value) == (
+            f"{copy / 'pid_splits.json'}: pid {leaked} is in both 'train' and 'test'; train / val / test must be "
+            "disjoint (a problem in two of them leaks between training and evaluation)"
+        )
+
+
+def test_a_pid_listed_twice_in_a_split_is_used_once_with_a_counted_warning(copy, hf_copy):
+    splits = json.loads((copy / "pid_splits.json").read_text())
+    val = splits["val"]
+    splits["val"] = [*val, val[2], val[0], val[2]]
+    (copy / "pid_splits.json").write_text(json.dumps(splits))
+    message = (
+        f"{copy / 'pid_splits.json'}: split 'val' lists 3 pid(s) more than once (first: {val[0]}); "
+        "each problem is used once"
+    )
+    with pytest.warns(UserWarning) as caught:
+        problems = load_problems(copy, "val")
+    assert [str(w.message) for w in caught] == [message]
+    assert [p.pid for p in problems] == val
+    splits["val"] = val  # the Hugging Face copy's rows follow the file it was built from
+    minitest = splits["minitest"]
+    splits["minitest"] = [*minitest, minitest[0]]
+    (copy / "pid_splits.json").write_text(json.dumps(splits))
+    with pytest.warns(UserWarning, match=r"split 'minitest' lists 1 pid\(s\) more than once"):
+        hf = load_problems(hf_copy, "minitest", pid_splits=copy / "pid_splits.json")
+    assert [p.pid for p in hf] == minitest
+
+
+def test_lone_surrogate_and_deep_nesting_name_the_file_and_record(copy):
+    pid = _first(copy, "test", image=False)
+    _edit_problems(copy, pid, lambda r: r.update(question="HOSTILE"))
+    problems_file = copy / "problems.json"
+    clean = problems_file.read_bytes()
+    problems_file.write_bytes(clean.replace(b"HOSTILE", b"Which \\ud800 one?"))
+    with pytest.raises(DataError) as info:
+        load_problems(copy, "test")
+    assert (
+        str(info.value) == f'{problems_file}: ["{pid}"]["question"] holds a lone surrogate \\ud800, which is not text'
+    )
+    problems_file.write_bytes(clean)
+    splits_file = copy / "pid_splits.json"
+    splits_file.write_bytes(b'{"test": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(DataError) as info:
+        load_problems(copy, "test")
+    assert str(info.value) == f"{splits_file}: JSON nested too deeply to read (lists / objects inside each other)"
+
+
+def test_parquet_text_that_is_not_utf8_names_the_file(sqa, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = export_scienceqa_hf(sqa, tmp_path / "hf", fmt="parquet")
+    file = out / "data" / "test-00000-of-00001.parquet"
+    table = pq.read_table(file)
+    raw = [q.encode() for q in table.column("question").to_pylist()]
+    raw[5] = b"Which \xed\xa0\x80 one?"  # a UTF-8-encoded surrogate: pyarrow stores it unchecked
+    binary = pa.array(raw, type=pa.binary())
+    column = pa.Array.from_buffers(pa.string(), len(binary), binary.buffers())
+    index = table.schema.get_field_index("question")
+    pq.write_table(table.set_column(index, table.schema.field("question"), column), file)
+    with pytest.raises(DataError, match=rf"^{file}: row [0-5] or a row near it holds text that is not UTF-8 \("):
+        load_problems(out, "test")

@@ -275,6 +275,32 @@ def test_results_file_with_a_duplicate_is_refused(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("layout", ["coco", "karpathy"])
+def test_scoring_needs_no_images_but_generating_names_the_missing_one(tmp_path, monkeypatch, capsys, layout):
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)  # the Python tokenizer: no JVM start-up
+    if layout == "coco":
+        annotations = write_coco_gt(tmp_path / "gt.json")
+        for image in tmp_path.glob("*.jpg"):
+            image.unlink()
+        missing = tmp_path / "COCO_val2014_000000000101.jpg"
+        entry = f"{annotations}: image id 101"
+    else:
+        annotations = write_karpathy(tmp_path / "dataset_coco.json")
+        shutil.rmtree(tmp_path / "val2014")
+        missing = tmp_path / "val2014" / "COCO_val2014_000000000101.jpg"
+        entry = f"{annotations}: image entry 0 (cocoid 101)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [annotations.name]
+    res = write_results(tmp_path / "res.json")
+    assert coco.main(["--results", str(res), "--annotations", str(annotations), "--output", str(tmp_path / "o")]) == 0
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics == {"annotations": str(annotations), "split": "test", **score_captions(REFERENCES, CAPTIONS)}
+    assert metrics["images"] == 5 and metrics["missing"]["count"] == 0
+    capsys.readouterr()
+    argv = ["--checkpoint", str(tmp_path), "--annotations", str(annotations), "--output", str(tmp_path / "gen")]
+    assert coco.main(argv) == 2  # generating needs the images: the first missing one is named
+    assert capsys.readouterr().err == f"error: {entry}: image file {missing} is missing\n"
+
+
 @needs_java
 def test_ptb_lines_stay_aligned_when_a_caption_holds_a_line_break():
     captions = {1: ["A dog\r on a\u2028mat.", ""], 2: ["   "], 3: ["two\nlines"], 4: ["The end."]}

@@ -1,7 +1,9 @@
 """eval/scienceqa.py: answer parsing, the official category accuracy on a hand-computed problem set, scoring an
 existing results file, and the end-to-end run of a tiny checkpoint with resume after an interruption."""
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -173,6 +175,24 @@ def test_scoring_a_results_file_reports_missing_pids(crafted, tmp_path, capsys):
         main(["--data", str(crafted)])  # neither --checkpoint nor --predictions
 
 
+def test_scoring_needs_no_images_but_generating_names_the_missing_one(crafted, tmp_path, capsys):
+    expected = score_scienceqa(load_problems(crafted, "test"), crafted_results(), OUTPUTS)
+    shutil.rmtree(crafted / "images")  # what a scoring machine holds: problems.json and pid_splits.json only
+    assert sorted(p.name for p in crafted.iterdir()) == ["pid_splits.json", "problems.json"]
+    results_file = tmp_path / "predictions.json"
+    results_file.write_text(json.dumps({"results": crafted_results(), "outputs": OUTPUTS}))
+    out = tmp_path / "out"
+    assert main(["--predictions", str(results_file), "--data", str(crafted), "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == {"split": "test", **expected}
+    assert metrics["IMG"] == 50.0 and metrics["counts"]["IMG"] == {"correct": 2, "total": 4}  # still from "image"
+    capsys.readouterr()
+    argv = ["--checkpoint", str(tmp_path), "--data", str(crafted), "--output", str(tmp_path / "gen")]
+    assert main(argv) == 2  # generating needs the images: the first missing one is named
+    missing = crafted / "images" / "test" / "1" / "image.png"
+    assert capsys.readouterr().err == f"error: {crafted / 'problems.json'}: pid 1: image file {missing} is missing\n"
+
+
 # ---- end to end on a tiny checkpoint ---------------------------------------------------------------------------
 def make_tiny_run(folder: Path, *, visual: bool = True) -> Path:
     """A run directory as train.py leaves it: tiny preset base (seed 0), random adapter tensors (gates open, so the
@@ -297,3 +317,29 @@ def test_generation_log_round_trips_any_text_and_drops_a_cut_line(tmp_path):
     assert GenerationLog(path, header, key_field="pid").done == {**texts, "4": "The answer is (A)"}
     with pytest.raises(EvalError, match=r"other settings \(max_new_tokens: 6 -> 8\)"):
         GenerationLog(path, {**header, "max_new_tokens": 8}, key_field="pid")
+
+
+def test_a_full_disk_during_generation_is_one_error_naming_the_log_and_the_rerun_resumes(
+    tiny_run, synthetic, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(tiny_run), "--data", str(synthetic), "--output", str(out)]
+    args += ["--batch-size", "4", "--max-new-tokens", "3", "--device", "cpu"]
+    real_fsync, calls = os.fsync, []
+
+    def fsync_fails_on_the_second_batch(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # 1: the header, 2: the first batch, 3: the second batch
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_fails_on_the_second_batch)
+    assert main(args) == 1
+    log = out / GENERATIONS_FILE
+    last_line = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert last_line == f"error: {log}: cannot write (No space left on device); earlier records are kept"
+    assert not (out / "predictions.json").exists()
+    assert len(GenerationLog(log, json.loads(log.read_text().splitlines()[0])["header"], "pid").done) >= 4
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert main(args) == 0
+    assert len(json.loads((out / "predictions.json").read_text())["results"]) == 8

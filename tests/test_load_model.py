@@ -250,7 +250,7 @@ def test_visual_config_shapes_a_fresh_visual_path_drawn_from_the_seed(tmp_path):
     assert not any(p.requires_grad for p in model.visual.clip.parameters())
 
     save_adapter(model, tmp_path, base="tiny")
-    assert load_model("tiny", tmp_path, clip=cfg).visual.adapter_proj[0].out_features == 12
+    assert load_model("tiny", tmp_path, clip=cfg, seed=3).visual.adapter_proj[0].out_features == 12
     with pytest.raises(CheckpointError, match="proj_hidden=80"):
         load_model("tiny", tmp_path, clip=VisualConfig(clip_model="tiny", feature_layers=(0,)))
 
@@ -303,3 +303,37 @@ def test_load_run_attaches_the_recorded_tokenizer(reference, peft_reference, tmp
     assert run.tokenizer.vocab_size == VOCAB
     with torch.no_grad():
         assert torch.equal(run(tokens), model(tokens))
+
+
+def test_content_fingerprint_is_the_same_in_every_layout_and_dtype(reference):
+    root = reference[0]
+    layouts = ["hf", "hf_sharded", "hf_bin", "hf_bin_sharded", "meta", "meta_2shards"]
+    fingerprints = {load_model(root / layout).base_weights_fingerprint for layout in layouts}
+    fingerprints.add(load_model(root / "meta_2shards", dtype=torch.bfloat16).base_weights_fingerprint)
+    assert len(fingerprints) == 1 and len(fingerprints.pop()) == 32
+    assert load_model(root / "hf", device="meta").base_weights_fingerprint is None  # no weights read
+    other = load_model("tiny").base_weights_fingerprint
+    assert other not in (load_model("tiny", seed=1).base_weights_fingerprint, None)
+    assert load_model("tiny", dtype=torch.float16).base_weights_fingerprint == other
+
+
+def test_sidecar_naming_a_clip_model_without_weights_builds_no_random_tower(tmp_path, monkeypatch):
+    save_adapter(load_model("tiny", clip="tiny"), tmp_path, base="tiny")
+    sidecar = json.loads((tmp_path / "adapter.json").read_text())
+    sidecar["model_config"]["visual"]["clip_model"] = "ViT-L-14-quickgelu"
+    assert sidecar["clip_weights"] is None
+    (tmp_path / "adapter.json").write_text(json.dumps(sidecar))
+
+    def build(*args, **kwargs):
+        raise AssertionError("a random CLIP tower was built")
+
+    monkeypatch.setattr("open_clip.create_model", build)
+    with pytest.raises(CheckpointError) as e:
+        load_model("tiny", tmp_path)
+    assert str(e.value) == (
+        f"{tmp_path / 'adapter.json'}: visual path: CLIP model 'ViT-L-14-quickgelu' needs its weights: pass a local "
+        "weights file (clip_weights=, --clip-weights); random_clip=True builds a randomly initialised tower instead, "
+        "which only benchmarks want"
+    )
+    with pytest.raises(ValueError, match="^CLIP model 'ViT-B-32' needs its weights"):
+        load_model("tiny", clip="ViT-B-32")

@@ -109,13 +109,32 @@ def test_resume_reads_the_recorded_config_and_applies_overrides(tmp_path, capsys
     cfg = resolved("--optim.blr", "0.5", "--run.stop_after", "3")
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(cfg)))
     again = parse_args(["--resume", str(tmp_path), "--run.log_every", "2"])
-    assert again.resume == tmp_path and again.config.optim.blr == 0.5 and again.config.run.log_every == 2
+    assert again.resume == train.Resume(tmp_path) and again.config.optim.blr == 0.5 and again.config.run.log_every == 2
     assert again.config.run.stop_after is None  # per invocation: a resumed run goes on
     assert again.config.run.out == str(tmp_path)
     assert "drop --recipe" in usage_error(capsys, "--resume", str(tmp_path), "--recipe", "tiny")
     assert "config.json: not found" in usage_error(capsys, "--resume", str(tmp_path / "nothing"))
     (tmp_path / "config.json").write_text(json.dumps({**config_to_dict(cfg), "optimizer": {}}))
     assert "unknown setting(s): optimizer" in usage_error(capsys, "--resume", str(tmp_path))
+
+
+def test_resume_refuses_changed_settings_naming_old_and_new_values(tmp_path, capsys):
+    cfg = resolved("--optim.lr", "0.01")
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(cfg)))
+    err = usage_error(capsys, "--resume", str(tmp_path), "--lr", "0.02", "--seed", "3", "--run.log_every", "2")
+    assert (
+        f"--resume {tmp_path} continues the run with the settings of {tmp_path / 'config.json'}; these differ: "
+        "--optim.lr 0.01 -> 0.02, --run.seed 0 -> 3. Drop them, or add --allow-changes" in " ".join(err.split())
+    )
+    # The value it already has, and settings that do not change what is trained, are no change.
+    same = parse_args(["--resume", str(tmp_path), "--lr", "0.01", "--optim.batch_size", "8", "--run.eval", "false"])
+    assert same.resume == train.Resume(tmp_path) and same.config.optim.batch_size == 8
+    allowed = parse_args(["--resume", str(tmp_path), "--lr", "0.02", "--seed", "3", "--allow-changes"])
+    assert allowed.resume == train.Resume(
+        tmp_path, allow_changes=True, changes={"optim.lr": (0.01, 0.02), "run.seed": (0, 3)}
+    )
+    assert allowed.config.optim.lr == 0.02 and allowed.config.run.seed == 3
+    assert "--allow-changes applies to --resume RUN_DIR only" in usage_error(capsys, "--allow-changes")
 
 
 def test_config_round_trips_through_json():

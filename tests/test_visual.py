@@ -160,11 +160,39 @@ def test_open_clip_tower_errors(test_clip, tmp_path):
     with pytest.raises(ValueError, match="TorchScript archive"):
         build_visual(cfg, 48, clip_weights=scripted)
     with pytest.raises(ValueError, match="out of range: test-tiny-clip has 2 blocks"):
-        build_visual(VisualConfig(clip_model=TEST_CLIP, feature_layers=(0, 5)), 48)
+        build_visual(VisualConfig(clip_model=TEST_CLIP, feature_layers=(0, 5)), 48, random_clip=True)
     with pytest.raises(ValueError, match="unknown CLIP model 'hf-hub:someone/clip'"):
         build_visual(VisualConfig(clip_model="hf-hub:someone/clip"), 48)
     with pytest.raises(ValueError, match="takes no clip_weights"):
         build_visual(VisualConfig(clip_model="tiny"), 48, clip_weights=wrong)
+
+
+def test_clip_tower_without_weights_is_refused_unless_random_is_asked_for(test_clip):
+    cfg = VisualConfig(clip_model=TEST_CLIP, feature_layers=(0,))
+    with pytest.raises(ValueError) as e:
+        build_visual(cfg, 48)
+    assert str(e.value) == (
+        "CLIP model 'test-tiny-clip' needs its weights: pass a local weights file (clip_weights=, --clip-weights); "
+        "random_clip=True builds a randomly initialised tower instead, which only benchmarks want"
+    )
+    assert build_visual(cfg, 48, random_clip=True)(random_images(2)).shape == (2, 48)
+    with torch.device("meta"):  # shapes only: allowed without weights, nothing is allocated
+        assert build_visual(cfg, 48).feature_dim == 32 + 64
+
+
+class Opaque:
+    """A class that weights-only loading does not allow."""
+
+
+def test_clip_weights_holding_other_objects_are_refused_without_the_unsafe_hint(test_clip, tmp_path):
+    torch.save({"visual.proj": Opaque()}, tmp_path / "clip.pt")
+    with pytest.raises(ValueError) as e:
+        build_visual(VisualConfig(clip_model=TEST_CLIP), 48, clip_weights=tmp_path / "clip.pt")
+    assert str(e.value) == (
+        f"CLIP weights {tmp_path / 'clip.pt'}: refused: the file holds Python objects other than tensors, which are "
+        "never unpickled here (Unsupported global: GLOBAL tests.test_visual.Opaque was not an allowed global by "
+        "default.)"
+    )
 
 
 def test_visual_config_validation():

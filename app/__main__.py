@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also publish a public gradio.live link")
     parser.add_argument("--max-file-size", default="10mb", help="largest upload accepted (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="frozen weights' dtype (auto: as stored)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="frozen weights' dtype (auto: bfloat16/float16 on GPU, float32 on CPU)",
+    )
     return parser
 
 
@@ -55,14 +60,14 @@ def load_engine(args: argparse.Namespace) -> Engine:
     """Load the model the arguments name (raises CheckpointError / FileNotFoundError naming the file).
 
     torch, the model and gradio are imported here and in ``main``, not at the top: ``--help`` answers at once."""
-    import torch
 
     from app.engine import Engine
     from model import load_model, load_run
     from model.checkpoint import read_json
+    from model.devices import resolve_device, resolve_dtype
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     if args.checkpoint is None and args.base is not None:
         model = load_model(args.base, clip_weights=args.clip_weights, dtype=dtype, device=device)
         return Engine(model, name=f"base {args.base}, zero-init adapter")

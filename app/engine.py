@@ -193,13 +193,13 @@ class Engine:
 
     def describe(self) -> str:
         """One line about the model for the app's header."""
-        llama, adapter = self.model.config.llama, self.model.config.adapter
+        llama = self.model.config.llama
         visual = self.model.config.visual
         vision = f"CLIP {visual.clip_model} visual prompt" if visual is not None and self.has_vision else "text only"
         source = f"{self.name}: " if self.name else ""
         return (
             f"{source}LLaMA {llama.n_layers} layers, dim {llama.dim}, context {llama.max_seq_len} tokens; "
-            f"adapter K={adapter.prompt_len} on the top {adapter.n_layers} layers; {vision}"
+            f"{self.model.method.describe()}; {vision}"
         )
 
     # ---- the three tasks --------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def load_ours(spec: SideSpec, device: torch.device, dtype: torch.dtype) -> Loade
     from model.generate import generate_tokens
 
     model = load_model(spec.base_dir, spec.adapter_dir, dtype=dtype, device=device)
-    if model.config.adapter.gate_fn != "raw":
+    if model.config.method.gate_fn != "raw":
         raise RuntimeError("a PEFT adapter must load with gate_fn='raw' to keep PEFT's semantics")
 
     def generate(prompt: Tensor, new_tokens: int) -> tuple[list[list[int]], list[float]]:

@@ -21,9 +21,8 @@ padded positions are ignored by the labels and come after every real token, so c
 from __future__ import annotations
 
 import io
-import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -31,7 +30,6 @@ from typing import Any, Literal, Protocol
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Sampler
 
 from data import DataError, lone_surrogate
 
@@ -197,10 +195,6 @@ class Collator:
         blank = torch.zeros(shape)
         return torch.stack([blank if p is None else p.float() for p in pixels]), image_mask  # (B, 3, H, W)
 
-    def length(self, example: Example) -> int:
-        """Tokens of ``example`` after truncation (for length-grouped batching)."""
-        return len(self.encode(example).tokens)
-
 
 def _image_name(image: ImageInput) -> str:
     if isinstance(image, (str, Path)):
@@ -225,57 +219,3 @@ def drop_overlong(examples: Sequence[Example], collator: Collator) -> list[Examp
             stacklevel=2,
         )
     return kept
-
-
-class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Batches of indices of similar length, to cut padding; random and reproducible per (seed, epoch).
-
-    Each epoch: shuffle all indices, cut them into groups of ``batch_size * group_batches``, sort each group by
-    length (longest first), cut groups into batches and shuffle the batch order. With ``num_replicas`` > 1 the
-    batch list is padded by repetition to a multiple of ``num_replicas`` and dealt out round-robin, so every rank
-    runs the same number of steps. Use as ``DataLoader(dataset, batch_sampler=...)``; call ``set_epoch`` each epoch.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        *,
-        seed: int = 0,
-        group_batches: int = 64,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        if batch_size < 1 or group_batches < 1:
-            raise ValueError(f"batch_size and group_batches must be >= 1, got {batch_size}, {group_batches}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
-        if not lengths:
-            raise ValueError("no lengths: nothing to sample")
-        self.lengths, self.batch_size, self.seed, self.group_batches = list(lengths), batch_size, seed, group_batches
-        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _all_batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
-        group = self.batch_size * self.group_batches
-        batches: list[list[int]] = []
-        for start in range(0, len(order), group):
-            members = sorted(order[start : start + group], key=lambda i: -self.lengths[i])
-            batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self._all_batches()
-        total = len(self) * self.num_replicas
-        batches = [batches[i % len(batches)] for i in range(total)]  # pad by repetition for equal rank shares
-        return iter(batches[self.rank :: self.num_replicas])
-
-    def __len__(self) -> int:
-        group = self.batch_size * self.group_batches
-        full, rest = divmod(len(self.lengths), group)
-        n_batches = full * self.group_batches + math.ceil(rest / self.batch_size)
-        return math.ceil(n_batches / self.num_replicas)

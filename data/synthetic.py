@@ -313,19 +313,6 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling of ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_dir(root: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` on a fresh temporary sibling of ``root``, then rename it to ``root`` (absent or empty)."""
     root = Path(root)
@@ -592,7 +579,9 @@ def alpaca_records(seed: int, n: int) -> list[dict[str, str]]:
 def make_alpaca(path: str | Path, *, seed: int = 0, n: int = 200) -> Path:
     """Write a synthetic alpaca_data.json (a JSON list of {instruction, input, output}) atomically; returns it."""
     path = Path(path)
-    _atomic_write(path, (json.dumps(alpaca_records(seed, n), ensure_ascii=False, indent=4) + "\n").encode("utf-8"))
+    from model.checkpoint import write_text_atomic
+
+    write_text_atomic(path, json.dumps(alpaca_records(seed, n), ensure_ascii=False, indent=4) + "\n")
     return path
 
 
@@ -681,5 +670,7 @@ def train_tokenizer(texts: Iterable[str] | str | Path, out_path: str | Path, voc
             f"cannot train a {vocab_size}-piece tokenizer on {source} ({len(sentences)} sentences): "
             f"{_explain_trainer_error(str(e))}"
         ) from None
-    _atomic_write(out, model.getvalue())
+    from model.checkpoint import atomic_write
+
+    atomic_write(out, lambda tmp: tmp.write_bytes(model.getvalue()))
     return out

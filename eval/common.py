@@ -30,11 +30,12 @@ class EvalError(ValueError):
 
 # ---- files ----------------------------------------------------------------------------------------------------------
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON atomically (model.checkpoint.atomic_write: temp file, then rename)."""
-    from model.checkpoint import atomic_write
+    """Write ``obj`` as indented UTF-8 JSON atomically (model.checkpoint.write_text_atomic: temp file, fsync,
+    rename)."""
+    from model.checkpoint import write_text_atomic
 
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # serialise first: a bad value writes nothing
-    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text_atomic(Path(path), text)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -166,28 +167,20 @@ def load_run_for_eval(
     device: str = "auto",
     dtype: str = "auto",
 ) -> LoadedRun:
-    """Load a train.py run directory for evaluation with the device / dtype resolved (auto: CUDA in bfloat16 /
-    float16 when present, else CPU in float32); load_run applies the seed the run recorded."""
-    import torch
-
+    """Load a train.py run directory for evaluation with the device / dtype resolved (model.devices: auto is CUDA
+    in bfloat16 / float16 when present, else CPU in float32); load_run applies the seed the run recorded."""
     from model import load_run
     from model.checkpoint import adapter_paths, read_json
+    from model.devices import resolve_device, resolve_dtype
 
     run_dir = Path(run_dir)
     tensors_path, sidecar_path = adapter_paths(run_dir)
     if not sidecar_path.is_file() or not tensors_path.is_file():
         raise EvalError(f"{run_dir}: not a run directory (needs adapter.safetensors and adapter.json from train.py)")
     sidecar = read_json(sidecar_path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            torch_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            torch_dtype = torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    model = load_run(run_dir, base=base, clip_weights=clip_weights, dtype=torch_dtype, device=device)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model = load_run(run_dir, base=base, clip_weights=clip_weights, dtype=torch_dtype, device=torch_device)
     return LoadedRun(model=model, sidecar=sidecar, adapter_sha256=file_sha256(tensors_path))
 
 

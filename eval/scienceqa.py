@@ -220,7 +220,7 @@ def predict(
     ``predictions.json`` in the official results format; returns that dict {"results", "outputs"}.
 
     ``header`` identifies the model and settings in the generation log (a mismatch with an existing log is an
-    error); train.py passes its run directory and adapter hash.
+    error); ``evaluate`` passes the run directory and adapter hash.
     """
     from data.scienceqa import build_prompt
 
@@ -234,6 +234,46 @@ def predict(
     }
     write_json(output_dir / PREDICTIONS_FILE, predictions)
     return predictions
+
+
+def evaluate(
+    model: Any,
+    problems: Sequence[Any],
+    output_dir: str | Path,
+    *,
+    checkpoint: str | Path,
+    adapter_sha256: str,
+    data: str | Path,
+    split: str,
+    prompt_format: str,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
+    """Generate and score: ``predict`` on ``problems`` (of ``split`` of the ScienceQA folder ``data``), scored into
+    ``output_dir/metrics.json`` {"split", ...score_scienceqa}; returns those metrics.
+
+    ``checkpoint`` (the run directory) and ``adapter_sha256`` identify the model in the generation log; both the
+    command line and train.py (after training) evaluate through here.
+    """
+    header = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "adapter_sha256": adapter_sha256,
+        "data": str(Path(data).resolve()),
+        "split": split,
+        "max_new_tokens": max_new_tokens,
+    }
+    predictions = predict(
+        model,
+        problems,
+        output_dir,
+        prompt_format=prompt_format,
+        header=header,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+    metrics = {"split": split, **score_scienceqa(problems, predictions["results"], predictions["outputs"])}
+    write_json(Path(output_dir) / METRICS_FILE, metrics)
+    return metrics
 
 
 def _image_input(problem: Any) -> Path | io.BytesIO | None:
@@ -285,32 +325,25 @@ def _run(args: argparse.Namespace) -> int:
     problems = load_problems(args.data, args.split, require_images=args.predictions is None)  # scoring: no images
     if args.predictions is not None:
         results, outputs = read_predictions(args.predictions)
-        metrics = score_scienceqa(problems, results, outputs, source=args.predictions)
+        metrics = {"split": args.split, **score_scienceqa(problems, results, outputs, source=args.predictions)}
+        if args.output is not None:
+            write_json(Path(args.output) / METRICS_FILE, metrics)
         label = Path(args.predictions).name
     else:
         run = load_run_from_args(args)
-        prompt_format = args.prompt_format or run.sidecar.get("prompt_format") or DEFAULT_PROMPT_FORMAT
-        header = {
-            "checkpoint": str(Path(args.checkpoint).resolve()),
-            "adapter_sha256": run.adapter_sha256,
-            "data": str(Path(args.data).resolve()),
-            "split": args.split,
-            "max_new_tokens": args.max_new_tokens,
-        }
-        predictions = predict(
+        metrics = evaluate(
             run.model,
             problems,
             args.output,
-            prompt_format=prompt_format,
-            header=header,
+            checkpoint=args.checkpoint,
+            adapter_sha256=run.adapter_sha256,
+            data=args.data,
+            split=args.split,
+            prompt_format=args.prompt_format or run.sidecar.get("prompt_format") or DEFAULT_PROMPT_FORMAT,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
         )
-        metrics = score_scienceqa(problems, predictions["results"], predictions["outputs"])
         label = Path(args.checkpoint).name
-    metrics = {"split": args.split, **metrics}
-    if args.output is not None:
-        write_json(Path(args.output) / METRICS_FILE, metrics)
     print(format_table(metrics, label=f"{label}: {args.split}"))
     return 0
 

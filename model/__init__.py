@@ -1,5 +1,5 @@
-"""The model package: LLaMA + zero-init gated adaption prompts + CLIP visual prompt. Imports nothing from
-data/, eval/, app/ or train.py.
+"""The model package: LLaMA + a PEFT method (model/methods/; the first: zero-init gated adaption prompts) + CLIP
+visual prompt. Imports nothing from data/, eval/, app/ or train.py.
 
 Public entry points: ``load_model`` (a base model, optionally an adapter and a visual path), ``load_run`` (a
 training run directory) and ``load_tokenizer``.
@@ -33,6 +33,7 @@ from model.checkpoint import (
 )
 from model.config import PRESETS, AdapterConfig, ConfigError, LlamaConfig, ModelConfig, VisualConfig, preset
 from model.llama import Transformer, count_trainable, is_trainable
+from model.methods import Method, MethodConfig, method_names, register_method
 from model.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "LlamaConfig",
+    "Method",
+    "MethodConfig",
     "ModelConfig",
     "Tokenizer",
     "Transformer",
@@ -54,7 +57,9 @@ __all__ = [
     "load_model",
     "load_run",
     "load_tokenizer",
+    "method_names",
     "preset",
+    "register_method",
     "save_adapter",
 ]
 
@@ -94,27 +99,29 @@ def load_model(
     clip_weights: str | Path | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
-    adapter_config: AdapterConfig | None = None,
+    adapter_config: MethodConfig | None = None,
     seed: int = 0,
     official_gate_fn: Literal["tanh", "raw"] = "tanh",
     strict_base: bool = False,
     random_clip: bool = False,
 ) -> Transformer:
-    """Build the frozen LLaMA with adaption prompts, load the weights, and return it in eval mode.
+    """Build the frozen LLaMA with a PEFT method, load the weights, and return it in eval mode.
 
     base: a Meta directory (params.json + consolidated.NN.pth), a Hugging Face directory (config.json +
         safetensors / pytorch_model.bin, sharded or not) or a preset name (``tiny``, ``7B``, ``13B``: random
         weights drawn from ``seed``). The format is detected from the files present.
     adapter: our adapter (``.safetensors`` file or a run directory), an official LLaMA-Adapter V1 ``.pth``
         (gates applied as ``official_gate_fn``, see ``checkpoint.read_official_v1``) or a PEFT adaption-prompt
-        directory. None: a fresh zero-init adapter shaped by ``adapter_config`` (default: the preset's, or
-        ``default_adapter_config``), whose logits equal the base model's exactly.
+        directory; the file brings its method and config. None: a fresh adapter of the method whose config is
+        ``adapter_config`` (any registered method's; default: the preset's adaption prompts, or
+        ``default_adapter_config``), initialised by the method's one rule (adaption prompts: logits equal to
+        the base model's exactly).
     clip: the visual path of a fresh adapter: an open_clip model name (``tiny`` for tests) or a full
         ``VisualConfig`` (feature layers, projector width); its projector is drawn from ``seed``. An adapter
         sidecar's visual config takes this role when it has one. clip_weights: local CLIP weights file (else
         the sidecar's); required for any tower but ``tiny`` unless ``random_clip`` asks for random weights.
     dtype: of the frozen weights (CLIP tower included); None keeps the stored dtype (presets: float32). Adapter
-        tensors (prompts, gates, visual projection) stay fp32.
+        tensors (the method's, the visual projection) stay fp32.
     device: where the weights go (default CPU); ``"meta"`` builds and checks shapes without reading weights.
 
     strict_base: refuse (CheckpointError) instead of warning (BaseWeightsWarning) when our adapter was trained on
@@ -132,7 +139,7 @@ def load_model(
     is_preset = str(base) in PRESETS and not Path(base).exists()
     if is_preset:
         ckpt, llama = None, preset(str(base)).llama
-        fresh_adapter = preset(str(base)).adapter
+        fresh_adapter = preset(str(base)).method
     elif not Path(base).exists():
         raise CheckpointError(f"{base}: no such base directory, and not a preset name ({', '.join(PRESETS)})")
     else:
@@ -148,7 +155,7 @@ def load_model(
         clip_weights = sidecar.get("clip_weights")
     config = ModelConfig(
         llama=llama,
-        adapter=weights.adapter if weights is not None else (adapter_config or fresh_adapter),
+        method=weights.method if weights is not None else (adapter_config or fresh_adapter),
         visual=visual_cfg,
     )
 

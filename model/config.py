@@ -1,7 +1,9 @@
-"""Typed configuration for the LLaMA backbone, the adaption prompts and the visual path.
+"""Typed configuration for the LLaMA backbone, the PEFT method and the visual path.
 
 One source of truth for every architectural setting. Field docstrings double as user documentation
 (train.py turns them into ``--help``). Presets: ``tiny`` (tests and the embedded default), ``7B``, ``13B``.
+Each PEFT method's config lives beside the method (model/methods/); ``AdapterConfig`` (the adaption prompts) is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
+
+from model.methods import AdapterConfig, MethodConfig, config_from_dict, config_to_dict, method_of
 
 
 class ConfigError(ValueError):
@@ -215,26 +219,6 @@ _HF_LLAMA3_KEYS = {
 
 
 @dataclass
-class AdapterConfig:
-    """Zero-init gated adaption prompts (LLaMA-Adapter V1, arXiv 2303.16199, Sec. 3)."""
-
-    prompt_len: int = 10
-    """K: learnable prompt vectors per adapted layer."""
-    n_layers: int = 30
-    """L: number of adapted layers, counted from the top of the stack."""
-    gate_fn: Literal["tanh", "raw"] = "tanh"
-    """How the per-head gate scales the prompt attention: tanh(g) (official training code) or g (PEFT, lit-llama)."""
-
-    def __post_init__(self) -> None:
-        if self.prompt_len <= 0:
-            raise ValueError(f"AdapterConfig.prompt_len must be positive, got {self.prompt_len}")
-        if self.n_layers < 0:
-            raise ValueError(f"AdapterConfig.n_layers must be >= 0, got {self.n_layers}")
-        if self.gate_fn not in ("tanh", "raw"):
-            raise ValueError(f"AdapterConfig.gate_fn must be 'tanh' or 'raw', got {self.gate_fn!r}")
-
-
-@dataclass
 class VisualConfig:
     """Frozen CLIP image tower and the trainable projection of its global features (paper V1, Sec. 3.3)."""
 
@@ -262,33 +246,34 @@ class VisualConfig:
 
 @dataclass
 class ModelConfig:
-    """The whole model: backbone, adapter and (optionally) the visual path."""
+    """The whole model: backbone, PEFT method and (optionally) the visual path."""
 
     llama: LlamaConfig = field(default_factory=LlamaConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    method: MethodConfig | None = None
+    """The config of a registered PEFT method (``model.methods``); None: the plain base model."""
     visual: VisualConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.adapter.n_layers > self.llama.n_layers:
-            raise ValueError(
-                f"AdapterConfig.n_layers={self.adapter.n_layers} exceeds the model's n_layers={self.llama.n_layers}"
-            )
-
-    @property
-    def first_adapted_layer(self) -> int:
-        return self.llama.n_layers - self.adapter.n_layers
+        if self.method is not None:
+            method_of(self.method)  # a registered method's config, else ValueError
+            self.method.check(self.llama)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values for JSON: the method as its registered name and its fields."""
+        name, values = config_to_dict(self.method)
+        visual = dataclasses.asdict(self.visual) if self.visual is not None else None
+        return {"llama": dataclasses.asdict(self.llama), "method": name, "method_config": values, "visual": visual}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; also reads sidecars written before the method plug-in point, whose ``adapter``
+        entry is always an adaption-prompt config."""
         visual = d.get("visual")
-        return cls(
-            llama=LlamaConfig(**d["llama"]),
-            adapter=AdapterConfig(**d.get("adapter", {})),
-            visual=VisualConfig(**visual) if visual else None,
-        )
+        if "method" in d:
+            method = config_from_dict(d["method"], d.get("method_config"))
+        else:
+            method = AdapterConfig(**d.get("adapter", {}))
+        return cls(llama=LlamaConfig(**d["llama"]), method=method, visual=VisualConfig(**visual) if visual else None)
 
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -309,4 +294,4 @@ def preset(name: str) -> ModelConfig:
     """A fresh ModelConfig for a preset name (``tiny``, ``7B``, ``13B``), text-only."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return ModelConfig(llama=dataclasses.replace(PRESETS[name]), adapter=dataclasses.replace(ADAPTER_PRESETS[name]))
+    return ModelConfig(llama=dataclasses.replace(PRESETS[name]), method=dataclasses.replace(ADAPTER_PRESETS[name]))

@@ -1,8 +1,9 @@
 """Decoding on the KV cache: greedy or temperature / top-p sampling, batched prompts, streaming, stop strings.
 
 Paper defaults (LLaMA-Adapter V1 and the official example.py): temperature 0.1, top-p 0.75; temperature 0 is
-greedy. One request = one prefill over the left-padded prompts (images encoded there, once; adapter K/V computed
-there, once per sequence and kept in the cache) followed by one single-token forward per new token.
+greedy. One request = one prefill over the left-padded prompts (images encoded there, once; the PEFT method's
+per-sequence state, e.g. adapter K/V, computed there and kept in the cache) followed by one single-token forward
+per new token.
 
 Left padding: prompts of different lengths are right-aligned; the pad slots are marked invalid in
 ``cache.key_valid`` and every row's RoPE positions count from its own first real token, so each row decodes as if

@@ -1,30 +1,26 @@
-"""LLaMA with zero-init gated adaption prompts, in one readable file.
+"""LLaMA in one readable file, with one plug-in point for PEFT methods (model/methods/).
 
-Paper: LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention (arXiv 2303.16199).
 Module names follow Meta's checkpoint keys (``tok_embeddings``, ``layers.N.attention.wq`` ...), so a Meta
-state dict loads with a strict ``load_state_dict``. Every trainable tensor carries the ``adapter_`` prefix;
-``is_trainable`` is the one rule that decides what is optimized and saved.
-
-In the top L layers, the layer's K prompts go through that layer's own frozen wk / wv (no RoPE: prompts have
-no position) and the query attends to them with a separate softmax, scaled per head by a zero-initialised gate:
-
-    out = softmax(q K_tok^T / sqrt(hd)) V_tok + gate(g_h) * softmax(q K_p^T / sqrt(hd)) V_p,   then wo
-
-gate(g) = tanh(g) as in the official training code (or g, as PEFT and the official inference code do). With every
-gate at zero the model is exactly the base model.
+state dict loads with a strict ``load_state_dict``. The backbone names no PEFT method: it builds the one its
+config asks for (``model.method``, a ``Method``; the plain base model when there is none) and calls its hooks:
+per-sequence state kept in the KV cache, keys / values joined to attention, an extra term of the attention heads,
+a module after each sublayer, and linears the method wraps when it attaches. Every tensor a method adds carries
+the ``adapter_`` prefix; ``is_trainable`` is the one rule that decides what is optimized and saved.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import AdapterConfig, LlamaConfig, ModelConfig
+from model.config import LlamaConfig, ModelConfig
+from model.methods import Method, build_method
 
 ADAPTER_PREFIX = "adapter_"
 
@@ -79,7 +75,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Per-layer key/value buffers for incremental decoding, plus the adapter K/V computed once per sequence.
+    """Per-layer key/value buffers for incremental decoding, plus the method's state computed once per sequence.
 
     ``key_valid`` (B, max_len) marks which cache slots hold real tokens (False for left padding).
     """
@@ -90,8 +86,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.padded = False  # True once some slot is marked invalid: single-token steps then need a mask
-        self.adapter_kv: list[tuple[Tensor, Tensor] | None] = [None] * cfg.n_layers
-        self.adapter_ready = False  # adapter K/V (and the image features in them) are computed once per sequence
+        self.method_state: Any = None  # Method.sequence_state of this sequence (set by the first forward)
         self.length = 0
         self.max_len = max_len
 
@@ -102,66 +97,56 @@ class KVCache:
             self.padded = True
 
 
+@dataclass
+class AttentionContext:
+    """What every layer of one forward needs besides its input x."""
+
+    cos: Tensor  # (B, T, 1, hd/2) RoPE tables at the tokens' positions
+    sin: Tensor  # (B, T, 1, hd/2)
+    mask: Tensor | None  # (B, 1, T, S) bool, True = may attend; None: causal (is_causal) or every key visible
+    is_causal: bool
+    cache: KVCache | None
+    method: Method
+    state: Any  # method.sequence_state(...) of this sequence
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, adapter: AdapterConfig | None) -> None:
+    """Causal self-attention with RoPE and grouped-query heads; the method may join keys or add head terms."""
+
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.gate_fn = adapter.gate_fn if adapter else None
-        if adapter is not None:
-            # N(0, 1) prompts like the official nn.Embedding; one zero-init gate per head (official since fa65dbc).
-            self.adapter_prompt = nn.Parameter(torch.randn(adapter.prompt_len, cfg.dim))
-            self.adapter_gate = nn.Parameter(torch.zeros(cfg.n_heads))
 
-    @property
-    def adapted(self) -> bool:
-        return self.gate_fn is not None
-
-    def adapter_kv(self, visual: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Prompt keys/values through this layer's frozen wk / wv, no RoPE. visual: (B, dim) or None."""
-        prompts = self.adapter_prompt[None]  # (1, K, dim)
-        if visual is not None:
-            prompts = prompts + visual[:, None, :].to(prompts.dtype)  # (B, K, dim): P_l + Repeat(I_p)
-        prompts = prompts.to(self.wk.weight.dtype)
-        b, k_len = prompts.shape[:2]
-        k = self.wk(prompts).view(b, k_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, nkv, K, hd)
-        v = self.wv(prompts).view(b, k_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, nkv, K, hd)
-        return k, v
-
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None,
-        is_causal: bool,
-        adapter_kv: tuple[Tensor, Tensor] | None,
-        cache: KVCache | None,
-        layer_idx: int,
-    ) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
-        if cache is not None:
-            start = cache.length
-            cache.k[layer_idx][:, :, start : start + T] = k
-            cache.v[layer_idx][:, :, start : start + T] = v
-            k, v = cache.k[layer_idx][:, :, : start + T], cache.v[layer_idx][:, :, : start + T]  # (B, nkv, S, hd)
+        if ctx.cache is not None:
+            start, ck, cv = ctx.cache.length, ctx.cache.k[self.layer_idx], ctx.cache.v[self.layer_idx]
+            ck[:, :, start : start + T], cv[:, :, start : start + T] = k, v
+            k, v = ck[:, :, : start + T], cv[:, :, : start + T]  # (B, nkv, S, hd)
+        mask, is_causal = ctx.mask, ctx.is_causal
+        joint = ctx.method.joint_kv(self, ctx)
+        if joint is not None:
+            # Extra keys in front of the tokens', in the same softmax, visible to every query.
+            pk, pv = (t.expand(B, -1, -1, -1).to(k.dtype) for t in joint)  # (B, nkv, P, hd)
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)  # (B, nkv, P + S, hd)
+            if is_causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, S)
+            if mask is not None:
+                mask = F.pad(mask, (pk.shape[2], 0), value=True)  # (..., T, P + S)
+            is_causal = False
         gqa = self.n_kv_heads != self.n_heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        if self.adapted:
-            # Separate softmax over the K prompts, visible to every query (no mask, no position).
-            ak, av = adapter_kv
-            ak, av = ak.expand(B, -1, -1, -1), av.expand(B, -1, -1, -1)  # (B, nkv, K, hd)
-            y_adapter = F.scaled_dot_product_attention(q, ak, av, enable_gqa=gqa)  # (B, nh, T, hd)
-            gate = self.adapter_gate.tanh() if self.gate_fn == "tanh" else self.adapter_gate
-            y = y + gate.to(y.dtype).view(1, -1, 1, 1) * y_adapter
+        y = ctx.method.attention_output(self, q, y, ctx)  # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -177,37 +162,40 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: LlamaConfig, adapter: AdapterConfig | None) -> None:
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attention = Attention(cfg, adapter)
+        self.attention = Attention(cfg, layer_idx)
         self.feed_forward = FeedForward(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, *args: Any) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), *args)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        h = x + ctx.method.after_sublayer(self, "attention", self.attention(self.attention_norm(x), ctx), ctx)
+        return h + ctx.method.after_sublayer(self, "feed_forward", self.feed_forward(self.ffn_norm(h)), ctx)
 
 
 class Transformer(nn.Module):
-    """The frozen LLaMA with adaption prompts in its top ``adapter.n_layers`` layers.
+    """The frozen LLaMA with the PEFT method of ``config.method`` attached as ``self.method``.
 
-    ``visual``, if given, maps preprocessed images (B, 3, H, W) to one LLaMA-width vector per image, which is
-    added to every prompt of every adapted layer (paper V1, Sec. 3.3).
+    ``visual``, if given, maps preprocessed images (B, 3, H, W) to one LLaMA-width vector per image, which the
+    method receives once per sequence (``Method.sequence_state``; adaption prompts: added to every prompt).
     """
 
     def __init__(self, config: ModelConfig, visual: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         cfg = config.llama
-        first = config.first_adapted_layer
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(
-            TransformerBlock(cfg, config.adapter if i >= first else None) for i in range(cfg.n_layers)
-        )
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.visual = visual
+        self.method = build_method(config.method, cfg)
+        if visual is not None and not self.method.takes_visual:
+            raise ValueError(f"the PEFT method {self.method.name!r} takes no visual vector; build it without clip")
+        self.method.attach(self)
+        if not self.tok_embeddings.weight.is_meta:  # on the meta device load_model materializes and inits later
+            self.method.reset_parameters(self, None)
         self.tokenizer: Any = None  # set by load_model when a tokenizer is known; used by generate / stream
         self.base_weights_fingerprint: str | None = None  # set by load_model; recorded by save_adapter
         self._rope: tuple[Tensor, Tensor] | None = None
@@ -231,11 +219,21 @@ class Transformer(nn.Module):
             p.requires_grad_(is_trainable(name))
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every trainable tensor: the method's and the visual projection."""
         return ((n, p) for n, p in self.named_parameters() if is_trainable(n))
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """Only the trainable tensors, detached, under their module names."""
         return {n: p.detach() for n, p in self.trainable_parameters()}
+
+    def describe_trainable(self) -> str:
+        """'N trainable values (prompts a, gates b, visual projection c)': counts per kind (``Method.group``)."""
+        groups: dict[str, int] = {}
+        for name, p in self.trainable_parameters():
+            kind = "visual projection" if name.startswith("visual.") else self.method.group(name)
+            groups[kind] = groups.get(kind, 0) + p.numel()
+        parts = ", ".join(f"{kind} {n:,}" for kind, n in groups.items())
+        return f"{sum(groups.values()):,} trainable values ({parts})"
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def visual_prompt(self, images: Tensor | None, image_mask: Tensor | None = None) -> Tensor | None:
@@ -262,9 +260,9 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``).
 
         images: (B, 3, H, W) preprocessed for the CLIP tower, or None; image_mask (B,) bool marks which rows
-        really have an image. With a cache, tokens are appended at ``cache.length``; adapter K/V (and the image
-        features) are computed on the first call only and kept in the cache. positions (B, T) default to
-        ``cache.length + arange(T)``.
+        really have an image. With a cache, tokens are appended at ``cache.length``; the image features and the
+        method's per-sequence state are computed on the first call only and kept in the cache. positions (B, T)
+        default to ``cache.length + arange(T)``.
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -288,22 +286,18 @@ class Transformer(nn.Module):
             # (fused GPU kernels return NaN there). Real tokens are unaffected.
             mask = (mask | (k_idx[None, :] == q_idx[:, None]))[:, None]  # (B, 1, T, S)
 
-        need_adapter_kv = cache is None or not cache.adapter_ready
-        visual = self.visual_prompt(images, image_mask) if need_adapter_kv else None
+        if start == 0:  # a new sequence: images are encoded and the method's state computed once, here
+            state = self.method.sequence_state(self, self.visual_prompt(images, image_mask))
+            if cache is not None:
+                cache.method_state = state
+        else:
+            state = cache.method_state
+        ctx = AttentionContext(cos, sin, mask, is_causal, cache, self.method, state)
         x = self.tok_embeddings(tokens)  # (B, T, dim)
-        for i, layer in enumerate(self.layers):
-            akv = None
-            if layer.attention.adapted:
-                if need_adapter_kv:
-                    akv = layer.attention.adapter_kv(visual)
-                    if cache is not None:
-                        cache.adapter_kv[i] = akv
-                else:
-                    akv = cache.adapter_kv[i]
-            x = layer(x, cos, sin, mask, is_causal, akv, cache, i)
+        for layer in self.layers:
+            x = layer(x, ctx)
         if cache is not None:
             cache.length = start + T
-            cache.adapter_ready = True
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))  # (B, T, vocab)

@@ -1,10 +1,10 @@
 """Frozen CLIP image tower + trainable projection: the visual prompt of the multimodal LLaMA-Adapter.
 
 Paper V1 (arXiv 2303.16199, Sec. 3.3): the frozen CLIP encoder gives multi-scale *global* features; they are
-concatenated along channels and a small learnable projection maps them to one LLaMA-width vector I_p, which is
-added to every adaption prompt of every adapted layer (``Attention.adapter_kv``). Which layers make up the
-"multi-scale" features is not stated; we take the pooled (final, projected) output plus the class token of a few
-intermediate ViT blocks (``VisualConfig.feature_layers``).
+concatenated along channels and a small learnable projection maps them to one LLaMA-width vector I_p, which the
+PEFT method receives once per sequence (``Method.sequence_state``; adaption prompts: added to every prompt of every
+adapted layer). Which layers make up the "multi-scale" features is not stated; we take the pooled (final,
+projected) output plus the class token of a few intermediate ViT blocks (``VisualConfig.feature_layers``).
 
 The CLIP tower is frozen (no gradients, always in eval mode). The projection ``adapter_proj`` is the only
 trainable part; its name carries the ``adapter_`` prefix so ``model.llama.is_trainable`` picks it up.

@@ -47,7 +47,7 @@ from data.alpaca import format_prompt  # noqa: E402
 from data.coco import caption_prompt  # noqa: E402
 from data.scienceqa import FORMATS, Problem, build_prompt, build_target  # noqa: E402
 from data.synthetic import alpaca_records, scienceqa_drafts, synthetic_corpus, train_tokenizer  # noqa: E402
-from model.config import PRESETS, AdapterConfig, ModelConfig  # noqa: E402
+from model.config import PRESETS, ModelConfig  # noqa: E402
 from model.llama import Transformer  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
@@ -266,8 +266,7 @@ def build(out: Path, cfg: BaseTraining) -> dict[str, float]:
         tokenizer = load_tokenizer(tokenizer_file)
         docs, text_heldout, image_heldout = documents(tokenizer, cfg)
         llama = dataclasses.replace(PRESETS["tiny"], vocab_size=tokenizer.vocab_size)
-        # No adaption prompts: this is the plain base language model.
-        model = Transformer(ModelConfig(llama=llama, adapter=AdapterConfig(n_layers=0)))
+        model = Transformer(ModelConfig(llama=llama))  # no PEFT method: the plain base language model
         init_weights(model, cfg.seed)
         print(f"{len(docs)} documents, {sum(p.numel() for p in model.parameters()):,} weights", flush=True)
         losses = train_base(model, docs, cfg)

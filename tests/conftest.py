@@ -1,9 +1,43 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures and builders shared by several test modules."""
 
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+
+from data.synthetic import synthetic_corpus, train_tokenizer
+from model import load_model, save_adapter
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Decoding a tiny model is hundreds of microsecond-sized ops; with other processes on the 2 cores, OpenMP's
+    spinning threads make each op many times slower, one thread keeps it steady. Modules that decode use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_tiny_run(folder: Path, *, visual: bool = True) -> Path:
+    """A run directory as train.py leaves it: tiny preset base (seed 0), random adapter tensors (gates open, so the
+    prompts and images change the output), the synthetic-data tokenizer recorded in adapter.json."""
+    tokenizer = train_tokenizer(synthetic_corpus(n=200), folder.parent / f"{folder.name}-tokenizer.model")
+    model = load_model("tiny", clip="tiny" if visual else None)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in model.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    save_adapter(model, folder, base="tiny", tokenizer=tokenizer, prompt_format="llama_adapter", extra={"seed": 0})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny run directory (make_tiny_run), shared by the tests of one module."""
+    return make_tiny_run(tmp_path_factory.mktemp("runs") / "run")
 
 
 @pytest.fixture

@@ -80,8 +80,8 @@ def test_shared_adapter_is_non_zero_and_changes_our_outputs(tmp_path):
     base_dir, adapter_dir = write_shared_weights(get_shape("tiny"), cfg, tmp_path)
     assert torch.equal(torch.random.get_rng_state(), rng_state)  # the caller's RNG is left alone
     adapted, plain = load_model(base_dir, adapter_dir), load_model(base_dir)
-    assert adapted.config.adapter.gate_fn == "raw"
-    gates = [layer.attention.adapter_gate for layer in adapted.layers if layer.attention.adapted]
+    assert adapted.config.method.gate_fn == "raw"
+    gates = [attention.adapter_gate for attention in adapted.method.adapted(adapted)]
     assert len(gates) == 3
     for gate in gates:  # PEFT's one scalar per layer, copied to every head
         assert GATE_RANGE[0] <= gate[0].item() <= GATE_RANGE[1] and torch.equal(gate, gate[:1].expand(4))

@@ -1,4 +1,4 @@
-"""model/checkpoint.py: base layouts (Meta, HF), adapter files, importers and the errors users meet.
+"""model/checkpoint/: base layouts (Meta, HF), adapter files, importers and the errors users meet.
 
 The helpers here write tiny real-format checkpoints (transformers' save_pretrained, Meta's params.json +
 consolidated.NN.pth shards, PEFT's save_pretrained, the official V1 release layout); tests/test_load_model.py
@@ -238,7 +238,8 @@ def test_save_and_reload_is_bit_exact(tmp_path):
     assert sidecar["base"] == "tiny" and sidecar["prompt_format"] == "alpaca" and sidecar["extra"] == {"step": 7}
     assert sidecar["base_fingerprint"] == {"dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 176,
                                            "vocab_size": 512}  # fmt: skip
-    assert sidecar["model_config"]["adapter"] == {"prompt_len": 10, "n_layers": 3, "gate_fn": "tanh"}
+    assert sidecar["version"] == 2 and sidecar["model_config"]["method"] == "llama_adapter"
+    assert sidecar["model_config"]["method_config"] == {"prompt_len": 10, "n_layers": 3, "gate_fn": "tanh"}
 
     fresh = load_model("tiny")
     assert load_adapter(fresh, tmp_path / "run")["extra"] == {"step": 7}
@@ -298,10 +299,47 @@ def test_tampered_adapter_file_names_the_key(tmp_path, tamper, message):
     assert str(path) in str(e.value)
 
 
+# The sidecar exactly as save_adapter wrote it before the PEFT method plug-in point (version 1, "adapter" entry).
+SIDECAR_V1 = {
+    "version": 1,
+    "model_config": {
+        "llama": {"dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "ffn_dim": 176,
+                  "norm_eps": 1e-06, "rope_theta": 10000.0, "max_seq_len": 512, "rope_scaling_factor": None,
+                  "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_seq_len": 8192},
+        "adapter": {"prompt_len": 10, "n_layers": 3, "gate_fn": "tanh"},
+        "visual": None,
+    },
+    "base": "tiny", "tokenizer": None, "clip_weights": None, "prompt_format": None,
+    "base_fingerprint": {"dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 176, "vocab_size": 512},
+    "base_weights_fingerprint": "e1cf8cd5c2664b4787f2dc6d24f5fb10",
+    "extra": {},
+}  # fmt: skip
+
+
+def test_adapter_saved_before_the_method_plug_in_point_gives_the_old_logits(tmp_path):
+    g = torch.Generator().manual_seed(3)  # the old code's tensors: N(0, 1) from seed 3, in parameter order
+    tensors = {}
+    for layer in (1, 2, 3):
+        tensors[f"layers.{layer}.attention.adapter_prompt"] = torch.randn(10, 64, generator=g)
+        tensors[f"layers.{layer}.attention.adapter_gate"] = torch.randn(4, generator=g)
+    save_file(tensors, str(tmp_path / "adapter.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "adapter.json").write_text(json.dumps(SIDECAR_V1, indent=2) + "\n")
+    model = load_model("tiny", tmp_path)
+    assert model.method.describe() == "adaption prompts K=10 on the top 3 of 4 layers, tanh gate"
+    tokens = torch.arange(1, 13)[None] * 37 % 512
+    with torch.no_grad():
+        logits = model(tokens)
+    # Printed by the code before the change (commit c04e92a) for this file and these tokens.
+    old_last = torch.tensor([-0.07372606, 0.32439449, 0.20001851, -0.29067948, -0.36861855, 0.11872775])
+    old_fourth = torch.tensor([0.01153392, 0.14378485, 0.13204299, -0.28159028])
+    torch.testing.assert_close(logits[0, -1, :6], old_last, atol=2e-7, rtol=0)
+    torch.testing.assert_close(logits[0, 3, :4], old_fourth, atol=2e-7, rtol=0)
+
+
 def test_adapter_with_another_gate_fn_or_missing_sidecar(tmp_path):
     save_adapter(trained_tiny(), tmp_path, base="tiny")
     model = load_model("tiny")
-    model.config.adapter.gate_fn = "raw"
+    model.config.method.gate_fn = "raw"
     with pytest.raises(CheckpointError, match="'gate_fn': 'tanh'.* differs from the model's .*'gate_fn': 'raw'"):
         load_adapter(model, tmp_path)
     (tmp_path / "adapter.json").unlink()
@@ -326,17 +364,17 @@ def official_v1_file(path: Path, *, per_head: bool, k: int = 10, low_gate: float
 def test_official_v1_file_gives_the_per_layer_prompts_and_gates(tmp_path, hf_dir, per_head):
     state = official_v1_file(tmp_path / "release.pth", per_head=per_head)
     model = load_model(hf_dir, tmp_path / "release.pth")
-    assert model.config.adapter.prompt_len == 10 and model.config.adapter.n_layers == 2
-    assert model.config.adapter.gate_fn == "tanh"  # training semantics (see read_official_v1)
+    assert model.config.method.prompt_len == 10 and model.config.method.n_layers == 2
+    assert model.config.method.gate_fn == "tanh"  # training semantics (see read_official_v1)
     query = state["adapter_query.weight"].float()
     for i, layer in enumerate((1, 2)):
         attn = model.layers[layer].attention
         assert torch.equal(attn.adapter_prompt, query[10 * i : 10 * (i + 1)])
         gate = state[f"layers.{layer}.attention.gate"].float().flatten()
         assert torch.equal(attn.adapter_gate, gate if per_head else gate.expand(HEADS))
-    assert not model.layers[0].attention.adapted
+    assert not hasattr(model.layers[0].attention, "adapter_prompt")
     raw = load_model(hf_dir, tmp_path / "release.pth", official_gate_fn="raw")
-    assert raw.config.adapter.gate_fn == "raw"
+    assert raw.config.method.gate_fn == "raw"
 
 
 def test_official_v1_rejects_trained_gates_below_the_prompts_and_odd_shapes(tmp_path):
@@ -347,7 +385,7 @@ def test_official_v1_rejects_trained_gates_below_the_prompts_and_odd_shapes(tmp_
     official_v1_file(tmp_path / "k8.pth", per_head=True, k=8)  # 16 rows: not a multiple of K=10
     with pytest.raises(CheckpointError, match=r"adapter_query\.weight has shape \(16, 64\); expected \(L\*10, 64\)"):
         read_official_v1(tmp_path / "k8.pth", llama)
-    assert read_official_v1(tmp_path / "k8.pth", llama, prompt_len=8).adapter.n_layers == 2
+    assert read_official_v1(tmp_path / "k8.pth", llama, prompt_len=8).method.n_layers == 2
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not an official LLaMA-Adapter V1 file"):
         open_adapter(tmp_path / "other.pth", llama)
@@ -578,7 +616,7 @@ def test_full_disk_names_the_file_and_keeps_the_previous_adapter(tmp_path, monke
     if failure == "fsync":
         monkeypatch.setattr(os, "fsync", disk_full)
     elif failure == "safetensors":
-        monkeypatch.setattr("model.checkpoint.save_file", safetensors_disk_full)
+        monkeypatch.setattr("model.checkpoint.adapter.save_file", safetensors_disk_full)
     else:
         monkeypatch.setattr(Path, "write_text", disk_full)
     with pytest.raises(WriteError) as e:

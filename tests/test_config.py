@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.config import PRESETS, ConfigError, LlamaConfig
+from model.config import PRESETS, AdapterConfig, ConfigError, LlamaConfig, ModelConfig, preset
 
 # Llama 3.1 405B (the largest released LLaMA), 128K context, llama3 RoPE scaling
 LLAMA_405B = dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, vocab_size=128256, ffn_dim=53248,
@@ -33,3 +33,16 @@ def test_bad_values_name_the_field(change, message):
     with pytest.raises(ConfigError) as e:
         LlamaConfig(**{**LLAMA_405B, **change})
     assert str(e.value) == message and e.value.field == next(iter(change))
+
+
+def test_model_config_records_the_method_by_name_and_reads_the_old_adapter_entry():
+    cfg = preset("tiny")
+    assert cfg.to_dict()["method"] == "llama_adapter"
+    assert cfg.to_dict()["method_config"] == {"prompt_len": 10, "n_layers": 3, "gate_fn": "tanh"}
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    plain = ModelConfig(llama=cfg.llama)
+    assert plain.to_dict()["method"] is None and ModelConfig.from_dict(plain.to_dict()) == plain
+    old = {"llama": cfg.to_dict()["llama"], "adapter": {"prompt_len": 4, "n_layers": 2, "gate_fn": "raw"}}
+    assert ModelConfig.from_dict(old).method == AdapterConfig(prompt_len=4, n_layers=2, gate_fn="raw")
+    with pytest.raises(ValueError, match="unknown PEFT method 'lora'; registered: llama_adapter"):
+        ModelConfig.from_dict({**cfg.to_dict(), "method": "lora"})

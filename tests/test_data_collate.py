@@ -1,4 +1,4 @@
-"""data/collate.py: exact label mask, truncation that keeps the answer, padding, images, length-grouped batches."""
+"""data/collate.py: exact label mask, truncation that keeps the answer, padding, images."""
 
 import io
 
@@ -12,7 +12,6 @@ from data.collate import (
     IGNORE_INDEX,
     Collator,
     Example,
-    LengthGroupedBatchSampler,
     TargetTooLongError,
     drop_overlong,
 )
@@ -86,7 +85,6 @@ def test_truncation_keeps_bos_answer_and_eos(tok, truncation):
     collator = Collator(tok, max_len, truncation=truncation)
     enc = collator.encode(ex)
     assert len(enc.tokens) == max_len and enc.n_cut == len(prompt) - 21
-    assert collator.length(ex) == max_len
     assert enc.tokens[0] == tok.bos_id and enc.tokens[enc.n_prompt :] == target
     body = prompt[1:]
     if truncation == "middle":  # the start of the question and the "Answer:" cue survive
@@ -159,30 +157,3 @@ def test_real_visual_preprocess_is_a_valid_image_transform(tok, sqa):
     batch = Collator(tok, 128, image_transform=visual.preprocess)(examples)
     assert torch.equal(batch["images"][0], visual.preprocess(problems[0].image_path))
     assert torch.equal(batch["images"][1], visual.preprocess(problems[1].image_path))
-
-
-def test_length_grouped_batches_cover_everything_and_cut_padding():
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(5, 200, (1000,), generator=g).tolist()
-    sampler = LengthGroupedBatchSampler(lengths, batch_size=8, seed=1, group_batches=16)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 125
-    assert sorted(i for b in batches for i in b) == list(range(1000))
-    assert batches == list(sampler)  # reproducible
-    sampler.set_epoch(1)
-    assert list(sampler) != batches
-
-    def padding(bs):
-        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)
-
-    random_batches = [torch.randperm(1000, generator=g)[i : i + 8].tolist() for i in range(0, 1000, 8)]
-    assert padding(batches) < padding(random_batches) / 5
-
-
-def test_length_grouped_batches_shared_between_ranks():
-    lengths = list(range(1, 51))
-    shares = [list(LengthGroupedBatchSampler(lengths, 4, num_replicas=3, rank=r)) for r in range(3)]
-    assert [len(s) for s in shares] == [5, 5, 5]  # 13 batches padded to 15 by repetition
-    assert {i for s in shares for b in s for i in b} == set(range(50))
-    with pytest.raises(ValueError, match=r"rank must be in \[0, 3\), got 3"):
-        LengthGroupedBatchSampler(lengths, 4, num_replicas=3, rank=3)

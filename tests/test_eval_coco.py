@@ -15,7 +15,8 @@ from data.synthetic import make_coco
 from eval.coco import METRIC_NAMES, EvalError, check_results, format_table, load_split, python_tokenize, score_captions
 from eval.common import GENERATIONS_FILE
 from model import load_run
-from tests.test_eval_scienceqa import make_tiny_run, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HAS_JAVA = shutil.which("java") is not None
 needs_java = pytest.mark.skipif(not HAS_JAVA, reason="java is needed for the official PTB tokenizer and METEOR")
@@ -208,11 +209,6 @@ def test_partial_results_are_scored_on_their_images_and_flagged(monkeypatch):
 
 
 # ---- end to end on a tiny checkpoint ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return make_tiny_run(tmp_path_factory.mktemp("runs") / "run")
-
-
 def test_end_to_end_resumes_after_an_interruption(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)  # the pure-Python scorers keep this fast
     root = make_coco(tmp_path / "coco", n_train=1, n_restval=1, n_val=1, n_test=5, image_size=32)

@@ -8,24 +8,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import model.generate as model_generate
 from data.scienceqa import build_prompt, load_problems
-from data.synthetic import export_scienceqa_hf, make_scienceqa, synthetic_corpus, train_tokenizer
+from data.synthetic import export_scienceqa_hf, make_scienceqa
 from eval.common import GENERATIONS_FILE, EvalError, GenerationLog
 from eval.scienceqa import format_table, main, parse_answer, score_scienceqa
-from model import load_model, load_run, save_adapter
+from model import load_run
+from tests.conftest import make_tiny_run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding a tiny model is many microsecond-sized ops; one thread keeps it steady on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- parsing ---------------------------------------------------------------------------------------------------
@@ -194,24 +187,6 @@ def test_scoring_needs_no_images_but_generating_names_the_missing_one(crafted, t
 
 
 # ---- end to end on a tiny checkpoint ---------------------------------------------------------------------------
-def make_tiny_run(folder: Path, *, visual: bool = True) -> Path:
-    """A run directory as train.py leaves it: tiny preset base (seed 0), random adapter tensors (gates open, so the
-    prompts and images change the output), the synthetic-data tokenizer recorded in adapter.json."""
-    tokenizer = train_tokenizer(synthetic_corpus(n=200), folder.parent / f"{folder.name}-tokenizer.model")
-    model = load_model("tiny", clip="tiny" if visual else None)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    save_adapter(model, folder, base="tiny", tokenizer=tokenizer, prompt_format="llama_adapter", extra={"seed": 0})
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return make_tiny_run(tmp_path_factory.mktemp("runs") / "run")
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     return make_scienceqa(tmp_path_factory.mktemp("data") / "sqa", n_train=2, n_val=2, n_test=8, image_size=32)

@@ -10,7 +10,8 @@ from PIL import Image
 
 from model.config import VisualConfig, preset
 from model.generate import generate, generate_tokens, stream, top_p_filter
-from model.llama import Attention, Transformer
+from model.llama import Transformer
+from model.methods import LlamaAdapter
 from model.tokenizer import load_tokenizer
 from model.visual import build_visual
 
@@ -117,25 +118,29 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(model, tokenizer):
 
 
 def test_the_image_changes_the_output(model):
-    outs = {generate(model, "the cat", img, max_new_tokens=12, temperature=0) for img in (None, image(1), image(2))}
+    prompts = ["the cat", "red", "dogs ran over"]  # several prompts: one greedy output may ignore the image by chance
+    outs = {
+        tuple(generate(model, prompts, [img] * 3, max_new_tokens=12, temperature=0))
+        for img in (None, image(1), image(2))
+    }
     assert len(outs) == 3
 
 
 def test_image_encoded_once_per_request_and_adapter_kv_once_per_sequence(model, monkeypatch):
-    calls = {"visual": 0, "adapter_kv": 0}
+    calls = {"visual": 0, "prompt_kv": 0}
     handle = model.visual.register_forward_hook(lambda *_: calls.__setitem__("visual", calls["visual"] + 1))
-    original = Attention.adapter_kv
+    original = LlamaAdapter.prompt_kv
 
-    def counting(self, visual):
-        calls["adapter_kv"] += 1
-        return original(self, visual)
+    def counting(self, attention, visual):
+        calls["prompt_kv"] += 1
+        return original(self, attention, visual)
 
-    monkeypatch.setattr(Attention, "adapter_kv", counting)
+    monkeypatch.setattr(LlamaAdapter, "prompt_kv", counting)
     try:
         generate(model, ["the cat", "red"], [image(1), image(2)], max_new_tokens=10, temperature=0)
     finally:
         handle.remove()
-    assert calls == {"visual": 1, "adapter_kv": 3}  # 3 adapted layers, each once for the whole batch
+    assert calls == {"visual": 1, "prompt_kv": 3}  # 3 adapted layers, each once for the whole batch
 
 
 # ---- sampling -------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""model/llama.py: the adapter mechanism, exactly as the paper and the official code define it."""
+"""model/llama.py + model/methods/llama_adapter.py: the adapter mechanism, exactly as the paper and the official
+code define it."""
 
 import math
 
@@ -6,13 +7,13 @@ import pytest
 import torch
 
 from model.config import AdapterConfig, LlamaConfig, ModelConfig, preset
-from model.llama import Transformer, apply_rope, count_trainable, is_trainable
+from model.llama import AttentionContext, Transformer, apply_rope, count_trainable, is_trainable
 
 
 def tiny(gate_fn: str = "tanh", seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     cfg = preset("tiny")
-    cfg.adapter.gate_fn = gate_fn
+    cfg.method.gate_fn = gate_fn
     return Transformer(cfg).eval()
 
 
@@ -26,7 +27,7 @@ def randomize_gates(model: Transformer, seed: int = 1) -> None:
 
 def test_zero_init_is_exactly_the_base_model():
     model = tiny()
-    base = Transformer(ModelConfig(llama=model.config.llama, adapter=AdapterConfig(n_layers=0))).eval()
+    base = Transformer(ModelConfig(llama=model.config.llama)).eval()  # no method: the plain base model
     base.load_state_dict({k: v for k, v in model.state_dict().items() if not is_trainable(k)})
     tokens = torch.randint(0, 512, (3, 17))
     assert torch.equal(model(tokens), base(tokens))
@@ -95,8 +96,9 @@ def test_attention_matches_the_official_concat_form(gate_fn):
     x = torch.randn(2, 7, 64)
     rope_cos, rope_sin = model.rope(x.device)
     cos, sin = rope_cos[:7][None, :, None], rope_sin[:7][None, :, None]
+    state = model.method.sequence_state(model, None)
     with torch.no_grad():
-        ours = attn(x, cos, sin, None, True, attn.adapter_kv(None), None, 2)
+        ours = attn(x, AttentionContext(cos, sin, None, True, None, model.method, state))
         ref = reference_attention(attn, x, gate_fn)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
@@ -111,7 +113,8 @@ def test_kv_cache_matches_full_recompute_with_adapter():
         steps = [model(tokens[:, :9], cache=cache)]
         steps += [model(tokens[:, t : t + 1], cache=cache) for t in range(9, 14)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    assert cache.length == 14 and all(kv is not None for kv in cache.adapter_kv[1:])
+    assert cache.length == 14 and cache.method_state[0] is None
+    assert all(kv[0].shape == (1, 2, 10, 16) for kv in cache.method_state[1:])  # (1, nkv, K, hd), computed once
 
 
 def test_left_padding_with_key_valid_and_positions_matches_unpadded():
@@ -145,8 +148,8 @@ def test_images_without_visual_path_is_a_clear_error():
 def test_config_validation_messages():
     with pytest.raises(ValueError, match="n_kv_heads"):
         LlamaConfig(dim=64, n_heads=4, n_kv_heads=3)
-    with pytest.raises(ValueError, match="exceeds"):
-        ModelConfig(llama=LlamaConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=8), adapter=AdapterConfig(n_layers=3))
+    with pytest.raises(ValueError, match="AdapterConfig.n_layers=3 exceeds the model's n_layers=2"):
+        ModelConfig(llama=LlamaConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=8), method=AdapterConfig(n_layers=3))
     with pytest.raises(ValueError, match="gate_fn"):
         AdapterConfig(gate_fn="sigmoid")
     assert LlamaConfig.meta_ffn_dim(4096) == 11008 and LlamaConfig.meta_ffn_dim(5120) == 13824

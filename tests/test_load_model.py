@@ -104,7 +104,7 @@ def test_tied_embeddings(tmp_path, tokens):
 def test_fresh_adapter_is_exactly_the_base_model(reference, tokens):
     root = reference[0]
     model = load_model(root / "hf")
-    assert model.config.adapter == AdapterConfig(prompt_len=10, n_layers=1)  # all but the bottom two layers
+    assert model.config.method == AdapterConfig(prompt_len=10, n_layers=1)  # all but the bottom two layers
     base = load_model(root / "hf", adapter_config=AdapterConfig(n_layers=0))
     with torch.no_grad():
         assert torch.equal(model(tokens), base(tokens))
@@ -139,7 +139,7 @@ def peft_reference(reference, tmp_path_factory, tokens):
 def test_peft_adaption_prompt_gives_the_peft_logits(reference, peft_reference, tokens):
     folder, expected = peft_reference
     model = load_model(reference[0] / "hf", adapter=folder)
-    assert model.config.adapter == AdapterConfig(prompt_len=4, n_layers=2, gate_fn="raw")
+    assert model.config.method == AdapterConfig(prompt_len=4, n_layers=2, gate_fn="raw")
     gate = model.layers[2].attention.adapter_gate
     assert gate.shape == (HEADS,) and torch.all(gate == gate[0]) and gate[0] != 0  # one scalar broadcast per head
     with torch.no_grad():

@@ -3,14 +3,23 @@ accumulation, and the clear stops on a non-finite loss and out of memory."""
 
 import json
 import math
+import signal
+from dataclasses import dataclass
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import train
+import training.run
 from data.synthetic import make_alpaca, make_coco, make_scienceqa, synthetic_corpus, train_tokenizer
+from eval.scienceqa import main as eval_scienceqa
 from model import load_run
+from model.methods import Method, MethodConfig, register_method
+from training.cli import parse_args
+from training.config import config_to_dict
+from training.trainer import Trainer
 
 QUIET = ["--run.progress", "false", "--run.tensorboard", "false", "--run.log_every", "1"]
 
@@ -40,14 +49,14 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 @pytest.mark.parametrize("task", ["scienceqa", "coco", "alpaca"])
-def test_each_task_trains_and_writes_a_complete_run_directory(data, tmp_path, task):
+def test_each_task_trains_and_writes_a_complete_run_directory(data, tmp_path, task, capsys):
     out = tmp_path / "run"
     argv = [*base_args(data, task, out), "--optim.max_steps", "3", "--run.eval_limit", "4",
             "--run.eval_max_new_tokens", "4"]  # fmt: skip
     assert train.main(argv) == 0
 
-    cfg = train.parse_args(argv).config
-    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(train.config_to_dict(cfg)))
+    cfg = parse_args(argv).config
+    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(config_to_dict(cfg)))
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["max_memory_mib"] > 0 for r in records)
@@ -76,6 +85,14 @@ def test_each_task_trains_and_writes_a_complete_run_directory(data, tmp_path, ta
 
     model = load_run(out)  # the run directory is what model.load_run reads
     assert all(torch.equal(p, tensors[n]) for n, p in model.trainable_parameters())
+    scored = {
+        "scienceqa": "\nrun (test) (n=4)  ",  # the category table's row: the run directory, the split, the count
+        "coco": "coco is scored outside train.py: BLEU, METEOR, ROUGE-L and CIDEr of greedy captions on the Karpathy "
+        "test split: python -m eval.coco --checkpoint RUN_DIR",
+        "alpaca": "alpaca is scored outside train.py: no automatic score (open-ended instructions): try the adapter "
+        "with python -m app --checkpoint RUN_DIR",
+    }[task]
+    assert scored in capsys.readouterr().out
     if task == "scienceqa":
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["split"] == "test" and metrics["counts"]["Avg"]["total"] == 4
@@ -87,7 +104,7 @@ def test_sixteen_bit_base_trains_fp32_adapter_tensors(data, tmp_path, dtype, mon
     """The GPU recipe's precision on CPU: frozen base and CLIP tower in 16 bits under autocast, the trainable
     tensors and their optimizer in fp32, loss scaling with float16 only."""
     seen = {}
-    real_build = train.build_model
+    real_build = training.run.build_model
 
     def build_and_record(cfg, device, torch_dtype):
         model = real_build(cfg, device, torch_dtype)
@@ -96,7 +113,7 @@ def test_sixteen_bit_base_trains_fp32_adapter_tensors(data, tmp_path, dtype, mon
         seen["trainable"] = {p.dtype for _, p in model.trainable_parameters()}
         return model
 
-    monkeypatch.setattr(train, "build_model", build_and_record)
+    monkeypatch.setattr(training.run, "build_model", build_and_record)
     out = tmp_path / "run"
     argv = [*base_args(data, "scienceqa", out), "--model.dtype", dtype, "--optim.max_steps", "4", "--run.eval", "false"]
     assert train.main(argv) == 0
@@ -153,7 +170,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_examples(data, tmp_path, caps
 def test_out_of_memory_saves_the_last_step_and_says_what_to_try(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = [*base_args(data, "scienceqa", out), "--optim.max_steps", "4", "--run.eval", "false"]
-    forward = train.Trainer._forward_loss
+    forward = Trainer._forward_loss
     calls = []
 
     def forward_that_runs_out(self, batch, denom):
@@ -162,7 +179,7 @@ def test_out_of_memory_saves_the_last_step_and_says_what_to_try(data, tmp_path, 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward(self, batch, denom)
 
-    monkeypatch.setattr(train.Trainer, "_forward_loss", forward_that_runs_out)
+    monkeypatch.setattr(Trainer, "_forward_loss", forward_that_runs_out)
     assert train.main(argv) == 1
     err = capsys.readouterr().err
     assert "error: out of memory on cpu at optimizer step 3, micro-batch of shape (4, " in err
@@ -170,7 +187,7 @@ def test_out_of_memory_saves_the_last_step_and_says_what_to_try(data, tmp_path, 
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 2
 
     # Resuming with the advice finishes the run, and it is the run that never ran out of memory.
-    monkeypatch.setattr(train.Trainer, "_forward_loss", forward)
+    monkeypatch.setattr(Trainer, "_forward_loss", forward)
     assert train.main(["--resume", str(out), "--optim.batch_size", "2", "--optim.grad_accum", "2", *QUIET]) == 0
     assert train.main([*base_args(data, "scienceqa", tmp_path / "ref"), "--optim.max_steps", "4",
                        "--run.eval", "false"]) == 0  # fmt: skip
@@ -185,3 +202,80 @@ def test_a_fresh_run_refuses_to_overwrite_another(data, tmp_path, capsys):
     assert train.main(argv) == 0
     assert train.main(argv) == 1
     assert f"error: {out} already holds a run; continue it with --resume {out} or pick --out" in capsys.readouterr().err
+
+
+def test_training_evaluates_like_the_eval_command_line(data, tmp_path):
+    """The evaluation after training is eval.scienceqa's: the same predictions and metrics as the command line on
+    the saved run."""
+    out = tmp_path / "run"
+    argv = [*base_args(data, "scienceqa", out), "--optim.max_steps", "2", "--run.eval_max_new_tokens", "4"]
+    assert train.main(argv) == 0
+    again = tmp_path / "eval"
+    assert eval_scienceqa([
+        "--checkpoint", str(out), "--data", str(data / "scienceqa"), "--split", "test", "--output", str(again),
+        "--device", "cpu", "--batch-size", "32", "--max-new-tokens", "4",
+    ]) == 0  # fmt: skip
+    for name in ("metrics.json", "predictions.json"):
+        assert json.loads((out / name).read_text()) == json.loads((again / name).read_text()), name
+    assert json.loads((out / "metrics.json").read_text())["counts"]["Avg"]["total"] == 8
+
+
+def test_a_run_inside_a_process_leaves_its_signal_handlers_alone(data, tmp_path, monkeypatch):
+    """Only train.py run as a program handles SIGINT / SIGTERM (tests/test_train_resume.py sends them); train.main
+    called from Python, as here, keeps the caller's handlers for the whole run."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen = []
+    step = Trainer.step
+
+    def step_and_look(self, micro, pos, stop):
+        seen.append({sig: signal.getsignal(sig) for sig in before})
+        return step(self, micro, pos, stop)
+
+    monkeypatch.setattr(Trainer, "step", step_and_look)
+    argv = [*base_args(data, "alpaca", tmp_path / "run"), "--optim.max_steps", "2"]
+    assert train.main(argv) == 0
+    assert seen == [before, before]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# ---- the method plug-in point, through train.py --------------------------------------------------------------------
+@dataclass
+class OutputBiasConfig(MethodConfig):
+    """A toy PEFT method: a learned bias on the final hidden state, zero at start (hook: after_sublayer)."""
+
+
+@register_method("toy_final_bias")
+class OutputBias(Method):
+    config_class = OutputBiasConfig
+
+    def attach(self, model):
+        self.adapter_bias = nn.Parameter(torch.empty(self.llama.dim))  # (dim,)
+
+    def reset_parameters(self, model, generator):
+        with torch.no_grad():
+            self.adapter_bias.zero_()
+
+    def after_sublayer(self, block, sublayer, out, ctx):
+        last = block.attention.layer_idx == self.llama.n_layers - 1
+        return out + self.adapter_bias.to(out.dtype) if last and sublayer == "feed_forward" else out
+
+
+def test_a_method_registered_outside_the_model_trains_through_train_py(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*base_args(data, "scienceqa", out), "--model.method", "toy_final_bias", "--no-images",
+            "--optim.max_steps", "4", "--run.eval_limit", "2", "--run.eval_max_new_tokens", "2"]  # fmt: skip
+    assert train.main(argv) == 0
+    assert "| 64 trainable values (bias 64) |" in capsys.readouterr().out
+    tensors = load_file(out / "adapter.safetensors")
+    assert list(tensors) == ["method.adapter_bias"] and tensors["method.adapter_bias"].abs().sum() > 0  # it trained
+    sidecar = json.loads((out / "adapter.json").read_text())
+    assert sidecar["model_config"]["method"] == "toy_final_bias"
+    model = load_run(out)
+    assert isinstance(model.method, OutputBias) and torch.equal(
+        model.method.adapter_bias, tensors["method.adapter_bias"]
+    )
+    assert read_metrics(out)[-1]["step"] == 4
+
+    other = [*base_args(data, "scienceqa", tmp_path / "other"), "--model.method", "toy_missing", "--no-images"]
+    assert train.main(other) == 1  # a method nobody registered: one error naming the flag and the known ones
+    assert "error: --model.method: unknown PEFT method 'toy_missing'; registered: " in capsys.readouterr().err

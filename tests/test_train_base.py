@@ -3,22 +3,20 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-import train
 from data.scienceqa import Problem, build_prompt
 from data.synthetic import scienceqa_drafts
 from model import load_model
 from model.config import PRESETS
+from training.config import REPO_ROOT, TINY_BASE
 
-REPO = Path(train.__file__).resolve().parent
-SCRIPT = REPO / "scripts" / "build_tiny_base.py"
+SCRIPT = REPO_ROOT / "scripts" / "build_tiny_base.py"
 
 
 def test_the_committed_base_is_the_tiny_preset_in_meta_layout_under_10_mb():
-    base = train.TINY_BASE
+    base = TINY_BASE
     assert sorted(p.name for p in base.iterdir()) == [
         "README.md",
         "consolidated.00.pth",

@@ -16,9 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model.checkpoint
+import model.checkpoint.adapter
 import train
 from data.synthetic import make_scienceqa, synthetic_corpus, train_tokenizer
+from training.metrics import read_metrics
+from training.optim import Schedule
 
 REPO = Path(train.__file__).resolve().parent
 QUIET = ["--run.progress", "false", "--run.tensorboard", "false", "--run.log_every", "1", "--run.eval", "false"]
@@ -91,7 +93,7 @@ def start(argv: list[str], tmp_path: Path) -> subprocess.Popen:
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if len(train.read_metrics(run_dir / "metrics.jsonl")) >= step:  # tolerates a line being written
+        if len(read_metrics(run_dir / "metrics.jsonl")) >= step:  # tolerates a line being written
             return
         if proc.poll() is not None:
             raise AssertionError(f"train.py ended (status {proc.returncode}) before step {step}: {proc.stderr.read()}")
@@ -151,7 +153,7 @@ def test_sigterm_saves_the_state_and_stops_within_a_step(data, reference, tmp_pa
     proc = start(run_args(data, out), tmp_path)
     wait_for_step(proc, out, 2)
     proc.send_signal(signal.SIGTERM)
-    logged_when_sent = len(train.read_metrics(out / "metrics.jsonl"))
+    logged_when_sent = len(read_metrics(out / "metrics.jsonl"))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM: finishing this step and saving the state" in err and "Traceback" not in err
@@ -206,9 +208,9 @@ def test_an_accepted_change_applies_from_the_saved_step_and_is_recorded(data, re
     assert config["changes"] == [
         {"step": 7, "settings": {"optim.lr": [None, 0.001], "optim.weight_decay": [0.02, 0.5]}}
     ]
-    records = train.read_metrics(out / "metrics.jsonl")
+    records = read_metrics(out / "metrics.jsonl")
     assert losses(out)[:7] == losses(reference)[:7]
-    assert [r["lr"] for r in records[7:]] == [train.Schedule(0.001, 0.0, 6, 18).lr(step) for step in range(7, 18)]
+    assert [r["lr"] for r in records[7:]] == [Schedule(0.001, 0.0, 6, 18).lr(step) for step in range(7, 18)]
     groups = torch.load(out / "state.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.5, 0.0]  # not the saved optimizer's 0.02
     # The changed settings are now the run's: a plain resume continues with them.
@@ -257,7 +259,7 @@ def metrics_append(file, mode="r", *args, **kwargs) -> bool:
     "target, name, kept, saved_step",
     [
         ((torch, "save", any_call), "state.pt", "the previous file is unchanged", 4),
-        ((model.checkpoint, "save_file", any_call), "adapter.safetensors", "the previous file is unchanged", 5),
+        ((model.checkpoint.adapter, "save_file", any_call), "adapter.safetensors", "the previous file is unchanged", 5),
         ((builtins, "open", metrics_append), "metrics.jsonl", "earlier records are kept", 4),
     ],
 )

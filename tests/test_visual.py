@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from model.config import AdapterConfig, ModelConfig, VisualConfig, preset
+from model.config import ModelConfig, VisualConfig, preset
 from model.llama import Transformer, count_trainable, is_trainable
 from model.visual import (
     MAX_IMAGE_PIXELS,
@@ -208,7 +208,7 @@ def test_visual_config_validation():
 # ---- the model with a visual prompt ---------------------------------------------------------------------------
 def test_zero_init_multimodal_model_is_exactly_the_text_model():
     model = tiny_mm()
-    base = Transformer(ModelConfig(llama=model.config.llama, adapter=AdapterConfig(n_layers=0))).eval()
+    base = Transformer(ModelConfig(llama=model.config.llama)).eval()  # no method: the plain base model
     base.load_state_dict({k: v for k, v in model.state_dict().items() if not is_trainable(k) and "visual." not in k})
     tokens = torch.randint(0, 512, (3, 11))
     images = random_images(3)

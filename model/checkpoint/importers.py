@@ -1,0 +1,139 @@
+"""Adapters from elsewhere as our trainable tensors: the official LLaMA-Adapter V1 release file and PEFT
+adaption-prompt directories; ``open_adapter`` detects which format (ours included) a path holds."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from torch import Tensor
+
+from model.checkpoint.adapter import ADAPTER_FILE, AdapterWeights, read_adapter
+from model.checkpoint.files import CheckpointError, load_safetensors, read_json, torch_load
+from model.checkpoint.keys import listing
+from model.config import LlamaConfig
+from model.methods import AdapterConfig
+
+
+def read_official_v1(
+    path: str | Path,
+    llama: LlamaConfig,
+    *,
+    prompt_len: int = 10,
+    gate_fn: Literal["tanh", "raw"] = "tanh",
+) -> AdapterWeights:
+    """The official LLaMA-Adapter V1 release file (``llama_adapter_len10_layer30_release.pth``) as our tensors.
+
+    Layout: ``adapter_query.weight`` (L*K, dim), the prompts of the top L layers in order, and
+    ``layers.N.attention.gate`` per layer, (1, n_heads, 1, 1) per head or (1,) one scalar (the first release, before
+    commit fa65dbc) broadcast to every head. L = rows / K. Gates of the bottom, non-adapted layers are in the file
+    too; they never trained, so they must be zero.
+
+    gate_fn: the official training code scales by tanh(gate) while its released inference code (llama/model.py)
+    multiplies by the raw gate (issue #39). We default to "tanh", the semantics the weights were trained under;
+    pass "raw" to reproduce the released inference code.
+    """
+    path = Path(path)
+    state = {k: v.float() for k, v in torch_load(path).items()}
+    if "adapter_query.weight" not in state:
+        raise CheckpointError(f"{path}: no 'adapter_query.weight'; not an official LLaMA-Adapter V1 file")
+    query = state.pop("adapter_query.weight")
+    rows = query.shape[0]
+    if query.ndim != 2 or query.shape[1] != llama.dim or rows % prompt_len:
+        raise CheckpointError(
+            f"{path}: adapter_query.weight has shape {tuple(query.shape)}; expected (L*{prompt_len}, {llama.dim})"
+        )
+    n_adapted = rows // prompt_len
+    if n_adapted > llama.n_layers:
+        raise CheckpointError(f"{path}: {n_adapted} adapted layers but the base has only {llama.n_layers}")
+    first = llama.n_layers - n_adapted
+    prompts = query.view(n_adapted, prompt_len, llama.dim)  # (L, K, dim): slice i feeds layer first + i
+    tensors = {f"layers.{first + i}.attention.adapter_prompt": prompts[i].clone() for i in range(n_adapted)}
+    gate_key = re.compile(r"layers\.(\d+)\.attention\.gate")
+    unexpected = [k for k in state if not gate_key.fullmatch(k)]
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys for an official V1 file: {listing(sorted(unexpected))}")
+    for key, gate in state.items():
+        layer = int(gate_key.fullmatch(key).group(1))
+        if gate.numel() not in (1, llama.n_heads):
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(gate.shape)}; expected (1, {llama.n_heads}, 1, 1) or (1,)"
+            )
+        if layer >= llama.n_layers:
+            raise CheckpointError(f"{path}: {key} names layer {layer} but the base has {llama.n_layers} layers")
+        if layer < first:
+            if gate.any():
+                raise CheckpointError(f"{path}: {key} is non-zero but layer {layer} carries no prompts")
+            continue
+        tensors[f"layers.{layer}.attention.adapter_gate"] = gate.flatten().expand(llama.n_heads).clone()
+    adapter = AdapterConfig(prompt_len=prompt_len, n_layers=n_adapted, gate_fn=gate_fn)
+    return AdapterWeights(tensors, adapter, None, path)
+
+
+_PEFT_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gate)")
+
+
+def read_peft(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
+    """A PEFT adaption-prompt directory (adapter_config.json + adapter_model.safetensors / .bin) as our tensors.
+
+    PEFT keeps one prompt (1, K, hidden) and ONE raw scalar gate (1,) per adapted layer, applied without tanh:
+    the imported model uses gate_fn="raw" with the scalar copied to every head, which computes the same output.
+    """
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    cfg = read_json(config_file)
+    if cfg.get("peft_type") != "ADAPTION_PROMPT":
+        raise CheckpointError(f"{config_file}: peft_type={cfg.get('peft_type')!r}; only ADAPTION_PROMPT is supported")
+    if cfg.get("target_modules", "self_attn") != "self_attn":
+        raise CheckpointError(f"{config_file}: target_modules={cfg['target_modules']!r}; expected 'self_attn'")
+    try:
+        adapter = AdapterConfig(prompt_len=int(cfg["adapter_len"]), n_layers=int(cfg["adapter_layers"]), gate_fn="raw")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: invalid adaption-prompt config ({e!r})") from e
+    if adapter.n_layers > llama.n_layers:
+        raise CheckpointError(f"{config_file}: adapter_layers={adapter.n_layers} but the base has {llama.n_layers}")
+    if (path / "adapter_model.safetensors").is_file():
+        weight_file = path / "adapter_model.safetensors"
+        state = load_safetensors(weight_file)
+    elif (path / "adapter_model.bin").is_file():
+        weight_file = path / "adapter_model.bin"
+        state = torch_load(weight_file)
+    else:
+        raise CheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
+    tensors: dict[str, Tensor] = {}
+    for key, value in state.items():
+        m = _PEFT_KEY.fullmatch(key)
+        if m is None:
+            tensors[key] = value  # surfaces as an unexpected key in the strict check
+        elif m.group(2) == "prompt":
+            prompt = value.float().squeeze(0)  # (1, K, dim) -> (K, dim)
+            tensors[f"layers.{m.group(1)}.attention.adapter_prompt"] = prompt
+        elif value.numel() != 1:
+            raise CheckpointError(f"{weight_file}: {key} has shape {tuple(value.shape)}; PEFT gates are (1,)")
+        else:
+            tensors[f"layers.{m.group(1)}.attention.adapter_gate"] = value.float().reshape(1).expand(llama.n_heads)
+    return AdapterWeights(tensors, adapter, None, weight_file)
+
+
+def open_adapter(
+    path: str | Path, llama: LlamaConfig, *, official_gate_fn: Literal["tanh", "raw"] = "tanh"
+) -> AdapterWeights:
+    """Detect and read an adapter: ours (``.safetensors`` file or directory with ``adapter.safetensors``), a PEFT
+    directory (``adapter_config.json``) or an official V1 file (``.pth``)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / ADAPTER_FILE).is_file():
+            return read_adapter(path)
+        if (path / "adapter_config.json").is_file():
+            return read_peft(path, llama)
+        raise CheckpointError(
+            f"{path}: no {ADAPTER_FILE} (our adapter / run directory) and no adapter_config.json (PEFT adaption prompt)"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{path}: adapter not found")
+    if path.suffix == ".safetensors":
+        return read_adapter(path)
+    if path.suffix in (".pth", ".pt", ".bin"):
+        return read_official_v1(path, llama, gate_fn=official_gate_fn)
+    raise CheckpointError(f"{path}: unknown adapter format (expected .safetensors, .pth or a directory)")

@@ -1,0 +1,169 @@
+"""The plug-in point for parameter-efficient fine-tuning (PEFT) methods: a registry by name and the base class
+``Method`` whose hooks the backbone (model/llama.py) calls. The backbone names no method; a new method is one
+module in model/methods/ with its config dataclass, registered with ``@register_method("name")``.
+
+Every tensor a method adds must carry the ``adapter_`` prefix on some part of its name: ``is_trainable`` (in
+model/llama.py) is the one rule that makes it trainable, optimized and saved; everything else stays frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    import torch
+
+    from model.config import LlamaConfig
+    from model.llama import Attention, AttentionContext, Transformer, TransformerBlock
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's settings: a dataclass whose field docstrings are user documentation."""
+
+    def check(self, llama: LlamaConfig) -> None:
+        """Raise ValueError naming the field when these settings do not fit the architecture ``llama``."""
+
+
+class Method(nn.Module):
+    """A PEFT method attached to the Transformer (``model.method``); every hook is a no-op here.
+
+    The base class itself is the plain base model (``ModelConfig.method = None``). Hooks, in the order the
+    backbone calls them:
+
+    - ``attach(model)``: once, when the model is built. Add the method's tensors (empty, possibly on the meta
+      device) to the backbone's modules or to the method itself. Wrapped linear layers (LoRA, V2 bias / scale)
+      are made here too: replace e.g. ``block.attention.wq`` by an ``nn.Linear`` subclass that keeps the frozen
+      weight as ``.weight``, so base checkpoints load under their Meta names unchanged.
+    - ``reset_parameters(model, generator)``: the one init rule of a fresh adapter (identity at start where the
+      method has one). Draw on the CPU from ``generator`` (None: the global RNG), then copy to each tensor's
+      device, so a seed gives the same adapter on every device.
+    - ``sequence_state(model, visual)``: computed once per sequence (the first forward of a KV cache, or every
+      forward without one) and kept in ``cache.method_state``; the layer hooks read it as ``ctx.state``.
+      ``visual`` (B, dim) is where the visual vector enters every method (zero rows: items without an image;
+      None: no images at all). Only methods with ``takes_visual`` may be built with a visual path.
+    - ``joint_kv(attention, ctx)``: keys / values (1 or B, n_kv_heads, P, head_dim) joined BEFORE the tokens'
+      keys in the SAME softmax, visible to every query, without RoPE (prefix tuning).
+    - ``attention_output(attention, q, y, ctx)``: the head outputs y (B, n_heads, T, head_dim) before ``wo``,
+      given the RoPE'd queries q (B, n_heads, T, head_dim): add terms of a SEPARATE softmax (adaption prompts).
+    - ``after_sublayer(block, sublayer, out, ctx)``: the output (B, T, dim) of the ``"attention"`` or
+      ``"feed_forward"`` sublayer, before the residual addition (Houlsby, AdaMix).
+    - ``merge(model)``: fold the method into the frozen weights for inference, outputs unchanged.
+
+    Soft tokens at the input (prompt tuning, P-tuning) are not offered yet. Their contract, when a method needs
+    it: the P soft vectors are prepended once per sequence at cache slots and RoPE positions 0..P-1; the caller's
+    tokens, positions and left padding shift by P (``new_cache`` reserves the P slots, ``mark_padding`` counts
+    after them, ``max_seq_len`` includes them); the forward drops the P soft positions from its output, so
+    logits stay (B, T, vocab) aligned with the caller's tokens and training labels need no change.
+    """
+
+    name: ClassVar[str] = "none"
+    """The registered name (set by ``register_method``); recorded in adapter sidecars."""
+    config_class: ClassVar[type[MethodConfig] | None] = None
+    """The dataclass of this method's settings."""
+    takes_visual: ClassVar[bool] = False
+    """Whether ``sequence_state`` uses the visual vector (a model with a visual path needs such a method)."""
+
+    def __init__(self, config: MethodConfig | None, llama: LlamaConfig) -> None:
+        super().__init__()
+        self.config, self.llama = config, llama
+
+    def attach(self, model: Transformer) -> None:
+        """Add this method's ``adapter_*`` tensors (empty) and wrapped linears to ``model``."""
+
+    def reset_parameters(self, model: Transformer, generator: torch.Generator | None) -> None:
+        """Give every tensor this method added its fresh value (see the class docstring)."""
+
+    def sequence_state(self, model: Transformer, visual: Tensor | None) -> Any:
+        """Per-sequence state kept in the KV cache; ``visual`` (B, dim) or None."""
+        return None
+
+    def joint_kv(self, attention: Attention, ctx: AttentionContext) -> tuple[Tensor, Tensor] | None:
+        """Keys and values joined to this layer's token keys in the same softmax, or None."""
+        return None
+
+    def attention_output(self, attention: Attention, q: Tensor, y: Tensor, ctx: AttentionContext) -> Tensor:
+        """This layer's head outputs y (B, nh, T, hd), with any separate-softmax terms added."""
+        return y
+
+    def after_sublayer(self, block: TransformerBlock, sublayer: str, out: Tensor, ctx: AttentionContext) -> Tensor:
+        """The output of ``block``'s ``"attention"`` / ``"feed_forward"`` sublayer before the residual add."""
+        return out
+
+    def merge(self, model: Transformer) -> None:
+        """Fold into the frozen weights for inference where the math allows (LoRA, V2 bias / scale), leaving the
+        method's tensors at their identity values so outputs are unchanged. Methods whose work cannot fold
+        (adaption prompts, prefixes: extra keys) keep working as they are."""
+
+    def describe(self) -> str:
+        """One line for people: what the method adds and where."""
+        return "no PEFT method (the base model)"
+
+    def group(self, name: str) -> str:
+        """The kind of the trainable tensor ``name`` for the training log (default: its own name, unprefixed)."""
+        return name.rsplit(".", 1)[-1].removeprefix("adapter_")
+
+
+# ---- registry ---------------------------------------------------------------------------------------------------
+_METHODS: dict[str, type[Method]] = {}
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: register a Method subclass (with its ``config_class``) under ``name``."""
+
+    def register(cls: M) -> M:
+        if cls.config_class is None or not issubclass(cls.config_class, MethodConfig):
+            raise TypeError(f"{cls.__qualname__}.config_class must be a MethodConfig dataclass")
+        for other_name, other in _METHODS.items():
+            if other is not cls and (other_name == name or other.config_class is cls.config_class):
+                raise ValueError(f"PEFT method {name!r} ({cls.__qualname__}) clashes with {other_name!r}")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return register
+
+
+def method_names() -> list[str]:
+    """Names of the registered methods, sorted."""
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered method ``name``; ValueError listing the registered ones otherwise."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown PEFT method {name!r}; registered: {', '.join(method_names())}")
+    return _METHODS[name]
+
+
+def method_of(config: MethodConfig) -> type[Method]:
+    """The registered method whose config class ``config`` is."""
+    for cls in _METHODS.values():
+        if type(config) is cls.config_class:
+            return cls
+    raise ValueError(f"{type(config).__name__} is not the config of a registered PEFT method ({method_names()})")
+
+
+def build_method(config: MethodConfig | None, llama: LlamaConfig) -> Method:
+    """The method for ``config`` (None: the no-op base ``Method``, i.e. the plain base model)."""
+    return Method(None, llama) if config is None else method_of(config)(config, llama)
+
+
+def config_from_dict(name: str | None, values: dict[str, Any] | None) -> MethodConfig | None:
+    """A method config from the name and field values recorded by ``config_to_dict``."""
+    if name is None:
+        return None
+    return method_class(name).config_class(**(values or {}))
+
+
+def config_to_dict(config: MethodConfig | None) -> tuple[str | None, dict[str, Any] | None]:
+    """(name, field values) of a method config, as adapter sidecars record them."""
+    if config is None:
+        return None, None
+    return method_of(config).name, dataclasses.asdict(config)

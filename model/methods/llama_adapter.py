@@ -1,0 +1,123 @@
+"""LLaMA-Adapter V1: zero-init gated adaption prompts (arXiv 2303.16199, Sec. 3), with the multimodal visual prompt.
+
+In the top L layers, the layer's K prompts go through that layer's own frozen wk / wv (no RoPE: prompts have no
+position) and the query attends to them with a separate softmax, scaled per head by a zero-initialised gate:
+
+    out = softmax(q K_tok^T / sqrt(hd)) V_tok + gate(g_h) * softmax(q K_p^T / sqrt(hd)) V_p,   then wo
+
+gate(g) = tanh(g) as in the official training code (or g, as PEFT and the official inference code do). With every
+gate at zero the model is exactly the base model. The visual vector I_p (B, dim) is added to every prompt of every
+adapted layer (paper Sec. 3.3: P_l + Repeat(I_p)). Prompt K/V are computed once per sequence and kept in the cache.
+
+Tensor names are those of the official layout ported to our modules: ``layers.N.attention.adapter_prompt`` (K, dim)
+and ``layers.N.attention.adapter_gate`` (n_heads,), so every adapter file ever saved keeps loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.methods.base import Method, MethodConfig, register_method
+
+if TYPE_CHECKING:
+    from model.config import LlamaConfig
+    from model.llama import Attention, AttentionContext, Transformer
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    """Zero-init gated adaption prompts (LLaMA-Adapter V1, arXiv 2303.16199, Sec. 3)."""
+
+    prompt_len: int = 10
+    """K: learnable prompt vectors per adapted layer."""
+    n_layers: int = 30
+    """L: number of adapted layers, counted from the top of the stack."""
+    gate_fn: Literal["tanh", "raw"] = "tanh"
+    """How the per-head gate scales the prompt attention: tanh(g) (official training code) or g (PEFT, lit-llama)."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_len <= 0:
+            raise ValueError(f"AdapterConfig.prompt_len must be positive, got {self.prompt_len}")
+        if self.n_layers < 0:
+            raise ValueError(f"AdapterConfig.n_layers must be >= 0, got {self.n_layers}")
+        if self.gate_fn not in ("tanh", "raw"):
+            raise ValueError(f"AdapterConfig.gate_fn must be 'tanh' or 'raw', got {self.gate_fn!r}")
+
+    def check(self, llama: LlamaConfig) -> None:
+        """The adapted layers must exist."""
+        if self.n_layers > llama.n_layers:
+            raise ValueError(f"AdapterConfig.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
+
+
+@register_method("llama_adapter")
+class LlamaAdapter(Method):
+    """Adaption prompts and per-head gates on the attention of the top ``config.n_layers`` layers."""
+
+    config: AdapterConfig
+    config_class = AdapterConfig
+    takes_visual = True
+
+    @property
+    def first_layer(self) -> int:
+        """Index of the lowest adapted layer."""
+        return self.llama.n_layers - self.config.n_layers
+
+    def adapted(self, model: Transformer) -> list[Attention]:
+        """The attention modules that carry prompts, bottom to top."""
+        return [block.attention for block in model.layers[self.first_layer :]]
+
+    def attach(self, model: Transformer) -> None:
+        for attention in self.adapted(model):
+            attention.adapter_prompt = nn.Parameter(torch.empty(self.config.prompt_len, self.llama.dim))  # (K, dim)
+            attention.adapter_gate = nn.Parameter(torch.empty(self.llama.n_heads))  # (nh,): one gate per head
+
+    def reset_parameters(self, model: Transformer, generator: torch.Generator | None) -> None:
+        """Prompts N(0, 1) like the official nn.Embedding, gates 0 (per head, official since fa65dbc): the model
+        starts as exactly the base model. Prompts are drawn bottom layer first."""
+        with torch.no_grad():
+            for attention in self.adapted(model):
+                attention.adapter_prompt.copy_(torch.randn(attention.adapter_prompt.shape, generator=generator))
+                attention.adapter_gate.zero_()
+
+    def sequence_state(self, model: Transformer, visual: Tensor | None) -> list[tuple[Tensor, Tensor] | None]:
+        """Per layer: the prompts' keys and values (1 or B, nkv, K, hd), None for layers without prompts."""
+        first = self.first_layer
+        return [self.prompt_kv(block.attention, visual) if i >= first else None for i, block in enumerate(model.layers)]
+
+    def prompt_kv(self, attention: Attention, visual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One layer's prompt keys/values through its frozen wk / wv, no RoPE. visual: (B, dim) or None."""
+        prompts = attention.adapter_prompt[None]  # (1, K, dim)
+        if visual is not None:
+            prompts = prompts + visual[:, None, :].to(prompts.dtype)  # (B, K, dim): P_l + Repeat(I_p)
+        prompts = prompts.to(attention.wk.weight.dtype)
+        b, k_len = prompts.shape[:2]
+        shape = (b, k_len, attention.n_kv_heads, attention.head_dim)
+        k = attention.wk(prompts).view(shape).transpose(1, 2)  # (b, nkv, K, hd)
+        v = attention.wv(prompts).view(shape).transpose(1, 2)  # (b, nkv, K, hd)
+        return k, v
+
+    def attention_output(self, attention: Attention, q: Tensor, y: Tensor, ctx: AttentionContext) -> Tensor:
+        """y + gate(g_h) * softmax(q K_p^T / sqrt(hd)) V_p: a separate softmax over the K prompts, visible to every
+        query (no mask, no position)."""
+        kv = ctx.state[attention.layer_idx]
+        if kv is None:
+            return y
+        B = q.shape[0]
+        ak, av = (t.expand(B, -1, -1, -1) for t in kv)  # (B, nkv, K, hd)
+        gqa = attention.n_kv_heads != attention.n_heads
+        y_prompts = F.scaled_dot_product_attention(q, ak, av, enable_gqa=gqa)  # (B, nh, T, hd)
+        g = attention.adapter_gate
+        gate = g.tanh() if self.config.gate_fn == "tanh" else g
+        return y + gate.to(y.dtype).view(1, -1, 1, 1) * y_prompts
+
+    def describe(self) -> str:
+        c, n = self.config, self.llama.n_layers
+        return f"adaption prompts K={c.prompt_len} on the top {c.n_layers} of {n} layers, {c.gate_fn} gate"
+
+    def group(self, name: str) -> str:
+        return {"adapter_prompt": "prompts", "adapter_gate": "gates"}.get(name.rsplit(".", 1)[-1], super().group(name))

@@ -1,0 +1,11 @@
+"""Training of the adapter (and the visual projection): the package behind ``train.py``.
+
+One idea a module: ``config`` (settings and recipes), ``args`` (command line), ``dist`` (processes and devices),
+``batching``, ``optim`` (optimizer and schedule), ``state`` (the run directory: RNG, position, save / load),
+``metrics`` (metrics.jsonl, TensorBoard, the loss curve), ``trainer`` (one optimizer step, NaN / OOM / signals) and
+``run`` (one run from settings to the evaluated adapter).
+"""
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on; the message says why and what to try. train.py prints it without a traceback."""

@@ -1,0 +1,254 @@
+"""Settings of a run: four typed dataclasses (model, data, optim, run) in one TrainConfig, and the named recipes.
+
+Every field's docstring (the string literal under it) is its ``--help`` text. ``config_to_dict`` /
+``config_from_dict`` convert to and from the plain values of ``<run>/config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from data.tasks import TASKS
+from model.config import AdapterConfig, VisualConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_BASE = REPO_ROOT / "assets" / "tiny-base"
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+"""The shipped recipes: one YAML file each (training/recipes/<name>.yaml), read by ``load_recipe``."""
+DEFAULT_RECIPE = "tiny"
+
+TaskName = Literal["scienceqa", "coco", "alpaca"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+# ==== configuration ================================================================================================
+@dataclass
+class ModelArgs:
+    """The frozen base model, the adaption prompts and the visual path."""
+
+    base: str | None = None
+    """Frozen base: a Meta directory (params.json + consolidated.NN.pth), a Hugging Face directory (config.json +
+    *.safetensors) or a preset name (tiny, 7B, 13B: random weights, for smoke tests and benchmarks)."""
+    tokenizer: str | None = None
+    """tokenizer.model / tokenizer.json, or a directory holding one; None: the one in the base directory."""
+    clip_weights: str | None = None
+    """Local weights file of the CLIP tower (never downloaded); None for the seeded 'tiny' tower."""
+    dtype: DType = "auto"
+    """dtype of the frozen base and CLIP tower; trainable tensors always stay float32. auto: float32 on CPU,
+    bfloat16 on GPUs that support it, else float16 (with loss scaling)."""
+    method: str = "llama_adapter"
+    """The PEFT method trained on the frozen base, a name registered in model.methods. llama_adapter takes its
+    settings from model.adapter; another method starts from its config's defaults."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """Settings of the llama_adapter method (adaption prompts)."""
+    visual: VisualConfig = field(default_factory=VisualConfig)
+    """The visual path: CLIP tower and the trainable projection to the LLaMA width."""
+
+
+@dataclass
+class DataArgs:
+    """What to train on and how examples become token sequences."""
+
+    task: TaskName = "scienceqa"
+    """scienceqa (multiple choice, answer 'The answer is (X)'), coco (image captioning) or alpaca (instructions)."""
+    path: str | None = None
+    """scienceqa: the folder holding problems.json, pid_splits.json and images/; coco: the folder holding the
+    Karpathy split dataset_coco.json and the train2014/ val2014/ images; alpaca: the alpaca_data.json file."""
+    synthetic: bool = False
+    """Generate the synthetic ScienceQA-format dataset (data.synthetic) at data.path if it is absent."""
+    images: bool = True
+    """Feed images through the CLIP tower (scienceqa, coco). false (--no-images): a text-only adapter, the
+    LLaMA-Adapter_T variant for ScienceQA."""
+    train_split: str = "train"
+    """Split to train on (scienceqa: train / trainval / minitrain; coco: train = Karpathy train + restval)."""
+    eval_split: str = "test"
+    """Split evaluated after training (scienceqa only)."""
+    prompt_format: str = "llama_adapter"
+    """ScienceQA prompt layout (data.scienceqa.build_prompt); recorded in the adapter sidecar."""
+    max_len: int = 512
+    """Longest training sequence in tokens (prompt + answer + EOS); longer examples are truncated."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: load in the training process)."""
+
+    def __post_init__(self) -> None:
+        if self.max_len < 2:
+            raise ValueError(f"data.max_len must be >= 2, got {self.max_len}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class OptimArgs:
+    """AdamW with linear warmup then half-cycle cosine decay, per optimizer step (official V1 recipe)."""
+
+    epochs: int = 5
+    """Passes over the training split."""
+    warmup_epochs: float = 2.0
+    """Linear warmup length, in epochs (fractions allowed)."""
+    batch_size: int = 4
+    """Micro-batch per process; effective batch = batch_size * grad_accum * number of processes."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    blr: float = 9e-3
+    """Base learning rate: lr = blr * effective_batch / 256 (the official V1 scaling rule)."""
+    lr: float | None = None
+    """Absolute peak learning rate; when set it replaces the blr scaling rule."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.02
+    """AdamW weight decay on matrices (prompts, projection weights); never on 1-D tensors (per-head gates,
+    biases), as timm's param_groups_weight_decay in the official code."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm of the trainable tensors to this value; None: no clipping (official V1)."""
+    max_steps: int | None = None
+    """Cap on optimizer steps; the schedule is laid out over the capped length (smoke tests, quick trials)."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ValueError(f"optim.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.blr <= 0:
+            raise ValueError(f"optim.blr must be positive, got {self.blr}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"optim.grad_clip must be positive (or none), got {self.grad_clip}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"optim.max_steps must be >= 1 (or none), got {self.max_steps}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass
+class RunArgs:
+    """Where the run goes, how often it logs and saves, and what happens after training."""
+
+    out: str | None = None
+    """Run directory; None: runs/<recipe>-<date>-<time>. Must not hold another run (use --resume for that)."""
+    seed: int = 0
+    """Seed of the fresh adapter, the visual projection, data order and every RNG of the run."""
+    device: Device = "auto"
+    """auto: CUDA when available (one GPU per process under torchrun), else CPU."""
+    log_every: int = 10
+    """Write metrics.jsonl / TensorBoard every this many optimizer steps (loss averaged over them)."""
+    save_every: int = 500
+    """Save the resumable state every this many optimizer steps (it is also saved at the end, on Ctrl-C or
+    SIGTERM, and at run.stop_after)."""
+    stop_after: int | None = None
+    """Save and stop once this many optimizer steps are done, without changing the schedule (time-boxed jobs:
+    continue later with --resume)."""
+    eval: bool = True
+    """Evaluate on data.eval_split after training and write predictions.json + metrics.json (scienceqa)."""
+    eval_batch_size: int = 32
+    """Prompts decoded together (greedy) during evaluation."""
+    eval_max_new_tokens: int = 64
+    """Longest generated answer during evaluation, in tokens."""
+    eval_limit: int | None = None
+    """Evaluate only the first N problems of the split (quick checks); None: all of them."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to <run>/tb when tensorboard is installed."""
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "save_every", "eval_batch_size", "eval_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("stop_after", "eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1 (or none), got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; written to <run>/config.json."""
+
+    recipe: str = "tiny"
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+    def __post_init__(self) -> None:
+        if self.recipe not in recipe_names():
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(recipe_names())}")
+        if self.data.synthetic and self.data.task != "scienceqa":
+            raise ValueError(f"data.synthetic generates ScienceQA only; set it false for data.task={self.data.task}")
+
+    def check_inputs(self) -> None:
+        """The recipes for real data leave base and data unset: fail with what to pass."""
+        if self.model.base is None:
+            raise ValueError(f"recipe {self.recipe!r} needs --base: a Meta or Hugging Face LLaMA directory")
+        if self.data.path is None:
+            raise ValueError(f"recipe {self.recipe!r} needs --data: {TASKS[self.data.task].data_hint}")
+
+    @property
+    def uses_images(self) -> bool:
+        """Alpaca has no images; ScienceQA and COCO use them unless --no-images."""
+        return self.data.images and TASKS[self.data.task].has_images
+
+
+class ConfigError(ValueError):
+    """A setting given on the command line or in a run's config.json is unknown or invalid."""
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings as plain values (nested dicts, tuples), as written to config.json."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
+    """Rebuild a (nested) dataclass from plain values; unknown keys and invalid values raise ConfigError."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"setting {where.rstrip('.') or 'config'} must be an object, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(where + k for k in unknown)}")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            value = config_from_dict(tp, value, f"{where}{name}.")
+        elif isinstance(value, list):
+            value = tuple(value)  # JSON has no tuples; every list-valued setting is a tuple
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+
+
+# ---- recipes ----------------------------------------------------------------------------------------------------
+def recipe_names() -> list[str]:
+    """The recipes shipped in training/recipes/, the default first."""
+    names = sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
+    return sorted(names, key=lambda name: name != DEFAULT_RECIPE)
+
+
+def load_recipe(name: str) -> TrainConfig:
+    """training/recipes/<name>.yaml as settings; a relative model.base or data.path in it is relative to the
+    repository root (the committed tiny base, the generated synthetic data)."""
+    path = RECIPE_DIR / f"{name}.yaml"
+    values = yaml.safe_load(path.read_text())
+    for section, key in (("model", "base"), ("data", "path")):
+        if values.get(section, {}).get(key) is not None:
+            values[section][key] = str(REPO_ROOT / values[section][key])
+    try:
+        return config_from_dict(TrainConfig, values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e

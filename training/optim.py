@@ -1,0 +1,71 @@
+"""Optimizer and schedule: AdamW over the trainable tensors, linear warmup then half-cycle cosine, per step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.config import OptimArgs
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable tensors only; no decay on 1-D tensors (per-head gates, biases), as timm's param_groups_weight_decay
+    in the official code. (The official 4-D gate (1, H, 1, 1) did get decay; ours is (H,) and does not.)"""
+    decay, no_decay = [], []
+    for _, p in model.trainable_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class Schedule:
+    """Per-step learning rate: linear warmup, then half-cycle cosine down to min_lr (official V1 lr_sched)."""
+
+    peak_lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    def lr(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        return self.min_lr + (self.peak_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepPlan:
+    """How a training set of a given size becomes optimizer steps on ``world`` processes."""
+
+    examples: int
+    """Size of the training set."""
+    per_rank: int
+    """Samples of each process per epoch (the DistributedSampler share, padded)."""
+    steps_per_epoch: int
+    effective_batch: int
+    """Samples per optimizer step, all processes together."""
+    schedule: Schedule
+
+
+def plan_steps(o: OptimArgs, n_examples: int, world: int) -> StepPlan:
+    """Steps per epoch, total steps (capped by optim.max_steps) and the learning-rate schedule over them; the peak
+    lr is optim.lr, or blr * effective batch / 256."""
+    per_rank = math.ceil(n_examples / world)
+    steps_per_epoch = math.ceil(per_rank / (o.batch_size * o.grad_accum))
+    total_steps = o.epochs * steps_per_epoch if o.max_steps is None else min(o.max_steps, o.epochs * steps_per_epoch)
+    effective_batch = o.batch_size * o.grad_accum * world
+    peak_lr = o.lr if o.lr is not None else o.blr * effective_batch / 256
+    # Warmup keeps its share of the schedule when optim.max_steps shortens it.
+    schedule = Schedule(peak_lr, o.min_lr, round(total_steps * o.warmup_epochs / o.epochs), total_steps)
+    return StepPlan(n_examples, per_rank, steps_per_epoch, effective_batch, schedule)
+
+
+def build_optimizer(model: nn.Module, o: OptimArgs, peak_lr: float) -> torch.optim.AdamW:
+    """AdamW over the model's trainable tensors (param_groups); the schedule sets the lr of each step."""
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=peak_lr, betas=o.betas, eps=o.eps)

@@ -1,0 +1,234 @@
+"""One run: settings -> model and data -> (resumed) state -> training loop -> saved adapter -> evaluation.
+
+Data parallelism is torch DDP over the trainable tensors (NCCL on GPU, gloo on CPU) with a DistributedSampler; rank 0
+logs and saves. Signal handlers (SIGINT / SIGTERM: save and stop) are installed only when asked (``handle_signals``:
+train.py run as a program), never by a library call.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from data.tasks import TASKS
+from model.devices import resolve_dtype
+from model.methods import MethodConfig
+from training import TrainingError
+from training.batching import ensure_synthetic, training_set
+from training.cli import Resume, describe_changes
+from training.config import TrainConfig
+from training.dist import Dist, close_distributed, data_parallel, leave_together, setup_distributed
+from training.metrics import METRICS_FILE, plot_loss_curve, truncate_metrics
+from training.optim import StepPlan, build_optimizer, plan_steps
+from training.state import (
+    CONFIG_FILE,
+    STATE_FILE,
+    Position,
+    data_position_fits,
+    load_state,
+    prepare_run_dir,
+    save_adapter_files,
+    seed_everything,
+    write_run_config,
+)
+from training.trainer import Trainer, train_loop
+
+
+def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The frozen base in ``dtype`` with a fresh zero-init adapter (fp32), the tokenizer, and the visual path.
+
+    Every process builds the same model from the same seed; nothing is broadcast.
+    """
+    from model import attach_tokenizer, load_model
+
+    try:
+        model = load_model(
+            cfg.model.base,
+            adapter_config=method_config(cfg),
+            clip=cfg.model.visual if cfg.uses_images else None,
+            clip_weights=cfg.model.clip_weights if cfg.uses_images else None,
+            dtype=dtype,  # the frozen base and CLIP tower; adapter tensors and the visual projection stay fp32
+            device=device,
+            seed=cfg.run.seed,
+        )
+        if cfg.model.tokenizer is not None:
+            attach_tokenizer(model, Path(cfg.model.tokenizer))
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(with_flag_names(str(e))) from e
+    if model.tokenizer is None:
+        raise TrainingError(f"no tokenizer found for base {cfg.model.base}; pass --tokenizer PATH")
+    return model
+
+
+def method_config(cfg: TrainConfig) -> MethodConfig:
+    """The config of the PEFT method ``--model.method`` names: llama_adapter takes ``--model.adapter.*``; any other
+    registered method (model.methods) starts from its config's defaults."""
+    from model.methods import method_class
+
+    if cfg.model.method == "llama_adapter":
+        return cfg.model.adapter
+    try:
+        return method_class(cfg.model.method).config_class()
+    except ValueError as e:
+        raise TrainingError(f"--model.method: {e}") from None
+
+
+def with_flag_names(message: str) -> str:
+    """The model package names config fields (``AdapterConfig.n_layers``); add the flag that sets each one."""
+    sections = {"AdapterConfig": "model.adapter", "VisualConfig": "model.visual"}
+    fields = re.finditer(r"\b(AdapterConfig|VisualConfig)\.(\w+)", message)
+    flags = dict.fromkeys(f"--{sections[m[1]]}.{m[2]}" for m in fields)
+    return f"{message} (set with {', '.join(flags)})" if flags else message
+
+
+def run(cfg: TrainConfig, resume: Resume | None = None, *, handle_signals: bool = False) -> int:
+    """Train (or continue) one run; returns the exit status. Raises TrainingError for anything a user must fix.
+
+    handle_signals: SIGINT / SIGTERM save the state and stop the run at the next step (train.py as a program);
+    otherwise the process's signal handlers are left alone.
+    """
+    from model.checkpoint import WriteError
+
+    run_dir = prepare_run_dir(cfg, resume)
+    d = setup_distributed(cfg.run.device)
+    try:
+        return _run(cfg, run_dir, resume, d, handle_signals)
+    except WriteError as e:  # a full disk, a lost mount ...: the message names the file
+        again = (
+            f"continue with: python train.py --resume {run_dir}"
+            if (run_dir / CONFIG_FILE).is_file()
+            else "run the same command again"
+        )
+        raise TrainingError(
+            f"{e}\n(the run stopped; {run_dir} keeps its last saved state: make room, then {again})"
+        ) from e
+    finally:
+        close_distributed(d)
+
+
+def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle_signals: bool) -> int:
+    started = time.perf_counter()
+    dtype = resolve_dtype(cfg.model.dtype, d.device)
+    if cfg.data.synthetic:
+        ensure_synthetic(cfg, d)
+    seed_everything(cfg.run.seed, d.rank)
+    model = build_model(cfg, d.device, dtype)
+    collate = training_set(cfg, model)
+
+    o = cfg.optim
+    plan = plan_steps(o, len(collate.examples), d.world)
+    schedule = plan.schedule
+    optimizer = build_optimizer(model, o, schedule.peak_lr)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+    pos = resume_position(cfg, run_dir, resume, model, optimizer, scaler, d, plan)
+
+    net = data_parallel(model, d)
+    model.train()
+
+    images = "on" if cfg.uses_images else "off"
+    d.say(
+        f"run {run_dir}\n"
+        f"{cfg.data.task}: {plan.examples:,} {cfg.data.train_split} examples, images {images}"
+        f" | {model.describe_trainable()} | base {dtype} on {d.device} x {d.world}\n"
+        f"effective batch {plan.effective_batch} | peak lr {schedule.peak_lr:.3g} | {plan.steps_per_epoch} "
+        f"steps/epoch x {o.epochs} epochs -> {schedule.total_steps} steps ({schedule.warmup_steps} warmup)"
+    )
+    trainer = Trainer(cfg, model, net, optimizer, scaler, schedule, dtype, d, collate)
+    start_step = pos.step
+    from data import DataError
+
+    try:
+        outcome = train_loop(cfg, trainer, run_dir, pos, plan, handle_signals)
+    except DataError as e:  # an unreadable image or record met while loading a batch; the message names it
+        hint = f"fix the data, then --resume {run_dir} (with --allow-changes if records were removed)"
+        raise TrainingError(f"{e}\n(the last saved state is intact: {hint})") from e
+    if d.main:
+        plot_loss_curve(run_dir)
+    leave_together(d)
+    minutes = (time.perf_counter() - started) / 60
+    total_steps = schedule.total_steps
+    if outcome != "done":
+        what = {"stopped": "run.stop_after reached", "SIGINT": "interrupted", "SIGTERM": "terminated"}[outcome]
+        d.say(f"{what} at step {pos.step}/{total_steps} after {minutes:.1f} min; state saved in {run_dir}")
+        d.say(f"continue with: python train.py --resume {run_dir}")
+        return 0 if outcome == "stopped" else 128 + getattr(signal, outcome).value
+    d.say(f"trained {total_steps} steps in {minutes:.1f} min; adapter: {run_dir / 'adapter.safetensors'}")
+    task = TASKS[cfg.data.task]
+    if cfg.run.eval and task.evaluator is None:
+        d.say(f"{task.name} is scored outside train.py: {task.scoring}")
+    elif cfg.run.eval and d.main:
+        # Rank 0 alone: no collective is left, so the other processes can finish instead of waiting (a long
+        # evaluation would outlast the NCCL timeout).
+        evaluate(cfg, model, run_dir, fresh=pos.step > start_step)
+    return 0
+
+
+def resume_position(
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: Resume | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    d: Dist,
+    plan: StepPlan,
+) -> Position:
+    """Where training starts: step 0, or the state of a resumed run (continued from the next epoch boundary on a
+    changed training set, when allowed). Rank 0 then writes config.json (recording any change accepted on resume)
+    and drops metrics logged after the saved step."""
+    o, n_examples = cfg.optim, plan.examples
+    pos = Position(examples=n_examples)
+    change: dict[str, Any] = {}
+    if resume is not None and (run_dir / STATE_FILE).is_file():
+        pos = load_state(run_dir, model, optimizer, scaler, d, o.batch_size * o.grad_accum)
+        if not data_position_fits(pos, n_examples, plan.per_rank, cfg, resume):  # accepted: the next epoch boundary
+            change["train_examples"] = [pos.examples, n_examples]
+            pos = Position(pos.step, pos.epoch + (pos.sample > 0), 0)
+        pos.examples = n_examples
+        d.say(
+            f"resuming {run_dir} at step {pos.step}/{plan.schedule.total_steps} (epoch {pos.epoch + 1}, "
+            f"sample {pos.sample})"
+        )
+        if d.main:  # the adapter of the state continued from (an adapter write may have failed after state.pt's)
+            save_adapter_files(cfg, run_dir, model, pos.step)
+    if resume is not None and resume.changes:
+        change["settings"] = {path: list(values) for path, values in resume.changes.items()}
+        d.say(f"from step {pos.step} on: {describe_changes(resume.changes)} (--allow-changes)")
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run_dir, cfg, {"step": pos.step, **change} if change else None)
+        truncate_metrics(run_dir / METRICS_FILE, pos.step)
+    return pos
+
+
+def evaluate(cfg: TrainConfig, model: nn.Module, run_dir: Path, fresh: bool) -> dict[str, Any]:
+    """The task's evaluator (data.tasks) on data.eval_split, written into the run directory; ``fresh``: the adapter
+    changed in this invocation, so answers an earlier evaluation logged are stale and generated again."""
+    from eval.common import GENERATIONS_FILE
+
+    task = TASKS[cfg.data.task]
+    if fresh:
+        (run_dir / GENERATIONS_FILE).unlink(missing_ok=True)
+    model.eval()
+    # A text-only adapter answers the image questions without their image (eval.common drops it).
+    label = f"{run_dir.name} ({cfg.data.eval_split}{', no images' if not cfg.uses_images else ''})"
+    try:
+        return task.evaluator(
+            model,
+            run_dir,
+            Path(cfg.data.path),
+            cfg.data.eval_split,
+            prompt_format=task.format_of(cfg.data.prompt_format),
+            batch_size=cfg.run.eval_batch_size,
+            max_new_tokens=cfg.run.eval_max_new_tokens,
+            limit=cfg.run.eval_limit,
+            label=label,
+        )
+    except ValueError as e:  # EvalError / DataError: a problem with the evaluation split, named in the message
+        raise TrainingError(f"evaluation failed: {e}") from e

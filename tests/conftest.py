@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 from PIL import Image
 
@@ -19,6 +20,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def train_spm(lines: list[str], prefix: Path, vocab_size: int, *, byte_fallback: bool = True) -> Path:
+    """A BPE sentencepiece model with LLaMA's special ids (unk 0, bos 1, eos 2, no pad) trained on ``lines``;
+    returns ``prefix``.model."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=byte_fallback, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    return Path(f"{prefix}.model")
 
 
 def make_tiny_run(folder: Path, *, visual: bool = True) -> Path:

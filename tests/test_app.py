@@ -13,7 +13,6 @@ import gradio as gr
 import httpx
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 from gradio.route_utils import delete_files_created_by_app
 from gradio_client import Client, handle_file
@@ -52,6 +51,7 @@ from model.generate import generate
 from model.llama import Transformer
 from model.tokenizer import load_tokenizer
 from model.visual import ImageLoadError, build_visual, load_image
+from tests.conftest import train_spm
 
 WORDS = "the cat sat on a mat while dogs ran fast over green hills and blue water what color is ball picture".split()
 # Gradio's queue statistics call pandas options that pandas 3 deprecates: not ours to fix, not worth the noise.
@@ -68,20 +68,7 @@ def train_tokenizer(folder: Path) -> Path:
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(400)]
     lines += [format_prompt(line, line) + line for line in lines[:50]]  # the template's words get pieces of their own
-    prefix = folder / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=str(prefix),
-        vocab_size=512,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    return Path(f"{prefix}.model")
+    return train_spm(lines, folder / "tokenizer", 512)
 
 
 def make_model(tokenizer_path: Path, *, visual: bool = True, max_seq_len: int = 256) -> Transformer:

@@ -4,7 +4,6 @@ import random
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 from PIL import Image
 
@@ -14,39 +13,20 @@ from model.llama import Transformer
 from model.methods import LlamaAdapter
 from model.tokenizer import load_tokenizer
 from model.visual import build_visual
+from tests.conftest import train_spm
 
 WORDS = "the cat sat on a mat while dogs ran fast over green hills and blue water answer question caption red".split()
 WORDS += ["café", "naïve", "東京", "😀"]  # multi-byte pieces for the streaming decoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding a tiny model is hundreds of microsecond-sized ops; with other processes on the 2 cores, OpenMP's
-    spinning threads make each op ~50x slower, one thread makes it steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(400)]
-    prefix = tmp_path_factory.mktemp("spm") / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=str(prefix),
-        vocab_size=300,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    return load_tokenizer(f"{prefix}.model")
+    return load_tokenizer(train_spm(lines, tmp_path_factory.mktemp("spm") / "tokenizer", 300))
 
 
 def make_model(tokenizer, *, visual: bool = True, seed: int = 0, max_seq_len: int = 512) -> Transformer:

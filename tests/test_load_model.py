@@ -20,6 +20,7 @@ from model import (
     save_adapter,
 )
 from model.llama import rope_tables
+from tests.conftest import train_spm
 from tests.test_checkpoint import HEADS, KV_HEADS, VOCAB, make_hf_model, write_hf_bin, write_meta
 
 TOL = dict(atol=1e-4, rtol=0)
@@ -257,16 +258,10 @@ def test_visual_config_shapes_a_fresh_visual_path_drawn_from_the_seed(tmp_path):
 
 def train_sentencepiece(folder, vocab_size: int):
     """A real tokenizer.model (Meta's format: unk 0, bos 1, eos 2, no pad) with ``vocab_size`` pieces."""
-    import sentencepiece as spm
 
     words = "the cat sat on a mat while dogs ran fast over green hills and blue water".split()
     lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(2 + i % 9)) for i in range(300)]
-    folder.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-    )  # fmt: skip
-    return folder / "tokenizer.model"
+    return train_spm(lines, folder / "tokenizer", vocab_size, byte_fallback=False)
 
 
 def test_tokenizer_in_the_base_directory_is_attached(tmp_path, tokens):

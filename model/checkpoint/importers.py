@@ -7,13 +7,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from torch import Tensor
-
 from model.checkpoint.adapter import ADAPTER_FILE, AdapterWeights, read_adapter
 from model.checkpoint.files import CheckpointError, load_safetensors, read_json, torch_load
 from model.checkpoint.keys import listing
 from model.config import LlamaConfig
-from model.methods import AdapterConfig
+from model.methods import AdapterConfig, method_class, method_names
 
 
 def read_official_v1(
@@ -71,28 +69,18 @@ def read_official_v1(
     return AdapterWeights(tensors, adapter, None, path)
 
 
-_PEFT_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gate)")
-
-
 def read_peft(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
-    """A PEFT adaption-prompt directory (adapter_config.json + adapter_model.safetensors / .bin) as our tensors.
-
-    PEFT keeps one prompt (1, K, hidden) and ONE raw scalar gate (1,) per adapted layer, applied without tanh:
-    the imported model uses gate_fn="raw" with the scalar copied to every head, which computes the same output.
-    """
+    """A PEFT directory (adapter_config.json + adapter_model.safetensors / .bin) as our tensors: the registered
+    method whose ``peft_type`` matches converts it (``Method.from_peft``)."""
     path = Path(path)
     config_file = path / "adapter_config.json"
     cfg = read_json(config_file)
-    if cfg.get("peft_type") != "ADAPTION_PROMPT":
-        raise CheckpointError(f"{config_file}: peft_type={cfg.get('peft_type')!r}; only ADAPTION_PROMPT is supported")
-    if cfg.get("target_modules", "self_attn") != "self_attn":
-        raise CheckpointError(f"{config_file}: target_modules={cfg['target_modules']!r}; expected 'self_attn'")
-    try:
-        adapter = AdapterConfig(prompt_len=int(cfg["adapter_len"]), n_layers=int(cfg["adapter_layers"]), gate_fn="raw")
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_file}: invalid adaption-prompt config ({e!r})") from e
-    if adapter.n_layers > llama.n_layers:
-        raise CheckpointError(f"{config_file}: adapter_layers={adapter.n_layers} but the base has {llama.n_layers}")
+    by_type = {method_class(n).peft_type: method_class(n) for n in method_names() if method_class(n).peft_type}
+    method = by_type.get(cfg.get("peft_type"))
+    if method is None:
+        raise CheckpointError(
+            f"{config_file}: peft_type={cfg.get('peft_type')!r}; supported: {', '.join(sorted(by_type))}"
+        )
     if (path / "adapter_model.safetensors").is_file():
         weight_file = path / "adapter_model.safetensors"
         state = load_safetensors(weight_file)
@@ -101,19 +89,11 @@ def read_peft(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
         state = torch_load(weight_file)
     else:
         raise CheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
-    tensors: dict[str, Tensor] = {}
-    for key, value in state.items():
-        m = _PEFT_KEY.fullmatch(key)
-        if m is None:
-            tensors[key] = value  # surfaces as an unexpected key in the strict check
-        elif m.group(2) == "prompt":
-            prompt = value.float().squeeze(0)  # (1, K, dim) -> (K, dim)
-            tensors[f"layers.{m.group(1)}.attention.adapter_prompt"] = prompt
-        elif value.numel() != 1:
-            raise CheckpointError(f"{weight_file}: {key} has shape {tuple(value.shape)}; PEFT gates are (1,)")
-        else:
-            tensors[f"layers.{m.group(1)}.attention.adapter_gate"] = value.float().reshape(1).expand(llama.n_heads)
-    return AdapterWeights(tensors, adapter, None, weight_file)
+    try:
+        config, tensors = method.from_peft(cfg, state, llama, weight_file)
+    except ValueError as e:
+        raise CheckpointError(f"{config_file}: {e}") from e
+    return AdapterWeights(tensors, config, None, weight_file)
 
 
 def open_adapter(

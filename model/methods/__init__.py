@@ -1,10 +1,11 @@
 """PEFT methods behind one plug-in point (``base``: the registry and the ``Method`` hooks), one module each.
 
-- ``llama_adapter``: zero-init gated adaption prompts, LLaMA-Adapter V1 (``AdapterConfig``).
-
-Importing this package registers the methods it holds; a method defined elsewhere registers itself with
-``@register_method`` when its module is imported.
+Importing this package imports every module in it, and each registers its method with ``@register_method``: a new
+method is one new file here. A method defined elsewhere registers itself when its module is imported.
 """
+
+import importlib
+import pkgutil
 
 from model.methods.base import (
     Method,
@@ -18,6 +19,9 @@ from model.methods.base import (
     register_method,
 )
 from model.methods.llama_adapter import AdapterConfig, LlamaAdapter
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "AdapterConfig",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
@@ -69,9 +70,22 @@ class Method(nn.Module):
     takes_visual: ClassVar[bool] = False
     """Whether ``sequence_state`` uses the visual vector (a model with a visual path needs such a method)."""
 
+    peft_type: ClassVar[str | None] = None
+    """PEFT's ``peft_type`` of the same method (e.g. "LORA"), when PEFT has it: ``from_peft`` then imports PEFT
+    directories (``load_model(base, adapter=peft_dir)``)."""
+
     def __init__(self, config: MethodConfig | None, llama: LlamaConfig) -> None:
         super().__init__()
         self.config, self.llama = config, llama
+
+    @classmethod
+    def from_peft(
+        cls, peft_config: dict[str, Any], state: dict[str, Tensor], llama: LlamaConfig, source: Path
+    ) -> tuple[MethodConfig, dict[str, Tensor]]:
+        """A PEFT directory's adapter_config.json values and weights -> (our config, tensors under our names).
+        Raise ValueError naming the field or key PEFT wrote that has no equivalent here; ``source`` names the
+        weights file in messages. Unknown keys may be passed through: the strict load names them."""
+        raise NotImplementedError(f"{cls.name} has no PEFT import")
 
     def attach(self, model: Transformer) -> None:
         """Add this method's ``adapter_*`` tensors (empty) and wrapped linears to ``model``."""

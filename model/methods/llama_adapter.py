@@ -15,8 +15,10 @@ and ``layers.N.attention.adapter_gate`` (n_heads,), so every adapter file ever s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,9 @@ class AdapterConfig(MethodConfig):
             raise ValueError(f"AdapterConfig.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
 
 
+_PEFT_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gate)")
+
+
 @register_method("llama_adapter")
 class LlamaAdapter(Method):
     """Adaption prompts and per-head gates on the attention of the top ``config.n_layers`` layers."""
@@ -61,6 +66,7 @@ class LlamaAdapter(Method):
     config: AdapterConfig
     config_class = AdapterConfig
     takes_visual = True
+    peft_type = "ADAPTION_PROMPT"
 
     @property
     def first_layer(self) -> int:
@@ -114,6 +120,35 @@ class LlamaAdapter(Method):
         g = attention.adapter_gate
         gate = g.tanh() if self.config.gate_fn == "tanh" else g
         return y + gate.to(y.dtype).view(1, -1, 1, 1) * y_prompts
+
+    @classmethod
+    def from_peft(
+        cls, peft_config: dict[str, Any], state: dict[str, Tensor], llama: LlamaConfig, source: Path
+    ) -> tuple[AdapterConfig, dict[str, Tensor]]:
+        """PEFT's ADAPTION_PROMPT: one prompt (1, K, hidden) and ONE raw scalar gate (1,) per adapted layer,
+        applied without tanh: imported as gate_fn="raw" with the scalar copied to every head (the same output)."""
+        if peft_config.get("target_modules", "self_attn") != "self_attn":
+            raise ValueError(f"target_modules={peft_config['target_modules']!r}; expected 'self_attn'")
+        try:
+            config = AdapterConfig(
+                prompt_len=int(peft_config["adapter_len"]), n_layers=int(peft_config["adapter_layers"]), gate_fn="raw"
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"invalid adaption-prompt config ({e!r})") from e
+        if config.n_layers > llama.n_layers:
+            raise ValueError(f"adapter_layers={config.n_layers} but the base has {llama.n_layers}")
+        tensors: dict[str, Tensor] = {}
+        for key, value in state.items():
+            m = _PEFT_KEY.fullmatch(key)
+            if m is None:
+                tensors[key] = value  # surfaces as an unexpected key in the strict check
+            elif m.group(2) == "prompt":
+                tensors[f"layers.{m.group(1)}.attention.adapter_prompt"] = value.float().squeeze(0)  # (K, dim)
+            elif value.numel() != 1:
+                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}; PEFT gates are (1,)")
+            else:
+                tensors[f"layers.{m.group(1)}.attention.adapter_gate"] = value.float().reshape(1).expand(llama.n_heads)
+        return config, tensors
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

@@ -41,6 +41,7 @@ SECTIONS = ("model", "data", "optim", "run")
 
 SHORT_FLAGS: dict[str, str] = {
     "--base": "model.base",
+    "--method": "model.method",
     "--tokenizer": "model.tokenizer",
     "--clip": "model.visual.clip_model",
     "--clip-weights": "model.clip_weights",

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from data.tasks import TASKS
-from model.config import AdapterConfig, VisualConfig
+from model.config import VisualConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = REPO_ROOT / "assets" / "tiny-base"
@@ -30,8 +30,8 @@ Device = Literal["auto", "cpu", "cuda"]
 
 # ==== configuration ================================================================================================
 @dataclass
-class ModelArgs:
-    """The frozen base model, the adaption prompts and the visual path."""
+class BaseModelArgs:
+    """The frozen base model, the PEFT method and the visual path."""
 
     base: str | None = None
     """Frozen base: a Meta directory (params.json + consolidated.NN.pth), a Hugging Face directory (config.json +
@@ -44,12 +44,36 @@ class ModelArgs:
     """dtype of the frozen base and CLIP tower; trainable tensors always stay float32. auto: float32 on CPU,
     bfloat16 on GPUs that support it, else float16 (with loss scaling)."""
     method: str = "llama_adapter"
-    """The PEFT method trained on the frozen base, a name registered in model.methods. llama_adapter takes its
-    settings from model.adapter; another method starts from its config's defaults."""
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    """Settings of the llama_adapter method (adaption prompts)."""
+    """The PEFT method trained on the frozen base, a name registered in model.methods (llama_adapter,
+    llama_adapter_v2, lora, houlsby, adamix, prefix, prompt, ptuning). Its settings are the section of the same name
+    below (llama_adapter's: model.adapter)."""
     visual: VisualConfig = field(default_factory=VisualConfig)
     """The visual path: CLIP tower and the trainable projection to the LLaMA width."""
+
+
+SETTINGS_SECTION = {"llama_adapter": "adapter"}
+"""Method name -> its section under model. when the two differ (llama_adapter's settings predate the others)."""
+
+
+def settings_section(method: str) -> str:
+    """The model.<section> holding ``method``'s settings."""
+    return SETTINGS_SECTION.get(method, method)
+
+
+def _method_sections() -> list[tuple[str, type, Any]]:
+    """One settings section per method shipped in model/methods/ (methods registered elsewhere, e.g. in a test,
+    train with their config's defaults)."""
+    from model.methods import method_class, method_names
+
+    shipped = [n for n in method_names() if method_class(n).__module__.startswith("model.methods.")]
+    return [
+        (settings_section(n), method_class(n).config_class, field(default_factory=method_class(n).config_class))
+        for n in sorted(shipped, key=lambda n: n != "llama_adapter")
+    ]
+
+
+ModelArgs = dataclasses.make_dataclass("ModelArgs", _method_sections(), bases=(BaseModelArgs,))
+ModelArgs.__module__, ModelArgs.__doc__ = __name__, BaseModelArgs.__doc__
 
 
 @dataclass

@@ -22,7 +22,7 @@ from model.methods import MethodConfig
 from training import TrainingError
 from training.batching import ensure_synthetic, training_set
 from training.cli import Resume, describe_changes
-from training.config import TrainConfig
+from training.config import TrainConfig, settings_section
 from training.dist import Dist, close_distributed, data_parallel, leave_together, setup_distributed
 from training.metrics import METRICS_FILE, plot_loss_curve, truncate_metrics
 from training.optim import StepPlan, build_optimizer, plan_steps
@@ -67,12 +67,13 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> n
 
 
 def method_config(cfg: TrainConfig) -> MethodConfig:
-    """The config of the PEFT method ``--model.method`` names: llama_adapter takes ``--model.adapter.*``; any other
-    registered method (model.methods) starts from its config's defaults."""
+    """The settings of the PEFT method ``--model.method`` names (its ``--model.<section>.*``; a method registered
+    outside model/methods/ has no section and starts from its config's defaults)."""
     from model.methods import method_class
 
-    if cfg.model.method == "llama_adapter":
-        return cfg.model.adapter
+    section = getattr(cfg.model, settings_section(cfg.model.method), None)
+    if section is not None:
+        return section
     try:
         return method_class(cfg.model.method).config_class()
     except ValueError as e:
@@ -81,9 +82,12 @@ def method_config(cfg: TrainConfig) -> MethodConfig:
 
 def with_flag_names(message: str) -> str:
     """The model package names config fields (``AdapterConfig.n_layers``); add the flag that sets each one."""
-    sections = {"AdapterConfig": "model.adapter", "VisualConfig": "model.visual"}
-    fields = re.finditer(r"\b(AdapterConfig|VisualConfig)\.(\w+)", message)
-    flags = dict.fromkeys(f"--{sections[m[1]]}.{m[2]}" for m in fields)
+    from model.methods import method_class, method_names
+
+    sections = {"VisualConfig": "model.visual"}
+    sections |= {method_class(n).config_class.__name__: f"model.{settings_section(n)}" for n in method_names()}
+    fields = re.finditer(r"\b(\w+Config)\.(\w+)", message)
+    flags = dict.fromkeys(f"--{sections[m[1]]}.{m[2]}" for m in fields if m[1] in sections)
     return f"{message} (set with {', '.join(flags)})" if flags else message
 
 

@@ -1,0 +1,161 @@
+"""The contract every PEFT method of model/methods passes, parametrised over the registry, on the shipped tiny base
+(assets/tiny-base: a trained 4-layer LLaMA, dim 64, 4 heads, 2 KV heads, with its tokenizer) and the seeded tiny
+CLIP tower: identity at init where the method defines it, save / load bit-exact, merge() keeps the logits, cached
+decoding equals recompute, a left-padded batch equals each prompt alone, only the method's tensors train, and the
+image changes the output after a few training steps."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, load_model, save_adapter
+from model.checkpoint import open_base
+from model.llama import Transformer, is_trainable
+from model.methods import Method, method_class, method_names
+
+TINY_BASE = Path(__file__).resolve().parents[1] / "assets" / "tiny-base"
+
+TINY_SETTINGS: dict[str, dict] = {
+    "llama_adapter": dict(prompt_len=4, n_layers=2),
+    "llama_adapter_v2": dict(prompt_len=4, n_layers=2),
+    "lora": dict(rank=4, alpha=8),
+    "houlsby": dict(bottleneck=8),
+    "adamix": dict(n_experts=3, bottleneck=8),
+    "prefix": dict(prefix_len=4, mlp_hidden=16),
+    "prompt": dict(n_tokens=4),
+    "ptuning": dict(n_tokens=4, encoder_hidden=16),
+}
+"""Each method's settings on the tiny base (small sizes, every layer count within its 4 layers)."""
+
+IDENTITY_AT_INIT = {"llama_adapter", "llama_adapter_v2", "lora", "houlsby"}
+"""Methods whose fresh adapter is exactly the base model (the others' init is asserted in their own tests)."""
+
+METHODS = sorted(n for n in method_names() if method_class(n).__module__.startswith("model.methods."))
+PROMPTS = ["Question: What color is the ball?\nAnswer:", "Tell me", "Question: Which is bigger?\nContext: N/A\nAnswer:"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make(name: str, *, images: bool = False, seed: int = 0) -> Transformer:
+    """The tiny base with a fresh ``name`` adapter (and the tiny CLIP path when ``images``), in eval mode."""
+    config = method_class(name).config_class(**TINY_SETTINGS[name])
+    return load_model(TINY_BASE, adapter_config=config, clip="tiny" if images else None, seed=seed).eval()
+
+
+def perturb(model: Transformer, seed: int = 1) -> None:
+    """Move every trainable tensor away from its init (as training would): a merge, a cache or a save then has
+    something to get wrong."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.trainable_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def tokens_of(model: Transformer, text: str) -> torch.Tensor:
+    return torch.tensor([model.tokenizer.encode(text, bos=True)])  # (1, T)
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))  # the tiny tower's input
+
+
+def test_the_registry_holds_every_method_of_the_survey():
+    assert "llama_adapter" in METHODS
+    assert set(METHODS) <= set(TINY_SETTINGS), "every registered method needs its tiny settings here"
+
+
+@pytest.mark.parametrize("name", sorted(IDENTITY_AT_INIT & set(METHODS)))
+def test_a_fresh_adapter_is_exactly_the_base_model(name):
+    model = make(name)
+    base = Transformer(ModelConfig(llama=model.config.llama, method=None)).eval()
+    open_base(TINY_BASE).load_into(base, dtype=None, device=torch.device("cpu"))
+    tokens = tokens_of(model, PROMPTS[0])
+    with torch.no_grad():
+        assert torch.equal(model(tokens), base(tokens))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_save_and_load_are_bit_exact_and_save_only_the_methods_tensors(name, tmp_path):
+    model = make(name, images=method_class(name).takes_visual)
+    perturb(model)
+    save_adapter(model, tmp_path, base=TINY_BASE)
+    loaded = load_model(TINY_BASE, tmp_path).eval()
+    saved = dict(model.adapter_state_dict())
+    assert saved.keys() == dict(loaded.adapter_state_dict()).keys()
+    assert all(torch.equal(saved[n], t) for n, t in loaded.adapter_state_dict().items())
+    tokens, pixels = tokens_of(model, PROMPTS[0]), images(1) if model.visual is not None else None
+    with torch.no_grad():
+        assert torch.equal(model(tokens, pixels), loaded(tokens, pixels))
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if method_class(n).merge is not Method.merge])
+def test_merge_keeps_the_logits(name):
+    model = make(name)
+    perturb(model)
+    tokens = tokens_of(model, PROMPTS[0])
+    with torch.no_grad():
+        before = model(tokens)
+        model.method.merge(model)
+        after = model(tokens)
+    assert (before - after).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_cached_decoding_equals_recompute(name):
+    model = make(name, images=method_class(name).takes_visual)
+    perturb(model)
+    tokens, pixels = tokens_of(model, PROMPTS[2]), images(1) if model.visual is not None else None
+    T = tokens.shape[1]
+    with torch.no_grad():
+        full = model(tokens, pixels)  # (1, T, vocab)
+        cache = model.new_cache(1, T + 4)
+        steps = [model(tokens[:, : T - 3], pixels, cache=cache)]
+        steps += [model(tokens[:, t : t + 1], cache=cache) for t in range(T - 3, T)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_left_padded_batch_equals_each_prompt_alone(name):
+    model = make(name)
+    perturb(model)
+    batch = model.generate(PROMPTS, max_new_tokens=8, temperature=0)
+    assert batch == [model.generate(p, max_new_tokens=8, temperature=0) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_only_the_methods_tensors_receive_gradients(name):
+    model = make(name, images=method_class(name).takes_visual).train()
+    perturb(model)
+    tokens = tokens_of(model, PROMPTS[0])
+    pixels = images(1) if model.visual is not None else None
+    logits = model(tokens[:, :-1], pixels)
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    frozen_with_grad = [n for n, p in model.named_parameters() if not is_trainable(n) and p.grad is not None]
+    assert frozen_with_grad == []
+    trained = [n for n, p in model.trainable_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert any(not n.startswith("visual.") for n in trained), "the method's own tensors get no gradient"
+    assert all(p.requires_grad == is_trainable(n) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if method_class(n).takes_visual])
+def test_the_image_changes_the_output_after_a_few_steps(name):
+    """A toy batch whose target token depends on the image: after a few Adam steps the visual path is wired in,
+    receives gradients, and two images give different logits."""
+    model = make(name, images=True).train()
+    torch.manual_seed(0)
+    tokens = tokens_of(model, PROMPTS[0]).repeat(2, 1)  # (2, T)
+    pixels = images(2, seed=3)
+    targets = torch.tensor([11, 29])  # a different next token for each image
+    optimizer = torch.optim.Adam([p for _, p in model.trainable_parameters()], lr=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        logits = model(tokens, pixels)[:, -1]  # (2, vocab)
+        F.cross_entropy(logits, targets).backward()
+        optimizer.step()
+    assert any(p.grad.abs().sum() > 0 for n, p in model.trainable_parameters() if n.startswith("visual."))
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens, pixels)[:, -1]
+    assert (logits[0] - logits[1]).abs().max().item() > 1e-3

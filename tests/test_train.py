@@ -92,7 +92,9 @@ def test_each_task_trains_and_writes_a_complete_run_directory(data, tmp_path, ta
         "alpaca": "alpaca is scored outside train.py: no automatic score (open-ended instructions): try the adapter "
         "with python -m app --checkpoint RUN_DIR",
     }[task]
-    assert scored in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert scored in printed
+    assert f"next:\n  try it in the demo:   .venv/bin/python -m app --checkpoint {out}\n" in printed
     if task == "scienceqa":
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["split"] == "test" and metrics["counts"]["Avg"]["total"] == 4

@@ -46,7 +46,7 @@ def test_no_arguments_is_the_tiny_recipe():
 
 
 def test_paper_recipes_keep_the_official_defaults():
-    base = ["--base", "/llama/7B", "--data", "/data/x"]
+    base = ["--base", "/llama/7B", "--data", "/data/x", "--clip-weights", "/clip/ViT-L-14.safetensors"]
     for recipe in ("scienceqa", "coco", "alpaca"):
         cfg = resolved("--recipe", recipe, *base)
         assert cfg.model.adapter == AdapterConfig(prompt_len=10, n_layers=30, gate_fn="tanh")
@@ -73,6 +73,7 @@ def test_every_setting_can_be_overridden_by_dotted_name_or_short_flag():
         "--optim.grad_clip", "none",
         "--no-images",
         "--data", "/somewhere",
+        "--data.synthetic", "false",
         "--seed=7",
         "--model.clip_weights", "null",
     )  # fmt: skip
@@ -121,7 +122,7 @@ def test_every_short_flag_sets_its_setting():
     for flag, path in SHORT_FLAGS.items():
         value = {"optim.lr": "0.25", "optim.epochs": "2", "run.seed": "5"}.get(path, "/x")
         section, *rest = path.split(".")
-        got = getattr(resolved(flag, value), section)
+        got = getattr(resolved(flag, value, "--no-images", "--data.synthetic", "false"), section)
         for part in rest:
             got = getattr(got, part)
         assert str(got) == value, flag
@@ -254,3 +255,25 @@ def test_resume_counts_a_config_file_like_flags(tmp_path, capsys):
     allowed = parse_args(["--resume", str(run_dir), "--config", str(tmp_path / "more.yaml"), "--allow-changes"])
     assert allowed.resume.changes == {"optim.epochs": (6, 9)} and allowed.config.run.save_every == 7
     assert "run.save_every" in RESUME_FREE
+
+
+def test_a_real_clip_tower_without_weights_is_refused_unless_random_is_asked_for(capsys, tmp_path):
+    argv = ["--recipe", "scienceqa", "--base", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    assert usage_error(capsys, *argv) == (
+        "CLIP model 'ViT-L-14-quickgelu' needs --clip-weights FILE (a local weights file; nothing is downloaded). "
+        "--model.random_clip true trains on a random tower instead (tests and benchmarks only), --no-images "
+        "trains without images"
+    )
+    assert resolved(*argv, "--model.random_clip", "true").model.random_clip
+    assert not resolved(*argv, "--no-images").uses_images
+    assert list(tmp_path.iterdir()) == []  # nothing written by the refused command
+
+
+def test_synthetic_data_is_generated_only_where_the_recipe_puts_it(capsys, tmp_path):
+    typo = tmp_path / "typo" / "path"
+    message = usage_error(capsys, "--data", str(typo))
+    assert message.startswith(f"--data {typo}: no such dataset. The tiny recipe generates its synthetic data only at ")
+    assert not typo.parent.exists()
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    assert resolved("--data", str(existing)).data.path == str(existing)  # an existing folder is read as it is

@@ -40,6 +40,9 @@ class BaseModelArgs:
     """tokenizer.model / tokenizer.json, or a directory holding one; None: the one in the base directory."""
     clip_weights: str | None = None
     """Local weights file of the CLIP tower (never downloaded); None for the seeded 'tiny' tower."""
+    random_clip: bool = False
+    """Build a randomly initialised CLIP tower when no clip_weights are given (tests and benchmarks only: the
+    adapter would learn from noise). Without it, a CLIP model other than 'tiny' needs --clip-weights."""
     dtype: DType = "auto"
     """dtype of the frozen base and CLIP tower; trainable tensors always stay float32. auto: float32 on CPU,
     bfloat16 on GPUs that support it, else float16 (with loss scaling)."""
@@ -213,11 +216,25 @@ class TrainConfig:
             raise ValueError(f"data.synthetic generates ScienceQA only; set it false for data.task={self.data.task}")
 
     def check_inputs(self) -> None:
-        """The recipes for real data leave base and data unset: fail with what to pass."""
+        """What a run needs before anything is written: base and data (the recipes for real data leave them
+        unset), CLIP weights for a real tower, and synthetic data generated only where the recipe puts it."""
         if self.model.base is None:
             raise ValueError(f"recipe {self.recipe!r} needs --base: a Meta or Hugging Face LLaMA directory")
         if self.data.path is None:
             raise ValueError(f"recipe {self.recipe!r} needs --data: {TASKS[self.data.task].data_hint}")
+        clip = self.model.visual.clip_model
+        if self.uses_images and clip != "tiny" and self.model.clip_weights is None and not self.model.random_clip:
+            raise ValueError(
+                f"CLIP model {clip!r} needs --clip-weights FILE (a local weights file; nothing is downloaded). "
+                "--model.random_clip true trains on a random tower instead (tests and benchmarks only), "
+                "--no-images trains without images"
+            )
+        default = load_recipe(self.recipe).data.path
+        if self.data.synthetic and not Path(self.data.path).exists() and Path(self.data.path) != Path(default):
+            raise ValueError(
+                f"--data {self.data.path}: no such dataset. The {self.recipe} recipe generates its synthetic data "
+                f"only at {default} (leave out --data), or pass an existing dataset: {TASKS[self.data.task].data_hint}"
+            )
 
     @property
     def uses_images(self) -> bool:

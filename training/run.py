@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from model.methods import MethodConfig
 from training import TrainingError
 from training.batching import ensure_synthetic, training_set
 from training.cli import Resume, describe_changes
-from training.config import TrainConfig, settings_section
+from training.config import REPO_ROOT, TrainConfig, settings_section
 from training.dist import Dist, close_distributed, data_parallel, leave_together, setup_distributed
 from training.metrics import METRICS_FILE, plot_loss_curve, truncate_metrics
 from training.optim import StepPlan, build_optimizer, plan_steps
@@ -53,6 +54,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> n
             adapter_config=method_config(cfg),
             clip=cfg.model.visual if cfg.uses_images else None,
             clip_weights=cfg.model.clip_weights if cfg.uses_images else None,
+            random_clip=cfg.model.random_clip,
             dtype=dtype,  # the frozen base and CLIP tower; adapter tensors and the visual projection stay fp32
             device=device,
             seed=cfg.run.seed,
@@ -170,7 +172,26 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle
         # Rank 0 alone: no collective is left, so the other processes can finish instead of waiting (a long
         # evaluation would outlast the NCCL timeout).
         evaluate(cfg, model, run_dir, fresh=pos.step > start_step)
+    d.say(next_steps(cfg, run_dir))
     return 0
+
+
+def next_steps(cfg: TrainConfig, run_dir: Path) -> str:
+    """What to do with a finished run: the demo, and the evaluation command for its task."""
+    python = python_command()
+    lines = ["next:", f"  try it in the demo:   {python} -m app --checkpoint {run_dir}"]
+    if cfg.data.task == "scienceqa":
+        lines.append(
+            f"  evaluate another split: {python} -m eval.scienceqa --checkpoint {run_dir} --data {cfg.data.path} "
+            f"--split val --output {run_dir / 'eval-val'}"
+        )
+    return "\n".join(lines)
+
+
+def python_command() -> str:
+    """How a user runs this interpreter: ``.venv/bin/python`` for the repository's environment, else ``python``."""
+    venv = REPO_ROOT / ".venv"
+    return ".venv/bin/python" if Path(sys.prefix).resolve() == venv.resolve() else "python"
 
 
 def resume_position(

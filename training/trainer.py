@@ -130,6 +130,7 @@ class Trainer:
         lr = self.schedule.lr(pos.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.model.method.begin_step(pos.step, self.cfg.run.seed)
         counts = torch.tensor(
             [float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, b in micro))], device=self.d.device
         )

@@ -4,3 +4,8 @@
 ``measure`` (clocks, peak memory, FLOP / byte counts, device peaks), ``run`` (shared weights, both sides, reports),
 ``worker`` (one side in a fresh process). Results and method: BENCHMARKS.md.
 """
+
+import warnings
+
+# PEFT still calls transformers' deprecated is_gradient_checkpointing: not ours to fix, and not news on every run.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from bench.measure import (
 )
 from bench.shapes import BenchShape, get_shape, hf_config_kwargs, parameter_count
 from bench.worker import SIDES, SideSpec, spec_json, summarize_generate, summarize_train
+from model.checkpoint import write_text_atomic
 
 GATE_RANGE = (0.05, 0.25)  # PEFT gates (raw, one per layer) drawn uniformly from here: a clearly non-zero adapter
 
@@ -116,6 +118,11 @@ def write_shared_weights(shape: BenchShape, cfg: BenchConfig, folder: Path) -> t
     return base_dir, adapter_dir
 
 
+def progress(message: str) -> None:
+    """One line on stderr while a benchmark runs (stdout holds only the report)."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
 def run_worker(spec: SideSpec, folder: Path) -> dict[str, Any]:
     """One side in a fresh interpreter; its stderr goes to ours so errors and warnings stay visible."""
     spec_path = folder / f"{spec.task}-{spec.side}-spec.json"
@@ -137,6 +144,7 @@ def run_sides(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
     with keep as folder_name:
         folder = Path(folder_name)
         folder.mkdir(parents=True, exist_ok=True)
+        progress(f"writing the shared {cfg.shape} weights and PEFT adapter to {folder}")
         base_dir, adapter_dir = write_shared_weights(shape, cfg, folder)
         # Give the parent's copy back before the workers load theirs (13.5 GB of GPU memory at 7B).
         gc.collect()
@@ -145,7 +153,10 @@ def run_sides(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
         rounds: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
         for r in range(cfg.rounds):
             for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+                progress(f"round {r + 1}/{cfg.rounds}: {cfg.task}, {side} side ...")
+                started = time.perf_counter()
                 rounds[side].append(run_worker(side_spec(cfg, side, base_dir, adapter_dir), folder))
+                progress(f"round {r + 1}/{cfg.rounds}: {side} side done in {time.perf_counter() - started:.0f} s")
     return {side: merge_rounds(cfg, results) for side, results in rounds.items()}
 
 
@@ -373,10 +384,5 @@ def format_generate(report: dict[str, Any]) -> str:
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
-    """Atomically: a temp file beside the target, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    """The report as indented JSON, atomically (model.checkpoint.write_text_atomic)."""
+    write_text_atomic(Path(path), json.dumps(report, indent=2))

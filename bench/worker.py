@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.measure import DTYPES, current_memory_bytes, now, peak_memory_bytes, reset_peak_memory
+from model.checkpoint import write_text_atomic
 
 SIDES = ("ours", "peft")
 
@@ -269,9 +269,7 @@ def main(argv: list[str]) -> None:
     spec = SideSpec(**json.loads(Path(argv[0]).read_text()))
     result = run_side(spec)
     out = Path(argv[1])
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(result))
 
 
 def spec_json(spec: SideSpec) -> str:

@@ -70,7 +70,16 @@ def test_generate_tiny_greedy_outputs_agree(tmp_path, capsys):
         assert row["decode_bytes_per_step"] == decode_bytes_per_step(
             get_shape("tiny").llama, 3, 10, row["batch"], 12 + 6 / 2, torch.float32
         )
-    assert "greedy outputs agree" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "greedy outputs agree" in printed.out
+    progress = [line for line in printed.err.splitlines() if line.startswith("bench: ")]  # never silent for minutes
+    assert progress[0].startswith("bench: writing the shared tiny weights and PEFT adapter to ")
+    assert progress[1:] == [
+        "bench: round 1/1: generate, ours side ...",
+        progress[2],
+        "bench: round 1/1: generate, peft side ...",
+        progress[4],
+    ] and progress[2].startswith("bench: round 1/1: ours side done in ")
 
 
 def test_shared_adapter_is_non_zero_and_changes_our_outputs(tmp_path):

@@ -111,6 +111,20 @@ def question_prompt(question: str, context: str = "", choices: Sequence[str] = (
     return build_prompt(problem, fmt)
 
 
+def with_chosen_option(pieces: Iterator[str], choices: Sequence[str]) -> Iterator[str]:
+    """The streamed pieces, then the text of the option the answer names ("The answer is (A)" -> " red"), unless
+    the answer already spells it out or names no valid option (parsed as eval.scienceqa scores it)."""
+    from eval.scienceqa import parse_answer
+
+    text = ""
+    for piece in pieces:
+        text += piece
+        yield piece
+    index = parse_answer(text, len(choices)).index
+    if index >= 0 and choices[index] not in text:
+        yield f" {choices[index]}"
+
+
 def latest_image(history: Sequence[Turn]) -> str | os.PathLike | Image.Image | None:
     """The image of the most recent turn that has one."""
     return next((turn.image for turn in reversed(history) if turn.image is not None), None)
@@ -277,7 +291,10 @@ class Engine:
             return question_prompt(question, ctx, choices, self.question_format)
 
         context = self._fit(build, context, budget, "context", notes)
-        return self._reply(build(context), image, notes, stop, temperature, top_p, max_new_tokens)
+        reply = self._reply(build(context), image, notes, stop, temperature, top_p, max_new_tokens)
+        if choices:
+            reply.pieces = with_chosen_option(reply.pieces, choices)
+        return reply
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _n_tokens(self, prompt: str) -> int:

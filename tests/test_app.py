@@ -30,6 +30,7 @@ from app.engine import (
     Turn,
     chat_prompt,
     question_prompt,
+    with_chosen_option,
 )
 from app.ui import (
     ASSETS,
@@ -165,13 +166,25 @@ def test_answer_and_caption_prompts(engine):
     assert (
         reply.prompt == "Question: What color is the ball?\nContext: N/A\nChoices: (A) red (B) blue (C) green\nAnswer:"
     )
-    assert answer(reply) == generate(
+    generated = generate(
         engine.model, reply.prompt, load_image(RED), temperature=0, max_new_tokens=12, stop=["\nQuestion:"]
     )
+    assert answer(reply) == "".join(with_chosen_option(iter([generated]), ["red", "blue", "green"]))
     caption = engine.caption(RED, *GREEDY)
     assert caption.prompt == format_prompt("Generate caption of this image")
     assert answer(caption) == generate(engine.model, caption.prompt, load_image(RED), temperature=0, max_new_tokens=12,
                                        stop=list(CHAT_STOP))  # fmt: skip
+
+
+def test_an_answer_shows_the_option_it_chooses():
+    def shown(*pieces: str) -> str:
+        return "".join(with_chosen_option(iter(pieces), ["red", "blue", "green"]))
+
+    assert shown("The answer ", "is (A)") == "The answer is (A) red"
+    assert shown("The answer is B.") == "The answer is B. blue"
+    assert shown("The answer is (C) green") == "The answer is (C) green"  # already spelled out
+    assert shown("The answer is (D)") == "The answer is (D)"  # no such option: left as it is
+    assert shown("I do not know") == "I do not know"
 
 
 # ---- engine: bad input --------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ the answer as it decodes.
 
 User mistakes (empty message, unreadable or non-image upload, impossible settings) become ``gr.Error`` with the
 engine's message, and the server keeps serving; what was cut to fit the context is said in a note above the answer.
+In the browser the chat message is checked before it is sent (``validator``): the mistake is shown under the
+textbox, which keeps the message, and the conversation stays as it was.
 
 Uploads and the files Gradio caches live in a folder of their own per app, made by ``build_demo`` with mode 0700
 under Gradio's temp folder (``GRADIO_TEMP_DIR``, default <tmp>/gradio): other users of the machine cannot read them.
@@ -142,14 +144,24 @@ def to_turns(history: Sequence[dict[str, Any]]) -> list[Turn]:
 
 
 # ---- event handlers -------------------------------------------------------------------------------------------
+def _readable(error: Exception, upload: str | None) -> str:
+    """The engine's message, the server-side path of an ``upload`` shown as the file's own name (the last part of
+    Gradio's cache path)."""
+    return str(error).replace(upload, Path(upload).name) if upload else str(error)
+
+
 def _start(task: Callable[..., Reply], *args: Any, upload: str | None = None) -> Reply:
-    """Call an engine task; its readable ValueError / FileNotFoundError becomes a gr.Error shown to the user. The
-    server-side path of an ``upload`` is shown as the file's own name (the last part of Gradio's cache path)."""
+    """Call an engine task; its readable ValueError / FileNotFoundError becomes a gr.Error shown to the user."""
     try:
         return task(*args)
     except (ValueError, FileNotFoundError) as e:  # ImageLoadError and the settings checks are ValueErrors
-        message = str(e).replace(upload, Path(upload).name) if upload else str(e)
-        raise gr.Error(message, print_exception=False) from e
+        raise gr.Error(_readable(e, upload), print_exception=False) from e
+
+
+def _message_parts(message: dict[str, Any] | None) -> tuple[str, str | None]:
+    """(text, path of the attached image or None) of a multimodal chat message; the last file counts."""
+    files = (message or {}).get("files") or []
+    return (message or {}).get("text", ""), _file_path(files[-1]) if files else None
 
 
 def accumulate(reply: Reply) -> Iterator[str]:
@@ -229,11 +241,23 @@ def build_demo(engine: Engine) -> gr.Blocks:
     def chat(
         message: dict[str, Any], history: list[dict[str, Any]], temperature: float, top_p: float, max_new_tokens: int
     ) -> Iterator[str]:
-        files = (message or {}).get("files") or []
-        image = _file_path(files[-1]) if files else None
-        text = (message or {}).get("text", "")
+        text, image = _message_parts(message)
         reply = _start(engine.chat, to_turns(history), text, image, temperature, top_p, max_new_tokens, upload=image)
         yield from accumulate(reply)
+
+    def check_message(message: dict[str, Any] | None) -> dict[str, Any]:
+        """The browser's submission checked before it is sent (Gradio's validator): an empty message, an unreadable
+        upload or an image for a text-only model is shown under the textbox, which keeps the message to fix, and
+        nothing is sent. A failed ``chat`` would instead leave the chat covered by an error badge with its textbox
+        disabled until a reload (ChatInterface re-enables it only after a successful answer). The check is the
+        engine's own: a first turn with this message, whose answer is never generated. API calls skip it and get
+        ``chat``'s gr.Error."""
+        text, image = _message_parts(message)
+        try:
+            engine.chat([], text, image)
+        except (ValueError, FileNotFoundError) as e:
+            return gr.validate(False, _readable(e, image))
+        return gr.validate(True, "")
 
     # The image tab's events skip Gradio's preprocessing (preprocess=False): gr.Image would open every upload with
     # Pillow before the handler runs and report a non-image as an internal error; the handlers get the uploaded
@@ -277,6 +301,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 # one-element rows: shown as buttons in the empty chat, the sliders keep their values
                 examples=[[ex] for ex in (CHAT_EXAMPLES if engine.has_vision else CHAT_EXAMPLES[-1:])],
                 api_name="chat",
+                validator=check_message,
                 concurrency_limit=1,
                 analytics_enabled=False,
                 fill_height=False,

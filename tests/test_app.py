@@ -496,6 +496,35 @@ def test_bad_requests_get_readable_errors_and_the_server_keeps_serving(client, e
     )
 
 
+def test_the_browsers_chat_message_is_checked_before_it_is_sent(engine, tmp_path, monkeypatch):
+    """The browser's submission goes through the chat's validator first (a failed answer would leave the chat
+    disabled, tests/test_app_browser.py shows it): it gives the engine's message with the upload's own file name.
+    Scripts calling /chat skip it and get the same message as an AppError (above)."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    bad = bad_files(tmp_path / "bad")
+
+    def validator(demo: gr.Blocks):
+        [check] = [fn.validator for fn in demo.fns.values() if fn.validator is not None]
+        return check
+
+    check = validator(build_demo(engine))
+    assert check({"text": "  \n", "files": []}) == gr.validate(
+        False, "The message is empty: type a question or an instruction."
+    )
+    assert check({"text": "what is this", "files": [str(bad["not_image"])]}) == gr.validate(
+        False, "notes.png is not an image file Pillow can read"
+    )
+    assert check({"text": "what is this", "files": [str(bad["truncated"])]})["message"].startswith(
+        "image file truncated.png is truncated or corrupt"
+    )
+    assert check({"text": "what is this", "files": [str(RED)]}) == gr.validate(True, "")
+    text_only = validator(build_demo(make_engine(tmp_path, visual=False)))
+    assert text_only({"text": "what is this", "files": [str(RED)]}) == gr.validate(
+        False, "This model is text only (it has no visual path): send the message without an image."
+    )
+    assert text_only({"text": "what is this", "files": []}) == gr.validate(True, "")
+
+
 def test_over_long_message_is_answered_with_a_note(client):
     reply = client.predict({"text": " ".join(WORDS * 60), "files": []}, 0.0, 0.75, 100, api_name="/chat")
     assert reply.startswith("*Note: Your message was cut to its first ") and "fit the model's context" in reply

@@ -198,7 +198,7 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.question_format = question_format
         self.name = name
-        self.max_seq_len: int = model.config.llama.max_seq_len
+        self.max_seq_len: int = model.max_tokens  # max_seq_len less what the method's soft tokens take
 
     @property
     def has_vision(self) -> bool:

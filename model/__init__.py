@@ -182,16 +182,15 @@ def load_model(
     else:
         fingerprint = ckpt.load_into(model, dtype=dtype, device=device)
     model.base_weights_fingerprint = fingerprint  # recorded by save_adapter
+    tokenizer_path = _tokenizer_source(None if is_preset else Path(base), sidecar)
+    if tokenizer_path is not None:  # before the adapter's init: prompt tuning may start from a text's tokens
+        attach_tokenizer(model, tokenizer_path)
     init_fresh_adapter(model, seed=seed, device=device)
     if device.type != "meta":
         check_materialized(model)
     if weights is not None:
         check_base_weights(weights, fingerprint, str(base), strict=strict_base)
         load_trainable(model, weights)
-
-    tokenizer_path = _tokenizer_source(None if is_preset else Path(base), sidecar)
-    if tokenizer_path is not None:
-        attach_tokenizer(model, tokenizer_path)
     return model.eval()
 
 

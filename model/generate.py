@@ -7,11 +7,13 @@ per new token.
 
 Left padding: prompts of different lengths are right-aligned; the pad slots are marked invalid in
 ``cache.key_valid`` and every row's RoPE positions count from its own first real token, so each row decodes as if
-it were alone.
+it were alone. A method's soft tokens (prompt tuning, P-tuning) sit in the cache before the padding, at positions
+0..P-1 of every row (PEFT's layout), so each row still sees exactly what it would see alone.
 
-Length policy: a prompt longer than ``max_seq_len - 1`` tokens is truncated from the LEFT (keeping BOS) with a
-warning, so a batch evaluation survives one oversized item; ``max_new_tokens`` is capped so that the longest prompt
-plus the generation fits in ``max_seq_len`` (the cache and RoPE table size).
+Length policy: ``model.max_tokens`` is ``max_seq_len`` (the cache and RoPE table size) less the positions the PEFT
+method takes (soft tokens, position offset). A prompt longer than ``max_tokens - 1`` tokens is truncated from the
+LEFT (keeping BOS) with a warning, so a batch evaluation survives one oversized item; ``max_new_tokens`` is capped
+so that the longest prompt plus the generation fits in ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -76,21 +78,21 @@ def generate_tokens(
 ) -> Iterator[Tensor]:
     """Decode a batch on the KV cache; yields the next token of every row, (B,) long, one step at a time.
 
-    prompt_ids: one token list per row (any lengths, each at most ``max_seq_len - 1``; longer raises). images
+    prompt_ids: one token list per row (any lengths, each at most ``model.max_tokens - 1``; longer raises). images
     (B, 3, H, W) preprocessed, image_mask (B,) bool for rows that really have one. A row that produced
     ``eos_id`` keeps yielding ``eos_id``; iteration ends when every row has, or after ``max_new_tokens`` steps
-    (capped by ``max_seq_len``). Stop iterating early to stop decoding. ``seed`` fixes the sampling (a private
+    (capped by ``model.max_tokens``). Stop iterating early to stop decoding. ``seed`` fixes the sampling (a private
     ``torch.Generator``; the global RNG is never used).
     """
     _check_sampling(max_new_tokens, temperature, top_p)
-    max_seq_len = model.config.llama.max_seq_len
+    max_tokens = model.max_tokens
     if not prompt_ids:
         raise ValueError("no prompts given")
     for i, ids in enumerate(prompt_ids):
-        if not 0 < len(ids) < max_seq_len:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; need 1 to max_seq_len - 1 = {max_seq_len - 1}")
+        if not 0 < len(ids) < max_tokens:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; need 1 to {_token_limit(model)}")
     batch, prompt_len = len(prompt_ids), max(len(ids) for ids in prompt_ids)
-    max_new_tokens = min(max_new_tokens, max_seq_len - prompt_len)
+    max_new_tokens = min(max_new_tokens, max_tokens - prompt_len)
     device = model.tok_embeddings.weight.device
 
     tokens = torch.zeros(batch, prompt_len, dtype=torch.long)  # id 0 on pad slots: masked out, never attended
@@ -138,17 +140,24 @@ def _tokenizer(model: nn.Module) -> Any:
     return tok
 
 
-def _encode(tokenizer: Any, prompt: Any, index: int, max_seq_len: int) -> list[int]:
+def _token_limit(model: nn.Module) -> str:
+    """The longest prompt, in words: 'max_seq_len - 1 = N', with the method's positions when it takes some."""
+    taken = model.config.llama.max_seq_len - model.max_tokens
+    method = f" - {taken} positions of the {model.method.name} method" if taken else ""
+    return f"max_seq_len{method} - 1 = {model.max_tokens - 1}"
+
+
+def _encode(tokenizer: Any, prompt: Any, index: int, model: nn.Module) -> list[int]:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt {index} must be a str, got {type(prompt).__name__}")
     ids = tokenizer.encode(prompt, bos=True, eos=False)
     if not ids:
         raise ValueError(f"prompt {index} is empty and the tokenizer adds no BOS")
-    limit = max_seq_len - 1  # room for at least one new token
+    limit = model.max_tokens - 1  # room for at least one new token
     if len(ids) > limit:
         keep_first = ids[0] == tokenizer.bos_id
         warnings.warn(
-            f"prompt {index} has {len(ids)} tokens, more than max_seq_len - 1 = {limit}; "
+            f"prompt {index} has {len(ids)} tokens, more than {_token_limit(model)}; "
             f"keeping {'BOS and ' if keep_first else ''}the last {limit - keep_first} tokens",
             stacklevel=3,
         )
@@ -217,8 +226,7 @@ def _start(
 ) -> tuple[Any, Iterator[Tensor]]:
     tokenizer = _tokenizer(model)
     _check_sampling(max_new_tokens, temperature, top_p)
-    max_seq_len = model.config.llama.max_seq_len
-    ids = [_encode(tokenizer, p, i, max_seq_len) for i, p in enumerate(prompts)]
+    ids = [_encode(tokenizer, p, i, model) for i, p in enumerate(prompts)]
     pixels, mask = _prepare_images(model, images)
     steps = generate_tokens(
         model,

@@ -3,9 +3,10 @@
 Module names follow Meta's checkpoint keys (``tok_embeddings``, ``layers.N.attention.wq`` ...), so a Meta
 state dict loads with a strict ``load_state_dict``. The backbone names no PEFT method: it builds the one its
 config asks for (``model.method``, a ``Method``; the plain base model when there is none) and calls its hooks:
-per-sequence state kept in the KV cache, keys / values joined to attention, an extra term of the attention heads,
-a module after each sublayer, and linears the method wraps when it attaches. Every tensor a method adds carries
-the ``adapter_`` prefix; ``is_trainable`` is the one rule that decides what is optimized and saved.
+per-sequence state kept in the KV cache, soft input tokens before the caller's, keys / values joined to attention,
+an extra term of the attention heads, a module after each sublayer, and linears the method wraps when it
+attaches. Every tensor a method adds carries the ``adapter_`` prefix; ``is_trainable`` is the one rule that decides
+what is optimized and saved.
 """
 
 from __future__ import annotations
@@ -77,23 +78,28 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Per-layer key/value buffers for incremental decoding, plus the method's state computed once per sequence.
 
-    ``key_valid`` (B, max_len) marks which cache slots hold real tokens (False for left padding).
+    ``key_valid`` (B, max_len) marks which cache slots hold real tokens (False for left padding). The first
+    ``n_soft`` slots hold the method's soft tokens (``Method.soft_tokens``), before any padding.
     """
 
-    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, cfg: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device, n_soft: int = 0
+    ):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.padded = False  # True once some slot is marked invalid: single-token steps then need a mask
         self.method_state: Any = None  # Method.sequence_state of this sequence (set by the first forward)
-        self.length = 0
+        self.length = 0  # slots filled, soft tokens included
         self.max_len = max_len
+        self.n_soft = n_soft
 
     def mark_padding(self, row: int, n_slots: int) -> None:
-        """The first ``n_slots`` cache slots of ``row`` hold left padding: no query may attend to them."""
+        """The ``n_slots`` cache slots of ``row`` after the soft tokens hold left padding: no query may attend to
+        them."""
         if n_slots > 0:
-            self.key_valid[row, :n_slots] = False
+            self.key_valid[row, self.n_soft : self.n_soft + n_slots] = False
             self.padded = True
 
 
@@ -178,7 +184,8 @@ class Transformer(nn.Module):
     """The frozen LLaMA with the PEFT method of ``config.method`` attached as ``self.method``.
 
     ``visual``, if given, maps preprocessed images (B, 3, H, W) to one LLaMA-width vector per image, which the
-    method receives once per sequence (``Method.sequence_state``; adaption prompts: added to every prompt).
+    method receives once per sequence (``Method.sequence_state`` / ``soft_tokens``; adaption prompts and soft
+    tokens: added to every one).
     """
 
     def __init__(self, config: ModelConfig, visual: nn.Module | None = None) -> None:
@@ -260,52 +267,73 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``).
 
         images: (B, 3, H, W) preprocessed for the CLIP tower, or None; image_mask (B,) bool marks which rows
-        really have an image. With a cache, tokens are appended at ``cache.length``; the image features and the
-        method's per-sequence state are computed on the first call only and kept in the cache. positions (B, T)
-        default to ``cache.length + arange(T)``.
+        really have an image. With a cache, tokens are appended after what it holds; the image features, the
+        method's per-sequence state and its soft tokens are computed on the first call only and kept in the cache.
+        positions (B, T) count the caller's tokens from 0 (default: the tokens already cached + arange(T)); the
+        method's soft tokens and ``position_offset`` come before them (see ``Method``).
         """
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
+        method, n_soft = self.method, self.method.n_soft_tokens
+        start = cache.length if cache is not None else 0  # cache slots already filled, soft tokens included
+        new_sequence = start == 0
+        done = 0 if new_sequence else start - n_soft  # the caller's tokens already in the cache
+        n_positions = method.position_offset + n_soft + done + T
         max_seq_len = self.config.llama.max_seq_len
-        if start + T > max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={max_seq_len}")
+        if n_positions > max_seq_len:
+            raise ValueError(f"sequence of {n_positions} positions ({n_soft} soft) exceeds max_seq_len={max_seq_len}")
         if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        rope_cos, rope_sin = self.rope(tokens.device)
-        cos = rope_cos[positions][:, :, None, :]  # (B, T, 1, hd/2)
-        sin = rope_sin[positions][:, :, None, :]
-        # Unpadded and starting at 0 (training, prefill): plain causal attention. One new token over an unpadded
-        # cache sees every key: no mask either (keeps fused GPU kernels). Otherwise an explicit (B, 1, T, S) mask.
-        mask, is_causal = None, cache is None or (start == 0 and not cache.padded)
-        if not is_causal and (T > 1 or cache.padded):
-            q_idx = torch.arange(start, start + T, device=tokens.device)
-            k_idx = torch.arange(start + T, device=tokens.device)
-            causal = k_idx[None, :] <= q_idx[:, None]  # (T, S)
-            mask = causal[None] & cache.key_valid[:, None, : start + T]  # (B, T, S)
-            # A left-pad query would see no key at all; let every slot see itself so no row is fully masked
-            # (fused GPU kernels return NaN there). Real tokens are unaffected.
-            mask = (mask | (k_idx[None, :] == q_idx[:, None]))[:, None]  # (B, 1, T, S)
+            positions = torch.arange(done, done + T, device=tokens.device).expand(B, T)
+        positions = positions + n_soft
 
-        if start == 0:  # a new sequence: images are encoded and the method's state computed once, here
-            state = self.method.sequence_state(self, self.visual_prompt(images, image_mask))
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        if new_sequence:  # images are encoded and the method's state and soft tokens computed once, here
+            visual = self.visual_prompt(images, image_mask)
+            state = method.sequence_state(self, visual)
             if cache is not None:
                 cache.method_state = state
+            if n_soft:
+                soft = method.soft_tokens(self, visual).to(x.dtype).expand(B, n_soft, -1)  # (B, P, dim)
+                x = torch.cat([soft, x], 1)  # (B, P + T, dim)
+                soft_positions = torch.arange(n_soft, device=tokens.device).expand(B, n_soft)
+                positions = torch.cat([soft_positions, positions], 1)  # (B, P + T)
         else:
             state = cache.method_state
-        ctx = AttentionContext(cos, sin, mask, is_causal, cache, self.method, state)
-        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        L = x.shape[1]  # slots this forward fills: T, or P + T for a new sequence with soft tokens
+        rope_cos, rope_sin = self.rope(tokens.device)
+        positions = positions + method.position_offset
+        cos = rope_cos[positions][:, :, None, :]  # (B, L, 1, hd/2)
+        sin = rope_sin[positions][:, :, None, :]
+        # Unpadded and starting at 0 (training, prefill): plain causal attention. One new token over an unpadded
+        # cache sees every key: no mask either (keeps fused GPU kernels). Otherwise an explicit (B, 1, L, S) mask.
+        mask, is_causal = None, cache is None or (new_sequence and not cache.padded)
+        if not is_causal and (L > 1 or cache.padded):
+            q_idx = torch.arange(start, start + L, device=tokens.device)
+            k_idx = torch.arange(start + L, device=tokens.device)
+            causal = k_idx[None, :] <= q_idx[:, None]  # (L, S)
+            mask = causal[None] & cache.key_valid[:, None, : start + L]  # (B, L, S)
+            # A left-pad query would see no key at all; let every slot see itself so no row is fully masked
+            # (fused GPU kernels return NaN there). Real tokens are unaffected.
+            mask = (mask | (k_idx[None, :] == q_idx[:, None]))[:, None]  # (B, 1, L, S)
+
+        ctx = AttentionContext(cos, sin, mask, is_causal, cache, method, state)
         for layer in self.layers:
             x = layer(x, ctx)
         if cache is not None:
-            cache.length = start + T
-        if last_only:
-            x = x[:, -1:]
+            cache.length = start + L
+        x = x[:, L - T :] if not last_only else x[:, -1:]  # the caller's tokens only: soft positions dropped
         return self.output(self.norm(x))  # (B, T, vocab)
 
+    @property
+    def max_tokens(self) -> int:
+        """Tokens one sequence can hold: ``max_seq_len`` less the method's soft tokens and position offset."""
+        return self.config.llama.max_seq_len - self.method.n_soft_tokens - self.method.position_offset
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache in the model's dtype and device."""
-        w = self.tok_embeddings.weight
-        return KVCache(self.config.llama, batch_size, max_len or self.config.llama.max_seq_len, w.dtype, w.device)
+        """An empty KV cache for ``max_len`` tokens (default ``max_tokens``) plus the method's soft tokens, in the
+        model's dtype and device."""
+        w, n_soft = self.tok_embeddings.weight, self.method.n_soft_tokens
+        slots = n_soft + (max_len or self.max_tokens)
+        return KVCache(self.config.llama, batch_size, slots, w.dtype, w.device, n_soft=n_soft)
 
     # ---- one-call text API (implemented in model/generate.py) --------------------------------------------------
     def generate(self, prompts: list[str] | str, images: Any = None, **kwargs: Any) -> list[str] | str:

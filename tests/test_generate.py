@@ -10,7 +10,8 @@ from PIL import Image
 from model.config import VisualConfig, preset
 from model.generate import generate, generate_tokens, stream, top_p_filter
 from model.llama import Transformer
-from model.methods import LlamaAdapter
+from model.methods import LlamaAdapter, MethodConfig
+from model.methods.prompt import PromptConfig
 from model.tokenizer import load_tokenizer
 from model.visual import build_visual
 from tests.conftest import train_spm
@@ -29,9 +30,13 @@ def tokenizer(tmp_path_factory):
     return load_tokenizer(train_spm(lines, tmp_path_factory.mktemp("spm") / "tokenizer", 300))
 
 
-def make_model(tokenizer, *, visual: bool = True, seed: int = 0, max_seq_len: int = 512) -> Transformer:
+def make_model(
+    tokenizer, *, visual: bool = True, seed: int = 0, max_seq_len: int = 512, method: MethodConfig | None = None
+) -> Transformer:
+    """The tiny preset with random weights and ``method`` (default: the preset's adaption prompts, gates open)."""
     torch.manual_seed(seed)
     cfg = preset("tiny")
+    cfg.method = method or cfg.method
     cfg.llama.vocab_size, cfg.llama.max_seq_len = tokenizer.vocab_size, max_seq_len
     cfg.visual = VisualConfig(clip_model="tiny") if visual else None
     model = Transformer(cfg, visual=build_visual(cfg.visual, cfg.llama.dim) if visual else None).eval()
@@ -95,6 +100,19 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(model, tokenizer):
     for i in range(4):
         single = run_tokens(model, [ids[i]], pixels[i : i + 1] if mask[i] else None, max_new_tokens=16, temperature=0)
         assert batch[i] == single[0]
+
+
+def test_soft_tokens_sit_before_the_left_padding_so_a_batch_equals_each_prompt_alone(tokenizer):
+    """Prompt tuning's soft tokens take cache slots 0..P-1 of every row, the padding comes after them (PEFT's
+    layout), and each row's positions run 0..P-1 then P.. from its first real token: the same as alone."""
+    model = make_model(tokenizer, method=PromptConfig(n_tokens=3))
+    prompts = ["the cat", "blue water over green hills and the dogs ran fast", "red"]
+    images = [image(1), None, image(2)]
+    alone = [generate(model, p, img, max_new_tokens=12, temperature=0) for p, img in zip(prompts, images)]
+    assert generate(model, prompts, images, max_new_tokens=12, temperature=0) == alone
+    assert len(set(alone)) == 3
+    ids = tokenizer.encode(prompts[0], bos=True)
+    assert run_tokens(model, [ids], max_new_tokens=12, temperature=0)[0] == greedy_without_cache(model, ids, None, 12)
 
 
 def test_the_image_changes_the_output(model):

@@ -8,6 +8,7 @@ import torch
 
 from model.config import AdapterConfig, LlamaConfig, ModelConfig, preset
 from model.llama import AttentionContext, Transformer, apply_rope, count_trainable, is_trainable
+from model.methods import Method
 
 
 def tiny(gate_fn: str = "tanh", seed: int = 0) -> Transformer:
@@ -129,6 +130,27 @@ def test_left_padding_with_key_valid_and_positions_matches_unpadded():
         positions = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
         out = model(padded, cache=cache, positions=positions)[:, -1]
     torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_a_method_position_offset_shifts_every_token_position():
+    """Method.position_offset (prefix tuning as PEFT runs it): the tokens' RoPE positions start there, cached or
+    not, and it counts in max_seq_len."""
+
+    class Shifted(Method):
+        position_offset = 3
+
+    model = Transformer(ModelConfig(llama=preset("tiny").llama)).eval()
+    tokens = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        expected = model(tokens, positions=torch.arange(3, 12).expand(2, 9))
+        model.method = Shifted(None, model.config.llama)
+        assert torch.equal(model(tokens), expected)
+        cache = model.new_cache(2, 16)
+        steps = [model(tokens[:, :6], cache=cache)] + [model(tokens[:, t : t + 1], cache=cache) for t in (6, 7, 8)]
+    torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=1e-5)
+    assert model.max_tokens == 509
+    with pytest.raises(ValueError, match=r"sequence of 513 positions \(0 soft\) exceeds max_seq_len=512"):
+        model(torch.zeros(1, 510, dtype=torch.long))
 
 
 def test_last_only_and_sequence_limit():

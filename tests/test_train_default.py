@@ -5,10 +5,12 @@ import json
 import pytest
 
 import train
+from data.synthetic import ensure_scienceqa
 
 
 @pytest.mark.slow
 def test_default_run_learns_image_questions_and_fails_without_images(tmp_path):
+    ensure_scienceqa(tmp_path / "sqa")  # the recipe's synthetic data (train.py generates it only at its own place)
     data = ["--data", str(tmp_path / "sqa"), "--run.progress", "false"]
     assert train.main([*data, "--run.out", str(tmp_path / "with")]) == 0
     assert train.main([*data, "--no-images", "--run.out", str(tmp_path / "without")]) == 0

@@ -61,10 +61,11 @@ def training_set(cfg: TrainConfig, model: nn.Module) -> IndexedCollate:
     from data.collate import Collator, drop_overlong
 
     transform = model.visual.preprocess if cfg.uses_images else None
-    collator = Collator(model.tokenizer, cfg.data.max_len, image_transform=transform)
+    max_len = min(cfg.data.max_len, model.max_tokens)  # the method's soft tokens take room in max_seq_len too
+    collator = Collator(model.tokenizer, max_len, image_transform=transform)
     examples = drop_overlong(load_examples(cfg, cfg.data.train_split), collator)  # warns with the count
     if not examples:
-        raise TrainingError(f"no training example fits in data.max_len={cfg.data.max_len} tokens; raise it")
+        raise TrainingError(f"no training example fits in {max_len} tokens (data.max_len={cfg.data.max_len}); raise it")
     return IndexedCollate(examples, collator)
 
 

@@ -6,6 +6,7 @@ an error under ``strict_base``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ def save_adapter(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the trainable tensors (safetensors) and the JSON sidecar, both or neither; return the tensor file.
+    The tensors and method config are the method's ``exported`` form (prefix tuning and P-tuning: the computed
+    prefixes / soft tokens, not the MLP / encoder they were trained through).
 
     ``path_or_dir``: a ``.safetensors`` path (sidecar beside it, ``.json``) or a directory (``adapter.safetensors``
     + ``adapter.json``). ``base``: preset name or base directory; ``extra``: free-form JSON-able metadata.
@@ -76,10 +79,12 @@ def save_adapter(
     (``weights_fingerprint``). Raises WriteError naming the file that could not be written.
     """
     tensor_path, sidecar_path = adapter_paths(path_or_dir)
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in model.adapter_state_dict().items()}
+    with torch.no_grad():
+        method_config, exported = model.method.exported(model)
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in exported.items()}
     sidecar = {
         "version": SIDECAR_VERSION,
-        "model_config": model.config.to_dict(),
+        "model_config": dataclasses.replace(model.config, method=method_config).to_dict(),
         "base": _path_or_name(base),
         "tokenizer": _path_or_name(tokenizer),
         "clip_weights": _path_or_name(clip_weights),

@@ -48,6 +48,14 @@ class Method(nn.Module):
       forward without one) and kept in ``cache.method_state``; the layer hooks read it as ``ctx.state``.
       ``visual`` (B, dim) is where the visual vector enters every method (zero rows: items without an image;
       None: no images at all). Only methods with ``takes_visual`` may be built with a visual path.
+    - ``soft_tokens(model, visual)``: with ``n_soft_tokens`` = P > 0, the P soft input vectors (1 or B, P, dim)
+      of a new sequence (prompt tuning, P-tuning). The backbone puts them before the caller's tokens at cache
+      slots and RoPE positions 0..P-1, before any left padding (PEFT's layout: [soft, pad, tokens]); the caller's
+      positions and padding shift by P (``new_cache`` reserves the P slots, ``mark_padding`` counts after them,
+      ``max_seq_len`` includes them); the forward drops the P soft positions from its output, so logits stay
+      (B, T, vocab) aligned with the caller's tokens and training labels need no change.
+    - ``position_offset``: RoPE positions kept free before the soft tokens and tokens, which start there (prefix
+      tuning as PEFT runs it: P, the prefixes standing in for past keys). It counts in ``max_seq_len`` too.
     - ``joint_kv(attention, ctx)``: keys / values (1 or B, n_kv_heads, P, head_dim) joined BEFORE the tokens'
       keys in the SAME softmax, visible to every query, without RoPE (prefix tuning).
     - ``attention_output(attention, q, y, ctx)``: the head outputs y (B, n_heads, T, head_dim) before ``wo``,
@@ -55,12 +63,8 @@ class Method(nn.Module):
     - ``after_sublayer(block, sublayer, out, ctx)``: the output (B, T, dim) of the ``"attention"`` or
       ``"feed_forward"`` sublayer, before the residual addition (Houlsby, AdaMix).
     - ``merge(model)``: fold the method into the frozen weights for inference, outputs unchanged.
-
-    Soft tokens at the input (prompt tuning, P-tuning) are not offered yet. Their contract, when a method needs
-    it: the P soft vectors are prepended once per sequence at cache slots and RoPE positions 0..P-1; the caller's
-    tokens, positions and left padding shift by P (``new_cache`` reserves the P slots, ``mark_padding`` counts
-    after them, ``max_seq_len`` includes them); the forward drops the P soft positions from its output, so
-    logits stay (B, T, vocab) aligned with the caller's tokens and training labels need no change.
+    - ``begin_step(step, seed)``: called by the trainer once per optimizer step, before its micro-batches: per-step
+      randomness drawn from (seed, step) is the same on every process and in every split of the batch (AdaMix).
     """
 
     name: ClassVar[str] = "none"
@@ -68,7 +72,8 @@ class Method(nn.Module):
     config_class: ClassVar[type[MethodConfig] | None] = None
     """The dataclass of this method's settings."""
     takes_visual: ClassVar[bool] = False
-    """Whether ``sequence_state`` uses the visual vector (a model with a visual path needs such a method)."""
+    """Whether ``sequence_state`` / ``soft_tokens`` use the visual vector (a model with a visual path needs such a
+    method)."""
 
     peft_type: ClassVar[str | None] = None
     """PEFT's ``peft_type`` of the same method (e.g. "LORA"), when PEFT has it: ``from_peft`` then imports PEFT
@@ -97,6 +102,21 @@ class Method(nn.Module):
         """Per-sequence state kept in the KV cache; ``visual`` (B, dim) or None."""
         return None
 
+    @property
+    def n_soft_tokens(self) -> int:
+        """P: soft vectors ``soft_tokens`` prepends to every sequence (0: none)."""
+        return 0
+
+    @property
+    def position_offset(self) -> int:
+        """RoPE position of a sequence's first soft token or token (0: none kept before them)."""
+        return 0
+
+    def soft_tokens(self, model: Transformer, visual: Tensor | None) -> Tensor | None:
+        """The ``n_soft_tokens`` soft input vectors (1 or B, P, dim) of a new sequence, or None; ``visual`` (B, dim)
+        or None as in ``sequence_state``."""
+        return None
+
     def joint_kv(self, attention: Attention, ctx: AttentionContext) -> tuple[Tensor, Tensor] | None:
         """Keys and values joined to this layer's token keys in the same softmax, or None."""
         return None
@@ -109,10 +129,20 @@ class Method(nn.Module):
         """The output of ``block``'s ``"attention"`` / ``"feed_forward"`` sublayer before the residual add."""
         return out
 
+    def exported(self, model: Transformer) -> tuple[MethodConfig | None, dict[str, Tensor]]:
+        """What an adapter file holds (``save_adapter``): this method's config and the model's trainable tensors.
+        A method trained through a reparameterisation (prefix tuning's MLP, P-tuning's encoder) returns the form
+        it computes instead, as ``merge()`` would leave it, without changing the model; resuming a run reads the
+        training form from its state.pt."""
+        return self.config, dict(model.adapter_state_dict())
+
     def merge(self, model: Transformer) -> None:
         """Fold into the frozen weights for inference where the math allows (LoRA, V2 bias / scale), leaving the
         method's tensors at their identity values so outputs are unchanged. Methods whose work cannot fold
         (adaption prompts, prefixes: extra keys) keep working as they are."""
+
+    def begin_step(self, step: int, seed: int) -> None:
+        """Optimizer step ``step`` (0-based) of a run seeded with ``seed`` begins (see the class docstring)."""
 
     def describe(self) -> str:
         """One line for people: what the method adds and where."""
@@ -173,7 +203,10 @@ def config_from_dict(name: str | None, values: dict[str, Any] | None) -> MethodC
     """A method config from the name and field values recorded by ``config_to_dict``."""
     if name is None:
         return None
-    return method_class(name).config_class(**(values or {}))
+    try:
+        return method_class(name).config_class(**(values or {}))
+    except TypeError as e:  # a field this method does not have
+        raise ValueError(f"settings of PEFT method {name!r}: {e}") from None
 
 
 def config_to_dict(config: MethodConfig | None) -> tuple[str | None, dict[str, Any] | None]:

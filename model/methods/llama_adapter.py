@@ -43,17 +43,19 @@ class AdapterConfig(MethodConfig):
     """How the per-head gate scales the prompt attention: tanh(g) (official training code) or g (PEFT, lit-llama)."""
 
     def __post_init__(self) -> None:
+        name = type(self).__name__  # subclasses (LLaMA-Adapter V2) share these checks
         if self.prompt_len <= 0:
-            raise ValueError(f"AdapterConfig.prompt_len must be positive, got {self.prompt_len}")
+            raise ValueError(f"{name}.prompt_len must be positive, got {self.prompt_len}")
         if self.n_layers < 0:
-            raise ValueError(f"AdapterConfig.n_layers must be >= 0, got {self.n_layers}")
+            raise ValueError(f"{name}.n_layers must be >= 0, got {self.n_layers}")
         if self.gate_fn not in ("tanh", "raw"):
-            raise ValueError(f"AdapterConfig.gate_fn must be 'tanh' or 'raw', got {self.gate_fn!r}")
+            raise ValueError(f"{name}.gate_fn must be 'tanh' or 'raw', got {self.gate_fn!r}")
 
     def check(self, llama: LlamaConfig) -> None:
         """The adapted layers must exist."""
         if self.n_layers > llama.n_layers:
-            raise ValueError(f"AdapterConfig.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
+            name = type(self).__name__
+            raise ValueError(f"{name}.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
 
 
 _PEFT_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gate)")
@@ -93,7 +95,14 @@ class LlamaAdapter(Method):
     def sequence_state(self, model: Transformer, visual: Tensor | None) -> list[tuple[Tensor, Tensor] | None]:
         """Per layer: the prompts' keys and values (1 or B, nkv, K, hd), None for layers without prompts."""
         first = self.first_layer
-        return [self.prompt_kv(block.attention, visual) if i >= first else None for i, block in enumerate(model.layers)]
+        return [
+            self.prompt_kv(block.attention, self.layer_visual(i, visual)) if i >= first else None
+            for i, block in enumerate(model.layers)
+        ]
+
+    def layer_visual(self, layer_idx: int, visual: Tensor | None) -> Tensor | None:
+        """The visual vector added to the prompts of adapted layer ``layer_idx``: every layer's (Sec. 3.3)."""
+        return visual
 
     def prompt_kv(self, attention: Attention, visual: Tensor | None) -> tuple[Tensor, Tensor]:
         """One layer's prompt keys/values through its frozen wk / wv, no RoPE. visual: (B, dim) or None."""

@@ -1,0 +1,255 @@
+"""LoRA: low-rank updates of frozen linear layers (Hu et al., arXiv 2106.09685), foldable into the weights.
+
+Each target linear W (out, in) of the adapted layers becomes
+
+    y = W x + scale * B (A dropout(x)),   scale = alpha / rank   (alpha / sqrt(rank) with ``rslora``)
+
+with A (rank, in) Kaiming-uniform like nn.Linear and PEFT (bound 1 / sqrt(in)) and B (out, rank) zero: exactly the
+base model at init. ``merge()`` adds scale * B A to W and zeroes B, for inference at the base model's cost.
+
+With images: LoRA has no prompt, so the image enters as the small gated visual prompt of
+model/methods/visual_prompt.py: in the top ``visual_layers`` layers, wv(I_p) of the visual vector, scaled per head
+by a zero-init tanh gate, added to the attention heads before wo. It does not fold; text-only items add nothing.
+
+Tensor names: ``layers.N.attention.wq.adapter_lora_a`` / ``adapter_lora_b`` (the frozen weight keeps its Meta
+name ``layers.N.attention.wq.weight``), and ``layers.N.attention.adapter_visual_gate``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.methods.base import MethodConfig, register_method
+from model.methods.visual_prompt import GatedVisualPrompt, check_visual_layers
+
+if TYPE_CHECKING:
+    from model.config import LlamaConfig
+    from model.llama import Transformer
+
+_SUBLAYER = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+             "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}  # fmt: skip
+"""Where each linear lives in a TransformerBlock."""
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    """LoRA (arXiv 2106.09685): y = W x + (alpha / rank) * B A x on chosen linears, B zero at init."""
+
+    rank: int = 8
+    """r: inner width of the update B A."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the input of A while training."""
+    targets: tuple[str, ...] = ("wq", "wv")
+    """Linears that get an update, among wq, wk, wv, wo (attention) and w1, w2, w3 (feed-forward)."""
+    n_layers: int | None = None
+    """Adapted layers counted from the top of the stack; None: all layers."""
+    rslora: bool = False
+    """Scale by alpha / sqrt(rank) (rank-stabilised LoRA, arXiv 2312.03732; PEFT's use_rslora)."""
+    visual_layers: int = 2
+    """Top layers where the image enters (a per-head gated visual value; 0: images have no effect)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            raise ValueError(f"LoraConfig.targets must be a list of linear names, got the string {self.targets!r}")
+        self.targets = tuple(self.targets)  # a list from JSON or the command line compares equal after a round trip
+        unknown = [t for t in self.targets if t not in _SUBLAYER]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(
+                f"LoraConfig.targets must be distinct names among {', '.join(_SUBLAYER)}, got {list(self.targets)}"
+            )
+        if self.rank <= 0:
+            raise ValueError(f"LoraConfig.rank must be positive, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_layers is not None and self.n_layers <= 0:
+            raise ValueError(f"LoraConfig.n_layers must be positive or None (all layers), got {self.n_layers}")
+        check_visual_layers(self)
+
+    def check(self, llama: LlamaConfig) -> None:
+        """The adapted layers must exist."""
+        if self.n_layers is not None and self.n_layers > llama.n_layers:
+            raise ValueError(f"LoraConfig.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
+        check_visual_layers(self, llama)
+
+    @property
+    def scale(self) -> float:
+        """The factor of B A."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+class LoraLinear(nn.Linear):
+    """A frozen nn.Linear (``weight`` under its Meta name) plus the low-rank update scale * B A."""
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float) -> None:
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight = base.weight  # the frozen weight itself: no copy, base checkpoints load under its name
+        self.adapter_lora_a = nn.Parameter(torch.empty(rank, base.in_features))  # (r, in)
+        self.adapter_lora_b = nn.Parameter(torch.empty(base.out_features, rank))  # (out, r)
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.adapter_lora_a, self.adapter_lora_b
+        update = F.linear(F.linear(self.dropout(x).to(a.dtype), a), b) * self.scale  # (..., out)
+        return F.linear(x, self.weight) + update.to(x.dtype)
+
+    def merge(self) -> None:
+        """W += scale * B A, then B = 0: the same outputs from the frozen weight alone."""
+        if not self.weight.dtype.is_floating_point:
+            raise ValueError(
+                f"cannot merge LoRA into a {self.weight.dtype} weight: quantized or integer bases keep the update apart"
+            )
+        with torch.no_grad():
+            delta = (self.adapter_lora_b @ self.adapter_lora_a) * self.scale  # (out, in), fp32
+            self.weight.add_(delta.to(self.weight.dtype))
+            self.adapter_lora_b.zero_()
+
+    def extra_repr(self) -> str:
+        rank, in_features = self.adapter_lora_a.shape
+        return f"in_features={in_features}, out_features={self.out_features}, rank={rank}, scale={self.scale:g}"
+
+
+_PEFT_KEY = re.compile(r"(?:.*\.)?(layers\.\d+\.\S+)\.lora_([AB])\.weight")
+_PEFT_REFUSED = {  # PEFT settings whose adapters compute something else than W x + scale * B A x
+    "use_dora": "DoRA (a learned magnitude per output)",
+    "lora_bias": "a trained bias on lora_B",
+    "rank_pattern": "ranks that differ per module",
+    "alpha_pattern": "alphas that differ per module",
+    "modules_to_save": "fully trained copies of modules",
+    "layer_replication": "replicated layers",
+    "trainable_token_indices": "trained token embeddings",
+    "target_parameters": "LoRA on raw parameters",
+    "use_qalora": "QA-LoRA's pooled input",
+    "alora_invocation_tokens": "activated LoRA (token-dependent)",
+    "fan_in_fan_out": "transposed (Conv1D, GPT-2-style) weights",
+}
+_PEFT_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "mica")
+
+
+def _check_peft_settings(peft_config: dict[str, Any]) -> None:
+    """ValueError naming the first PEFT setting whose adapter is not plain LoRA on an unchanged base."""
+    for field, what in _PEFT_REFUSED.items():
+        if peft_config.get(field):
+            raise ValueError(f"{field}={peft_config[field]!r} ({what}) is not supported; only plain LoRA is")
+    if peft_config.get("bias", "none") != "none":
+        raise ValueError(f"bias={peft_config['bias']!r} (trained biases of the base linears) is not supported")
+    init = peft_config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_PEFT_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"init_lora_weights={init!r}: this adapter belongs to a base PEFT changed at init; save it with "
+            "path_initial_model_for_weight_conversion to get a plain LoRA adapter"
+        )
+
+
+@register_method("lora")
+class Lora(GatedVisualPrompt):
+    """Low-rank updates on ``config.targets`` of the top ``config.n_layers`` layers (all by default)."""
+
+    config: LoraConfig
+    config_class = LoraConfig
+    peft_type = "LORA"
+
+    def adapted(self, model: Transformer) -> list[LoraLinear]:
+        """The wrapped linears, bottom layer first, in the order of ``config.targets`` within a layer."""
+        first = self.llama.n_layers - (self.config.n_layers or self.llama.n_layers)
+        return [getattr(getattr(block, _SUBLAYER[t]), t) for block in model.layers[first:] for t in self.config.targets]
+
+    def attach(self, model: Transformer) -> None:
+        super().attach(model)
+        c = self.config
+        first = self.llama.n_layers - (c.n_layers or self.llama.n_layers)
+        for block in model.layers[first:]:
+            for target in c.targets:
+                sublayer = getattr(block, _SUBLAYER[target])
+                setattr(sublayer, target, LoraLinear(getattr(sublayer, target), c.rank, c.scale, c.dropout))
+
+    def reset_parameters(self, model: Transformer, generator: torch.Generator | None) -> None:
+        """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform_(a=sqrt(5))), B = 0: exactly the base model.
+        A is drawn bottom layer first, targets in config order."""
+        super().reset_parameters(model, generator)
+        with torch.no_grad():
+            for linear in self.adapted(model):
+                a = linear.adapter_lora_a
+                bound = 1 / math.sqrt(a.shape[1])
+                a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=generator))
+                linear.adapter_lora_b.zero_()
+
+    def merge(self, model: Transformer) -> None:
+        """Fold every update into its frozen weight (B = 0 after). Exact up to rounding in the weights' dtype;
+        the gated visual prompt depends on the image and stays as it is."""
+        for linear in self.adapted(model):
+            linear.merge()
+
+    @classmethod
+    def from_peft(
+        cls, peft_config: dict[str, Any], state: dict[str, Tensor], llama: LlamaConfig, source: Path
+    ) -> tuple[LoraConfig, dict[str, Tensor]]:
+        """PEFT's LORA: which linears of which layers carry lora_A / lora_B is read from the weights; they must be
+        the same linears in each of the top layers. lora_B rows of q_proj / k_proj are un-permuted to Meta's order
+        like the base weights (HF rows [evens, odds] per head)."""
+        from model.checkpoint.hf import hf_rows_to_meta, hf_to_meta_name  # on use: model.checkpoint imports methods
+
+        _check_peft_settings(peft_config)
+        tensors: dict[str, Tensor] = {}
+        found: set[tuple[int, str]] = set()
+        heads = {"wq": llama.n_heads, "wk": llama.n_kv_heads}
+        for key, value in state.items():
+            m = _PEFT_KEY.fullmatch(key)
+            meta = hf_to_meta_name(f"model.{m.group(1)}.weight") if m else None  # layers.N.attention.wq.weight
+            if meta is None or meta.split(".")[3] not in _SUBLAYER:
+                tensors[key] = value  # surfaces as an unexpected key in the strict check
+                continue
+            _, layer, _, target, _ = meta.split(".")
+            which, value = m.group(2).lower(), value.float()
+            if which == "b" and target in heads:
+                value = hf_rows_to_meta(value, heads[target])
+            tensors[meta.removesuffix("weight") + f"adapter_lora_{which}"] = value
+            found.add((int(layer), target))
+        if not found:
+            raise ValueError(f"{source}: no lora_A / lora_B weights of a LLaMA linear")
+        layers = sorted({layer for layer, _ in found})
+        targets = tuple(t for t in _SUBLAYER if t in {found_t for _, found_t in found})  # in our canonical order
+        if layers != list(range(layers[0], llama.n_layers)):
+            raise ValueError(
+                f"{source}: LoRA on layers {layers} (layers_to_transform={peft_config.get('layers_to_transform')}); "
+                f"only the top layers of the {llama.n_layers} can be adapted"
+            )
+        missing = sorted({(layer, t) for layer in layers for t in targets} - found)
+        if missing:
+            raise ValueError(f"{source}: LoRA on {list(targets)} but not on {missing} (layer, linear); need the same")
+        try:
+            config = LoraConfig(
+                rank=int(peft_config["r"]),
+                alpha=float(peft_config["lora_alpha"]),
+                dropout=float(peft_config.get("lora_dropout", 0.0)),
+                targets=targets,
+                n_layers=None if len(layers) == llama.n_layers else len(layers),
+                rslora=bool(peft_config.get("use_rslora", False)),
+                visual_layers=0,
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"invalid LoRA config ({e!r})") from e
+        return config, tensors
+
+    def describe(self) -> str:
+        c, n = self.config, self.llama.n_layers
+        return (
+            f"LoRA r={c.rank} alpha={c.alpha:g} on {', '.join(c.targets)} of the top {c.n_layers or n} of {n} "
+            f"layers; {self.describe_visual()}"
+        )
+
+    def group(self, name: str) -> str:
+        kinds = {"adapter_lora_a": "lora A", "adapter_lora_b": "lora B"}
+        return kinds.get(name.rsplit(".", 1)[-1], super().group(name))

@@ -1,0 +1,106 @@
+"""A small gated visual prompt: how the image enters methods that have no prompts of their own (LoRA, Houlsby,
+AdaMix). Not a registered method: a ``Method`` base class the owning method subclasses.
+
+In each of the top ``visual_layers`` layers, the visual vector I_p (B, dim) is ONE extra key / value through that
+layer's frozen wk / wv (no RoPE: it has no position), attended in a separate softmax and scaled per head by a
+zero-initialised gate, added to the head outputs before wo: LLaMA-Adapter's mechanism (arXiv 2303.16199, Sec. 3)
+with K = 1 and the image itself as the prompt:
+
+    out = softmax(q K_tok^T / sqrt(hd)) V_tok + tanh(g_h) * softmax(q k_I^T / sqrt(hd)) v_I,   then wo
+
+A softmax over a single key is exactly 1 for every query, so the term is tanh(g_h) * v_I with v_I = wv(I_p): the
+key drops out and is not computed. With every gate at zero the model is exactly the base model; items without an
+image (zero rows of I_p) add exactly nothing, since wv(0) = 0; a model without a visual path gets no gates at all
+(a text-only adapter holds only its method's own tensors, and DDP sees no unused parameter).
+
+Tensors: ``layers.N.attention.adapter_visual_gate`` (n_heads,), created only when the model has a visual path.
+
+Use: subclass ``GatedVisualPrompt`` instead of ``Method``, give the config a ``visual_layers: int`` field (checked
+by ``check_visual_layers`` in the config's ``__post_init__`` and ``check``), and call ``super()`` in the hooks the
+method overrides among ``attach``, ``reset_parameters``, ``attention_output`` and ``group``::
+
+    @register_method("houlsby")
+    class Houlsby(GatedVisualPrompt):
+        def attach(self, model):
+            super().attach(model)  # the visual gates
+            ...  # the method's own tensors
+
+The base class owns ``sequence_state`` (the per-layer v_I); a method with per-sequence state of its own overrides
+it and keeps the base's value for ``attention_output`` to read as ``ctx.state``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from model.methods.base import Method, MethodConfig
+
+if TYPE_CHECKING:
+    from model.config import LlamaConfig
+    from model.llama import Attention, AttentionContext, Transformer
+
+
+def check_visual_layers(config: MethodConfig, llama: LlamaConfig | None = None) -> None:
+    """ValueError naming ``<Config>.visual_layers`` unless 0 <= visual_layers (<= llama.n_layers when given)."""
+    n = config.visual_layers
+    name = f"{type(config).__name__}.visual_layers"
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {n!r}")
+    if llama is not None and n > llama.n_layers:
+        raise ValueError(f"{name}={n} exceeds the model's n_layers={llama.n_layers}")
+
+
+class GatedVisualPrompt(Method):
+    """A Method base whose image enters as one gated visual value per head in the top ``config.visual_layers``
+    layers (see the module docstring)."""
+
+    takes_visual = True
+
+    def visual_prompted(self, model: Transformer) -> list[Attention]:
+        """The attention modules that carry a visual gate, bottom to top (none without a visual path)."""
+        if model.visual is None:
+            return []
+        return [block.attention for block in model.layers[self.llama.n_layers - self.config.visual_layers :]]
+
+    def attach(self, model: Transformer) -> None:
+        super().attach(model)
+        for attention in self.visual_prompted(model):
+            attention.adapter_visual_gate = nn.Parameter(torch.empty(self.llama.n_heads))  # (nh,)
+
+    def reset_parameters(self, model: Transformer, generator: torch.Generator | None) -> None:
+        """Visual gates 0 (nothing drawn): the image adds nothing at start."""
+        super().reset_parameters(model, generator)
+        with torch.no_grad():
+            for attention in self.visual_prompted(model):
+                attention.adapter_visual_gate.zero_()
+
+    def sequence_state(self, model: Transformer, visual: Tensor | None) -> list[Tensor | None] | None:
+        """Per layer: the image's value v_I = wv(I_p) (B, nkv, hd), None for layers without a gate; None without
+        images."""
+        if visual is None:
+            return None
+        values: list[Tensor | None] = [None] * self.llama.n_layers
+        for attention in self.visual_prompted(model):
+            v = attention.wv(visual.to(attention.wv.weight.dtype))  # (B, nkv * hd)
+            values[attention.layer_idx] = v.view(-1, attention.n_kv_heads, attention.head_dim)  # (B, nkv, hd)
+        return values
+
+    def attention_output(self, attention: Attention, q: Tensor, y: Tensor, ctx: AttentionContext) -> Tensor:
+        """y + tanh(g_h) * v_I: the separate softmax over the one visual key, which is 1 for every query."""
+        y = super().attention_output(attention, q, y, ctx)
+        v = ctx.state[attention.layer_idx] if ctx.state is not None else None
+        if v is None:
+            return y
+        v = v.repeat_interleave(attention.n_heads // attention.n_kv_heads, dim=1)  # (B, nh, hd): GQA groups
+        gate = attention.adapter_visual_gate.tanh().to(y.dtype)  # (nh,)
+        return y + (gate[:, None] * v.to(y.dtype))[:, :, None, :]  # (B, nh, 1, hd) broadcast over T
+
+    def group(self, name: str) -> str:
+        return "visual gates" if name.endswith(".adapter_visual_gate") else super().group(name)
+
+    def describe_visual(self) -> str:
+        """The image's way in, for ``describe``."""
+        return f"image: gated visual value in the top {self.config.visual_layers} layers"

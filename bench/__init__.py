@@ -1,6 +1,8 @@
-"""Speed and memory of this project side by side with PEFT's AdaptionPrompt on transformers' LlamaForCausalLM.
+"""Speed and memory of this project side by side with PEFT (AdaptionPrompt by default; LoRA, prefix tuning, prompt
+tuning, p-tuning with ``--method``) on transformers' LlamaForCausalLM.
 
 ``python -m bench train|generate`` (bench/__main__.py). Modules: ``shapes`` (model shapes, HF twin config),
+``methods`` (each method's PEFT config, non-zero weights and FLOP / byte accounting),
 ``measure`` (clocks, peak memory, FLOP / byte counts, device peaks), ``run`` (shared weights, both sides, reports),
 ``worker`` (one side in a fresh process). Results and method: BENCHMARKS.md.
 """

@@ -1,4 +1,4 @@
-"""``python -m bench train|generate``: this project vs PEFT's AdaptionPrompt on transformers' LlamaForCausalLM.
+"""``python -m bench train|generate``: this project vs PEFT on transformers' LlamaForCausalLM, one method at a time.
 
 Defaults follow the device: on a GPU the 7B shape in bf16 (train: batch 4 x 512 tokens), on a CPU the ~100M
 shape in fp32 (train: batch 2 x 256 tokens); generate: prompts of 256 tokens, 128 new tokens, batch 1 and 8.
@@ -13,6 +13,7 @@ import sys
 import torch
 
 from bench.measure import dtype_name, resolve_device, resolve_dtype
+from bench.methods import METHODS
 from bench.run import BenchConfig, bench_generate, bench_train, format_generate, format_train, write_json
 from bench.shapes import SHAPES
 
@@ -26,7 +27,7 @@ DEFAULTS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="This project vs PEFT's AdaptionPrompt on transformers' LlamaForCausalLM: speed and memory.",
+        description="This project vs PEFT on transformers' LlamaForCausalLM, same method and weights: speed, memory.",
     )
     sub = parser.add_subparsers(dest="task", required=True)
     helps = {
@@ -35,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for task, text in helps.items():
         p = sub.add_parser(task, help=text, description=text)
+        p.add_argument(
+            "--method",
+            choices=METHODS,
+            default="llama_adapter",
+            help="the PEFT method both sides load, built by PEFT (default llama_adapter: PEFT's AdaptionPrompt)",
+        )
         p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
         p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
         p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: 7b on cuda, 100m on cpu)")
@@ -92,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         peak_tflops=args.peak_tflops,
         peak_bandwidth_gbs=args.peak_bandwidth_gbs,
         workdir=args.workdir,
+        method=args.method,
     )
 
 

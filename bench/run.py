@@ -1,12 +1,13 @@
 """Run both sides of a benchmark and put them side by side.
 
-The parent draws one random ``LlamaForCausalLM`` and one non-zero PEFT adaption prompt (prompts N(0, 1) as PEFT
-initialises them, gates set away from zero so the adapter changes the outputs), writes them as a Hugging Face
-base directory and a PEFT adapter directory, and starts a fresh worker process per side and round
-(bench/worker.py).
+The parent draws one random ``LlamaForCausalLM`` and one non-zero PEFT adapter of ``--method`` (default the
+adaption prompt: prompts N(0, 1) as PEFT initialises them, gates set away from zero so the adapter changes the
+outputs; bench/methods.py), writes them as a Hugging Face base directory and a PEFT adapter directory, and starts
+a fresh worker process per side and round (bench/worker.py).
 PEFT loads them with ``from_pretrained``; ours with ``model.load_model``, which maps the HF weights (q/k rows
-permuted back to Meta's RoPE layout) and imports the PEFT adapter (one scalar gate per layer copied to every
-head, gate_fn="raw": PEFT's semantics). Same weights, same inputs, same threads, same optimizer.
+permuted back to Meta's RoPE layout) and imports the PEFT adapter through the method's ``from_peft`` (adaption
+prompts: one scalar gate per layer copied to every head, gate_fn="raw": PEFT's semantics). Same weights, same
+inputs, same threads, same optimizer.
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ from bench.measure import (
     run_header,
     train_step_flops,
 )
+from bench.methods import METHODS, accounting, peft_config, perturb_zero_init, virtual_tokens
 from bench.shapes import BenchShape, get_shape, hf_config_kwargs, parameter_count
 from bench.worker import SIDES, SideSpec, spec_json, summarize_generate, summarize_train
 from model.checkpoint import write_text_atomic
-
-GATE_RANGE = (0.05, 0.25)  # PEFT gates (raw, one per layer) drawn uniformly from here: a clearly non-zero adapter
 
 
 @dataclass
@@ -66,9 +66,18 @@ class BenchConfig:
     """Override of the device's memory bandwidth (GB/s) for decode bandwidth use."""
     workdir: str | None = None
     """Where the shared weights are written (kept); None: a temporary directory, removed afterwards."""
+    method: str = "llama_adapter"
+    """The PEFT method both sides load (bench/methods.py)."""
 
     def __post_init__(self) -> None:
         shape = get_shape(self.shape)
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.task == "train" and virtual_tokens(self.method):
+            raise ValueError(
+                f"train --method {self.method}: PEFT cannot load a saved prompt-learning adapter as trainable "
+                "(PeftModel.from_pretrained refuses); use generate, or --method llama_adapter | lora"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.batches or any(b < 1 for b in self.batches):
@@ -80,40 +89,36 @@ class BenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.task == "train" and self.seq < 2:
             raise ValueError(f"--seq must be >= 2 for a next-token loss, got {self.seq}")
-        longest = self.seq + (self.new_tokens if self.task == "generate" else 0)
+        extra = virtual_tokens(self.method)
+        longest = self.seq + (self.new_tokens if self.task == "generate" else 0) + extra
         if longest > shape.llama.max_seq_len:
+            terms = (
+                f"--seq{' + --new-tokens' if self.task == 'generate' else ''}{f' + {extra} virtual' if extra else ''}"
+            )
             raise ValueError(
-                f"{self.task}: {longest} tokens (--seq{' + --new-tokens' if self.task == 'generate' else ''}) "
+                f"{self.task}: {longest} tokens ({terms}) "
                 f"exceed max_seq_len={shape.llama.max_seq_len} of shape {self.shape}"
             )
 
 
 # ---- shared weights -------------------------------------------------------------------------------------------------
 def write_shared_weights(shape: BenchShape, cfg: BenchConfig, folder: Path) -> tuple[Path, Path]:
-    """A random HF base (drawn on the bench device, in the bench dtype) and a non-zero PEFT adaption prompt."""
-    from peft import AdaptionPromptConfig, get_peft_model
+    """A random HF base (drawn on the bench device, in the bench dtype) and a non-zero PEFT adapter of the method."""
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers import LlamaConfig as HFLlamaConfig
 
     base_dir, adapter_dir = folder / "base", folder / "adapter"
     device = torch.device(cfg.device)
     hf_config = HFLlamaConfig(**hf_config_kwargs(shape.llama))
-    peft_config = AdaptionPromptConfig(
-        adapter_len=shape.adapter_len, adapter_layers=shape.adapter_layers, task_type="CAUSAL_LM"
-    )
     # transformers and PEFT draw from the global RNG: seed it, and give the caller's RNG state back afterwards.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         with device:
             model = AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[cfg.dtype], attn_implementation="sdpa")
         model.save_pretrained(base_dir)  # before PEFT wraps the attention modules (that renames their weights)
-        peft_model = get_peft_model(model, peft_config)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    low, high = GATE_RANGE
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if name.endswith("adaption_gate"):
-                p.fill_(low + (high - low) * torch.rand((), generator=gen).item())
+        peft_model = get_peft_model(model, peft_config(cfg.method, shape))
+    perturb_zero_init(peft_model, cfg.seed + 1)
     peft_model.save_pretrained(adapter_dir)
     return base_dir, adapter_dir
 
@@ -176,6 +181,7 @@ def side_spec(cfg: BenchConfig, side: str, base_dir: Path, adapter_dir: Path) ->
         new_tokens=cfg.new_tokens,
         steps=cfg.steps,
         warmup=cfg.warmup,
+        method=cfg.method,
     )
 
 
@@ -207,12 +213,14 @@ def merge_rounds(cfg: BenchConfig, rounds: list[dict[str, Any]]) -> dict[str, An
 
 # ---- reports --------------------------------------------------------------------------------------------------------
 def _config_record(cfg: BenchConfig, shape: BenchShape) -> dict[str, Any]:
+    counted = accounting(cfg.method, shape)
     return {
         **asdict(cfg),
         "llama": asdict(shape.llama),
         "base_parameters": parameter_count(shape.llama),
-        "adapter_len": shape.adapter_len,
-        "adapter_layers": shape.adapter_layers,
+        "adapter_len": counted.adapter_len,
+        "adapter_layers": counted.adapter_layers,
+        "accounting": asdict(counted),
         "optimizer": "AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02) over trainable parameters only",
         "attention": "SDPA on both sides",
     }
@@ -232,7 +240,10 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     shape = get_shape(cfg.shape)
     header = run_header(torch.device(cfg.device))
     sides = run_sides(cfg)
-    flops = train_step_flops(shape.llama, shape.adapter_layers, shape.adapter_len, cfg.batches[0], cfg.seq)
+    counted = accounting(cfg.method, shape)
+    flops = train_step_flops(
+        shape.llama, counted.adapter_layers, counted.adapter_len, cfg.batches[0], cfg.seq + counted.train_extra_tokens
+    )
     peaks = _peaks(cfg)
     for result in sides.values():
         result["model_tflops_per_s"] = flops / result["median_step_s"] / 1e12
@@ -275,11 +286,12 @@ def bench_generate(cfg: BenchConfig) -> dict[str, Any]:
     header = run_header(torch.device(cfg.device))
     sides = run_sides(cfg)
     peaks = _peaks(cfg)
-    context = cfg.seq + cfg.new_tokens / 2  # mean cache length over the decode steps
+    counted = accounting(cfg.method, shape)
+    context = cfg.seq + cfg.new_tokens / 2 + counted.cache_extra_tokens  # mean cache length over the decode steps
     rows = []
     for i, batch in enumerate(cfg.batches):
         bytes_per_step = decode_bytes_per_step(
-            shape.llama, shape.adapter_layers, shape.adapter_len, batch, context, DTYPES[cfg.dtype]
+            shape.llama, counted.adapter_layers, counted.adapter_len, batch, context, DTYPES[cfg.dtype]
         )
         per_side = {}
         for side in SIDES:

@@ -2,7 +2,7 @@
 
 A fresh process per side keeps the measurements honest: nothing of the other side is resident or cached, and
 each side imports only what it needs (ours: torch + model/; PEFT: torch + transformers + peft). Both sides load
-the same base directory (Hugging Face layout) and the same PEFT adaption-prompt directory written by the parent
+the same base directory (Hugging Face layout) and the same PEFT adapter directory written by the parent
 (bench/run.py), draw the same inputs from the same seed and run with the same number of threads.
 """
 
@@ -49,6 +49,8 @@ class SideSpec:
     """train: timed optimizer steps; generate: timed generations per batch size."""
     warmup: int
     """Untimed steps (train) or generations (generate) before timing."""
+    method: str = "llama_adapter"
+    """The method of the PEFT adapter in ``adapter_dir`` (bench/methods.py)."""
 
     def __post_init__(self) -> None:
         if self.side not in SIDES:
@@ -87,7 +89,9 @@ def load_ours(spec: SideSpec, device: torch.device, dtype: torch.dtype) -> Loade
     from model.generate import generate_tokens
 
     model = load_model(spec.base_dir, spec.adapter_dir, dtype=dtype, device=device)
-    if model.config.method.gate_fn != "raw":
+    if model.method.name != spec.method:
+        raise RuntimeError(f"the PEFT directory loaded as method {model.method.name!r}, expected {spec.method!r}")
+    if spec.method == "llama_adapter" and model.config.method.gate_fn != "raw":
         raise RuntimeError("a PEFT adapter must load with gate_fn='raw' to keep PEFT's semantics")
 
     def generate(prompt: Tensor, new_tokens: int) -> tuple[list[list[int]], list[float]]:
@@ -108,7 +112,7 @@ def load_ours(spec: SideSpec, device: torch.device, dtype: torch.dtype) -> Loade
 
 
 def load_peft(spec: SideSpec, device: torch.device, dtype: torch.dtype) -> Loaded:
-    """transformers' LlamaForCausalLM (SDPA attention) wrapped by PEFT's AdaptionPrompt, as PEFT users load it."""
+    """transformers' LlamaForCausalLM (SDPA attention) wrapped by PEFT's adapter, as PEFT users load it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -146,7 +150,8 @@ def load_peft(spec: SideSpec, device: torch.device, dtype: torch.dtype) -> Loade
         model=model,
         vocab_size=base.config.vocab_size,
         trainable=[p for p in model.parameters() if p.requires_grad],
-        logits=lambda tokens: model(input_ids=tokens, use_cache=False).logits,
+        # prompt and p-tuning return logits of the soft tokens first: keep the text's, (B, T, vocab) as ours
+        logits=lambda tokens: model(input_ids=tokens, use_cache=False).logits[:, -tokens.shape[1] :],
         generate=generate,
     )
 

@@ -17,7 +17,8 @@ from bench.measure import (
     reset_peak_memory,
     train_step_flops,
 )
-from bench.run import GATE_RANGE, BenchConfig, compare_tokens, merge_rounds, write_shared_weights
+from bench.methods import GATE_RANGE
+from bench.run import BenchConfig, compare_tokens, merge_rounds, write_shared_weights
 from bench.shapes import SHAPES, get_shape, parameter_count
 from model import load_model
 from model.config import LlamaConfig
@@ -80,6 +81,28 @@ def test_generate_tiny_greedy_outputs_agree(tmp_path, capsys):
         "bench: round 1/1: generate, peft side ...",
         progress[4],
     ] and progress[2].startswith("bench: round 1/1: ours side done in ")
+
+
+def test_generate_lora_greedy_outputs_agree_and_the_report_names_the_method(tmp_path):
+    out, workdir = tmp_path / "generate.json", tmp_path / "weights"
+    args = ["generate", *TINY, "--method", "lora", "--batch", "2", "--seq", "12", "--new-tokens", "6"]
+    assert main([*args, "--workdir", str(workdir), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["greedy_agree"] is True and report["batches"][0]["matching_tokens"] == 1.0
+    config, tiny = report["config"], get_shape("tiny").llama
+    assert config["method"] == "lora"
+    # frozen-base accounting: no adaption prompts, every block counted
+    assert (config["adapter_layers"], config["adapter_len"]) == (tiny.n_layers, 0)
+    assert config["accounting"]["note"].startswith("frozen base, backward through every block")
+    assert report["batches"][0]["decode_bytes_per_step"] == decode_bytes_per_step(
+        tiny, tiny.n_layers, 0, 2, 12 + 6 / 2, torch.float32
+    )
+    # the agreement means something: PEFT's zero-init B was drawn away from zero, so LoRA changes the logits
+    adapted, plain = load_model(workdir / "base", workdir / "adapter"), load_model(workdir / "base")
+    assert adapted.method.name == "lora"
+    tokens = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (adapted(tokens) - plain(tokens)).abs().max() > 1e-3
 
 
 def test_shared_adapter_is_non_zero_and_changes_our_outputs(tmp_path):

@@ -50,5 +50,17 @@ def main(argv: list[str] | None = None, *, handle_signals: bool = False) -> int:
         return 128 + signal.SIGINT
 
 
+def exit_process(status: int) -> None:
+    """End the process with ``status``. Under torchrun, skip interpreter teardown: there a gloo worker thread still
+    releasing the Python tensors of a collective (DDP keeps the process group alive past destroy_process_group)
+    can abort the process with "terminate called without an active exception" (pytorch/pytorch#190489), rarely
+    but also after the barrier every rank passes at the end. Every file is written, synced and closed by now."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main(handle_signals=True))
+    exit_process(main(handle_signals=True))

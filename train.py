@@ -5,6 +5,7 @@
     python train.py --recipe scienceqa --base /llama/7B --clip-weights /clip/ViT-L-14.safetensors \\
         --data /data/scienceqa
     torchrun --nproc_per_node 8 train.py --recipe alpaca --base /llama/7B --data alpaca_data.json
+    torchrun --nproc_per_node 8 train.py --recipe alpaca --base /llama/65B --data alpaca_data.json --dist.strategy fsdp
     python train.py --resume runs/tiny-20250101-120000  # continue a stopped or killed run, as recorded
     python train.py --resume runs/x --epochs 10 --allow-changes  # continue it with a changed setting
     python train.py --recipe coco --help              # every setting, its meaning and the recipe's value

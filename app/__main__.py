@@ -5,6 +5,7 @@ says to train one first. --base / --clip-weights point a run at weights that mov
 adapter.json records); --base alone serves that base model with a zero-init adapter (text only). The server binds
 127.0.0.1; --host 0.0.0.0 exposes it on the network and --share asks Gradio for a public link: both are opt-in.
 The server's files are its user's alone (umask 077; uploads in a private folder, removed when it stops).
+--compile decodes with the torch.compile'd step (model.generate): the same replies, faster on a GPU.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="frozen weights' dtype (auto: bfloat16/float16 on GPU, float32 on CPU)",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="decode with the torch.compile'd step (first reply compiles; GPU speed)"
+    )
     return parser
 
 
@@ -70,7 +74,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
     dtype = resolve_dtype(args.dtype, device)
     if args.checkpoint is None and args.base is not None:
         model = load_model(args.base, clip_weights=args.clip_weights, dtype=dtype, device=device)
-        return Engine(model, name=f"base {args.base}, zero-init adapter")
+        return Engine(model, name=f"base {args.base}, zero-init adapter", compile=args.compile)
     run_dir = args.checkpoint or find_latest_run()
     if run_dir is None:
         raise FileNotFoundError(
@@ -79,7 +83,9 @@ def load_engine(args: argparse.Namespace) -> Engine:
         )
     model = load_run(run_dir, base=args.base, clip_weights=args.clip_weights, dtype=dtype, device=device)
     prompt_format = read_json(Path(run_dir) / "adapter.json").get("prompt_format")
-    return Engine(model, question_format=_question_format(prompt_format), name=f"run {Path(run_dir).name}")
+    return Engine(
+        model, question_format=_question_format(prompt_format), name=f"run {Path(run_dir).name}", compile=args.compile
+    )
 
 
 def _question_format(prompt_format: str | None) -> str:

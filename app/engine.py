@@ -186,10 +186,13 @@ class Engine:
     """A loaded model (with ``model.tokenizer``) behind the three things the demo does: chat, caption, answer.
 
     question_format: the ScienceQA prompt format for questions with choices (a run trained on ScienceQA records its
-    own in adapter.json). name: what the model is, shown in the app's header.
+    own in adapter.json). name: what the model is, shown in the app's header. compile: decode with the
+    torch.compile'd step (model.generate; the first reply of each batch shape compiles).
     """
 
-    def __init__(self, model: Any, *, question_format: str = "llama_adapter", name: str = "") -> None:
+    def __init__(
+        self, model: Any, *, question_format: str = "llama_adapter", name: str = "", compile: bool = False
+    ) -> None:
         if getattr(model, "tokenizer", None) is None:
             raise ValueError("the model has no tokenizer (model.tokenizer is None); load it with load_run / load_model")
         if question_format not in FORMATS:
@@ -198,6 +201,7 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.question_format = question_format
         self.name = name
+        self.compile = compile
         self.max_seq_len: int = model.max_tokens  # max_seq_len less what the method's soft tokens take
 
     @property
@@ -376,5 +380,6 @@ class Engine:
             temperature=temperature,
             top_p=top_p,
             stop=list(stop),
+            compile=self.compile,
         )
         return Reply(prompt=prompt, pieces=pieces, notes=notes)

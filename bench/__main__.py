@@ -8,10 +8,12 @@ See BENCHMARKS.md for what is measured and the recorded figures.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import torch
 
+from bench.lengths import ALPACA_MAX, DEFAULT_BATCH, DISTRIBUTIONS
 from bench.measure import dtype_name, resolve_device, resolve_dtype
 from bench.methods import METHODS
 from bench.run import BenchConfig, bench_generate, bench_train, format_generate, format_train, write_json
@@ -24,6 +26,13 @@ DEFAULTS = {
 }
 
 
+SUBCOMMANDS = {
+    "methods": ("bench.compare", "every PEFT method trained on the same data, steps and machine: one comparison table"),
+    "memory": ("bench.memory", "predicted peak GPU memory per device of a training set-up (shape, method, quant)"),
+}
+"""Sub-commands with a module of their own: it gives add_arguments(parser) and main(args) -> exit status."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -34,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "tokens/s and peak memory of an adapter training step (forward, backward, AdamW)",
         "generate": "time to first token and decode tokens/s of greedy generation, with a greedy-agreement check",
     }
+    for task, (module, text) in SUBCOMMANDS.items():
+        p = sub.add_parser(task, help=text, description=text)
+        importlib.import_module(module).add_arguments(p)
     for task, text in helps.items():
         p = sub.add_parser(task, help=text, description=text)
         p.add_argument(
@@ -65,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workdir", help="keep the shared HF base and PEFT adapter here (default: a temp dir)")
         p.add_argument("--peak-tflops", type=float, help="device peak dense TFLOP/s for MFU (default: known GPUs)")
         p.add_argument("--peak-bandwidth-gbs", type=float, help="device memory bandwidth GB/s (default: from CUDA)")
+        if task == "train":
+            p.add_argument(
+                "--lengths",
+                choices=DISTRIBUTIONS,
+                help="realistic example lengths (alpaca: mean 136, median 117, max 405 tokens): useful tokens/s, ours "
+                f"with batches grouped by length vs PEFT with random dynamic padding (default batch {DEFAULT_BATCH})",
+            )
+        if task == "generate":
+            p.add_argument(
+                "--compile",
+                action="store_true",
+                help="ours decodes with the torch.compile'd fixed-shape step (CUDA graphs on GPU; compiled in warmup)",
+            )
     return parser
 
 
@@ -74,6 +99,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     dtype = resolve_dtype(args.dtype, device)
     gpu = int(device.type == "cuda")
     defaults = {k: v[gpu] for k, v in DEFAULTS[args.task].items()}
+    lengths = getattr(args, "lengths", None)
+    if lengths is not None:  # bench/lengths.py: the rows take the distribution's lengths
+        if args.seq is not None:
+            raise ValueError(f"--seq does not apply with --lengths {lengths}: the rows take its lengths")
+        defaults.update(seq=ALPACA_MAX, batch=str(DEFAULT_BATCH))
 
     def pick(name: str) -> object:
         value = getattr(args, name)
@@ -100,12 +130,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         peak_bandwidth_gbs=args.peak_bandwidth_gbs,
         workdir=args.workdir,
         method=args.method,
+        lengths=lengths,
+        compile=getattr(args, "compile", False),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.task in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[args.task][0]).main(args)
     try:
         cfg = config_from_args(args)
     except ValueError as e:

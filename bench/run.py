@@ -68,9 +68,24 @@ class BenchConfig:
     """Where the shared weights are written (kept); None: a temporary directory, removed afterwards."""
     method: str = "llama_adapter"
     """The PEFT method both sides load (bench/methods.py)."""
+    compile: bool = False
+    """generate: ours decodes with the torch.compile'd fixed-shape step (model.generate, compile=True)."""
+    lengths: str | None = None
+    """train: a realistic length distribution (bench/lengths.py: alpaca) instead of full rows of ``seq`` tokens;
+    ``seq`` is then its longest example."""
 
     def __post_init__(self) -> None:
         shape = get_shape(self.shape)
+        if self.lengths is not None:
+            from bench.lengths import ALPACA_EXAMPLES, ALPACA_MAX, DISTRIBUTIONS
+
+            if self.task != "train" or self.lengths not in DISTRIBUTIONS:
+                raise ValueError(f"--lengths takes {', '.join(DISTRIBUTIONS)} with train, got {self.lengths!r}")
+            if self.seq != ALPACA_MAX or self.steps * self.batches[0] > ALPACA_EXAMPLES:
+                raise ValueError(
+                    f"--lengths {self.lengths}: seq must be {ALPACA_MAX} and steps x batch at most "
+                    f"{ALPACA_EXAMPLES:,}, got seq {self.seq}, {self.steps} x {self.batches[0]}"
+                )
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.task == "train" and virtual_tokens(self.method):
@@ -182,11 +197,27 @@ def side_spec(cfg: BenchConfig, side: str, base_dir: Path, adapter_dir: Path) ->
         steps=cfg.steps,
         warmup=cfg.warmup,
         method=cfg.method,
+        compile=cfg.compile,
+        **length_rows(cfg, side),
     )
+
+
+def length_rows(cfg: BenchConfig, side: str) -> dict[str, Any]:
+    """The SideSpec fields of the realistic-length mode (bench/lengths.py): the side's steps and the warmup batch."""
+    if cfg.lengths is None:
+        return {}
+    from bench.lengths import length_plan
+
+    plan = length_plan(cfg)
+    return {"length_steps": plan[side], "length_warmup": plan["warmup"]}
 
 
 def merge_rounds(cfg: BenchConfig, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Pool the timed steps of several runs of one side; peaks are the largest seen."""
+    if cfg.lengths is not None:
+        from bench.lengths import merge_length_rounds
+
+        return merge_length_rounds(rounds)
     first = rounds[0]
     merged = {**first, "rounds": len(rounds), "load_s": min(r["load_s"] for r in rounds)}
     if cfg.task == "train":
@@ -237,6 +268,10 @@ def _peaks(cfg: BenchConfig) -> dict[str, Any]:
 
 def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     """Adapter training step, ours vs PEFT: tokens/s, peak memory, and FLOP rate / MFU (frozen-base FLOPs)."""
+    if cfg.lengths is not None:
+        from bench.lengths import bench_train_lengths
+
+        return bench_train_lengths(cfg)
     shape = get_shape(cfg.shape)
     header = run_header(torch.device(cfg.device))
     sides = run_sides(cfg)
@@ -345,6 +380,10 @@ def _load(report: dict[str, Any]) -> str:
 
 def format_train(report: dict[str, Any]) -> str:
     c = report["config"]
+    if c.get("lengths"):
+        from bench.lengths import format_train_lengths
+
+        return format_train_lengths(report)
     lines = [
         f"train  shape={c['shape']} ({c['base_parameters'] / 1e6:.1f}M) device={report['device']['type']} "
         f"dtype={c['dtype']} batch={c['batches'][0]} seq={c['seq']} threads={c['threads']} "
@@ -372,7 +411,8 @@ def format_generate(report: dict[str, Any]) -> str:
     lines = [
         f"generate  shape={c['shape']} ({c['base_parameters'] / 1e6:.1f}M) device={report['device']['type']} "
         f"dtype={c['dtype']} prompt={c['seq']} new={c['new_tokens']} threads={c['threads']} "
-        f"runs={c['steps']}x{c['rounds']} commit={report['git_commit']} {_load(report)}",
+        f"runs={c['steps']}x{c['rounds']} {'ours compiled ' if c.get('compile') else ''}"
+        f"commit={report['git_commit']} {_load(report)}",
         f"{'batch':<6}{'side':<6}{'TTFT ms':>10}{'best':>9}{'decode tok/s':>14}{'best':>9}{'GB/s':>8}{'BW use':>8}"
         f"{'peak MiB':>10}",
     ]

@@ -51,6 +51,12 @@ class SideSpec:
     """Untimed steps (train) or generations (generate) before timing."""
     method: str = "llama_adapter"
     """The method of the PEFT adapter in ``adapter_dir`` (bench/methods.py)."""
+    compile: bool = False
+    """generate, ours: the torch.compile'd decode step (compiled during the warmup generations)."""
+    length_steps: list[list[list[int]]] | None = None
+    """train --lengths: the timed steps, each its rows as [example id, length] (bench/lengths.py)."""
+    length_warmup: list[list[int]] | None = None
+    """train --lengths: the warmup batch, the same on both sides."""
 
     def __post_init__(self) -> None:
         if self.side not in SIDES:
@@ -97,7 +103,10 @@ def load_ours(spec: SideSpec, device: torch.device, dtype: torch.dtype) -> Loade
     def generate(prompt: Tensor, new_tokens: int) -> tuple[list[list[int]], list[float]]:
         rows = prompt.tolist()
         stamps, steps = [], []
-        for token in generate_tokens(model, rows, max_new_tokens=new_tokens, temperature=0.0, eos_id=None):
+        decode = generate_tokens(
+            model, rows, max_new_tokens=new_tokens, temperature=0.0, eos_id=None, compile=spec.compile
+        )
+        for token in decode:
             steps.append(token.tolist())  # device -> host copy: the step has really finished
             stamps.append(time.perf_counter())
         return [list(col) for col in zip(*steps, strict=True)], stamps
@@ -159,6 +168,10 @@ def load_peft(spec: SideSpec, device: torch.device, dtype: torch.dtype) -> Loade
 # ---- the two benchmarks ---------------------------------------------------------------------------------------------
 def run_train(spec: SideSpec, loaded: Loaded, device: torch.device) -> dict[str, Any]:
     """Warmup, then timed AdamW steps over the trainable parameters only; peak memory over the steps."""
+    if spec.length_steps is not None:
+        from bench.lengths import run_train_lengths
+
+        return run_train_lengths(spec, loaded, device)
     (batch,) = spec.batches
     tokens = random_tokens(spec.seed, loaded.vocab_size, batch, spec.seq).to(device)
     loaded.model.train()

@@ -32,9 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from data import DataError, lone_surrogate
-
-IGNORE_INDEX = -100
-"""Label of positions without loss (prompt and padding)."""
+from model.loss import IGNORE_INDEX  # label of positions without loss (prompt and padding): one definition
 
 ImageInput = str | Path | bytes | Image.Image
 """An example's image: a file path, an encoded image file's bytes (the Hugging Face ScienceQA copy), or a PIL image."""

@@ -204,6 +204,7 @@ def predict(
     header: dict[str, Any],
     batch_size: int = 8,
     max_new_tokens: int = 32,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """Caption every image (resuming from ``output_dir/generations.jsonl``) and write ``predictions.json``
     [{"image_id", "caption"}]; returns that list."""
@@ -213,7 +214,9 @@ def predict(
     log = GenerationLog(output_dir / GENERATIONS_FILE, header, key_field="image_id")
     prompt = caption_prompt()
     items = [GenerationItem(im.image_id, prompt, im.path) for im in images]
-    outputs = generate_all(model, items, log, batch_size=batch_size, max_new_tokens=max_new_tokens, desc="COCO")
+    outputs = generate_all(
+        model, items, log, batch_size=batch_size, max_new_tokens=max_new_tokens, desc="COCO", compile=compile
+    )
     results = [{"image_id": im.image_id, "caption": outputs[im.image_id].strip()} for im in images]
     write_json(output_dir / PREDICTIONS_FILE, results)
     return results
@@ -267,6 +270,7 @@ def _run(args: argparse.Namespace) -> int:
             header=header,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
+            compile=args.compile,
         )
         label = Path(args.checkpoint).name
     captions = check_results(results, references, source=args.results or "generated captions")

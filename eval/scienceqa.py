@@ -215,6 +215,7 @@ def predict(
     header: dict[str, Any],
     batch_size: int = 8,
     max_new_tokens: int = 64,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Generate an answer for every problem (resuming from ``output_dir/generations.jsonl``), parse it, and write
     ``predictions.json`` in the official results format; returns that dict {"results", "outputs"}.
@@ -227,7 +228,9 @@ def predict(
     output_dir = Path(output_dir)
     log = GenerationLog(output_dir / GENERATIONS_FILE, {**header, "prompt_format": prompt_format}, key_field="pid")
     items = [GenerationItem(str(p.pid), build_prompt(p, prompt_format), _image_input(p)) for p in problems]
-    outputs = generate_all(model, items, log, batch_size=batch_size, max_new_tokens=max_new_tokens, desc="ScienceQA")
+    outputs = generate_all(
+        model, items, log, batch_size=batch_size, max_new_tokens=max_new_tokens, desc="ScienceQA", compile=compile
+    )
     predictions = {
         "results": {str(p.pid): parse_answer(outputs[str(p.pid)], len(p.choices)).index for p in problems},
         "outputs": {str(p.pid): outputs[str(p.pid)] for p in problems},
@@ -248,6 +251,7 @@ def evaluate(
     prompt_format: str,
     batch_size: int = 8,
     max_new_tokens: int = 64,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Generate and score: ``predict`` on ``problems`` (of ``split`` of the ScienceQA folder ``data``), scored into
     ``output_dir/metrics.json`` {"split", ...score_scienceqa}; returns those metrics.
@@ -270,6 +274,7 @@ def evaluate(
         header=header,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        compile=compile,
     )
     metrics = {"split": split, **score_scienceqa(problems, predictions["results"], predictions["outputs"])}
     write_json(Path(output_dir) / METRICS_FILE, metrics)
@@ -342,6 +347,7 @@ def _run(args: argparse.Namespace) -> int:
             prompt_format=args.prompt_format or run.sidecar.get("prompt_format") or DEFAULT_PROMPT_FORMAT,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
+            compile=args.compile,
         )
         label = Path(args.checkpoint).name
     print(format_table(metrics, label=f"{label}: {args.split}"))

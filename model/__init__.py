@@ -34,6 +34,7 @@ from model.checkpoint import (
 from model.config import PRESETS, AdapterConfig, ConfigError, LlamaConfig, ModelConfig, VisualConfig, preset
 from model.llama import Transformer, count_trainable, is_trainable
 from model.methods import Method, MethodConfig, method_names, register_method
+from model.quantize import check_kind, quantize_base
 from model.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -104,6 +105,7 @@ def load_model(
     official_gate_fn: Literal["tanh", "raw"] = "tanh",
     strict_base: bool = False,
     random_clip: bool = False,
+    quantize: str | None = None,
 ) -> Transformer:
     """Build the frozen LLaMA with a PEFT method, load the weights, and return it in eval mode.
 
@@ -128,12 +130,18 @@ def load_model(
         a base with the same shapes but other weights (``model.base_weights_fingerprint``, recorded by
         ``save_adapter``; adapters saved before it was recorded load silently).
 
+    quantize: ``nf4`` or ``int8`` stores the frozen block linears quantized (``model.quantize.quantize_base``), after
+        the base weights are loaded and the method attached (its wrapped linears keep the quantized weight); every
+        method trains and runs on it; merges that fold into it (LoRA, V2's scales) are refused. None: the weights as
+        ``dtype``. Ignored on the meta device (shapes only).
+
     ``model.tokenizer`` is set from a tokenizer.model / tokenizer.json in the base directory (or its parent),
     else from the tokenizer recorded in our adapter's sidecar; its vocabulary must match the model's.
     Raises CheckpointError (a ValueError) naming the file and field for anything unreadable, out of range or
     mismatched.
     """
     device = torch.device(device or "cpu")
+    quantize_kind = check_kind(quantize) if quantize is not None else None  # before any weight is read
     if adapter is not None and adapter_config is not None:
         raise ValueError("adapter_config shapes a fresh adapter only; the adapter file brings its own config")
     is_preset = str(base) in PRESETS and not Path(base).exists()
@@ -188,6 +196,8 @@ def load_model(
     init_fresh_adapter(model, seed=seed, device=device)
     if device.type != "meta":
         check_materialized(model)
+        if quantize_kind is not None:
+            quantize_base(model, quantize_kind)
     if weights is not None:
         check_base_weights(weights, fingerprint, str(base), strict=strict_base)
         load_trainable(model, weights)

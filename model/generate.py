@@ -10,6 +10,12 @@ Left padding: prompts of different lengths are right-aligned; the pad slots are 
 it were alone. A method's soft tokens (prompt tuning, P-tuning) sit in the cache before the padding, at positions
 0..P-1 of every row (PEFT's layout), so each row still sees exactly what it would see alone.
 
+Decoding runs ``Transformer.decode_step``, a fixed-shape step over the whole preallocated cache (write at a slot
+tensor, attend under a mask of the filled, valid slots): one step for every position, so ``compile=True`` can hand
+it to ``torch.compile`` once (``mode="reduce-overhead"``, CUDA graphs, on a GPU; the default mode on a CPU) and
+replay it for every new token. Compiled, the cache is sized in multiples of ``COMPILE_BUCKET`` tokens and kept
+for the next call of the same shape (a CUDA graph holds its address); prompts of nearby lengths share a graph.
+
 Length policy: ``model.max_tokens`` is ``max_seq_len`` (the cache and RoPE table size) less the positions the PEFT
 method takes (soft tokens, position offset). A prompt longer than ``max_tokens - 1`` tokens is truncated from the
 LEFT (keeping BOS) with a warning, so a batch evaluation survives one oversized item; ``max_new_tokens`` is capped
@@ -20,7 +26,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +35,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 ImageInput = Image.Image | str | os.PathLike | Tensor | None
+
+COMPILE_BUCKET = 128
+"""compile=True: cache slots (past the soft tokens) are a multiple of this, capped at ``model.max_tokens``."""
 
 
 # ---- sampling -------------------------------------------------------------------------------------------------
@@ -75,6 +85,7 @@ def generate_tokens(
     top_p: float = 0.75,
     eos_id: int | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> Iterator[Tensor]:
     """Decode a batch on the KV cache; yields the next token of every row, (B,) long, one step at a time.
 
@@ -82,7 +93,8 @@ def generate_tokens(
     (B, 3, H, W) preprocessed, image_mask (B,) bool for rows that really have one. A row that produced
     ``eos_id`` keeps yielding ``eos_id``; iteration ends when every row has, or after ``max_new_tokens`` steps
     (capped by ``model.max_tokens``). Stop iterating early to stop decoding. ``seed`` fixes the sampling (a private
-    ``torch.Generator``; the global RNG is never used).
+    ``torch.Generator``; the global RNG is never used). ``compile``: the decode step through ``torch.compile``
+    (the first call of each batch size and cache bucket compiles; see the module docstring).
     """
     _check_sampling(max_new_tokens, temperature, top_p)
     max_tokens = model.max_tokens
@@ -97,12 +109,10 @@ def generate_tokens(
 
     tokens = torch.zeros(batch, prompt_len, dtype=torch.long)  # id 0 on pad slots: masked out, never attended
     positions = torch.zeros(batch, prompt_len, dtype=torch.long)
-    cache = model.new_cache(batch, prompt_len + max_new_tokens)
-    for i, ids in enumerate(prompt_ids):
-        pad = prompt_len - len(ids)
+    pads = [prompt_len - len(ids) for ids in prompt_ids]
+    for i, (ids, pad) in enumerate(zip(prompt_ids, pads, strict=True)):
         tokens[i, pad:] = torch.tensor(list(ids), dtype=torch.long)
         positions[i, pad:] = torch.arange(len(ids))
-        cache.mark_padding(i, pad)
     tokens, positions = tokens.to(device), positions.to(device)
     next_positions = torch.tensor([len(ids) for ids in prompt_ids], device=device)  # (B,)
     if images is not None:
@@ -116,20 +126,84 @@ def generate_tokens(
         generator.manual_seed(seed)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    # inference_mode only around the computation, never across a yield (it would leak into the caller's code).
-    with torch.inference_mode():
-        logits = model(tokens, images, image_mask=image_mask, cache=cache, positions=positions, last_only=True)
-    for step in range(max_new_tokens):
+    step_fn = compiled_decode_step(device) if compile else _decode_step
+    cache = _cache(model, batch, prompt_len + max_new_tokens, compile)
+    try:
+        for i, pad in enumerate(pads):
+            cache.mark_padding(i, pad)
+        # inference_mode only around the computation, never across a yield (it would leak into the caller's code).
         with torch.inference_mode():
-            next_token = sample_next(logits[:, -1], temperature, top_p, generator)
-            if eos_id is not None:
-                next_token = next_token.masked_fill(finished, eos_id)
-                finished |= next_token == eos_id
-        yield next_token
-        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
-            return
-        with torch.inference_mode():
-            logits = model(next_token[:, None], cache=cache, positions=next_positions[:, None] + step, last_only=True)
+            logits = model(tokens, images, image_mask=image_mask, cache=cache, positions=positions, last_only=True)
+            slot = torch.tensor([cache.length], device=device)  # (1,): the slot the next token's K / V go to
+            step_positions = next_positions[:, None].clone()  # (B, 1)
+        for step in range(max_new_tokens):
+            with torch.inference_mode():
+                next_token = sample_next(logits[:, -1], temperature, top_p, generator)
+                if eos_id is not None:
+                    next_token = next_token.masked_fill(finished, eos_id)
+                    finished |= next_token == eos_id
+            yield next_token
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+                return
+            with torch.inference_mode():
+                if compile:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: reuse them
+                logits = step_fn(model, next_token[:, None], step_positions, slot, cache)
+                slot += 1
+                step_positions += 1
+    finally:
+        _release(model, cache)
+
+
+# ---- the fixed-shape decode step ---------------------------------------------------------------------------------
+def _decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, slot: Tensor, cache: Any) -> Tensor:
+    """``model.decode_step`` as a plain function of the model: one compiled function serves every model."""
+    return model.decode_step(tokens, positions, slot, cache)
+
+
+_compiled_steps: dict[str, Callable[..., Tensor]] = {}  # torch.compile mode -> the compiled _decode_step
+_kept_caches: weakref.WeakKeyDictionary[nn.Module, tuple[Any, bool]] = weakref.WeakKeyDictionary()
+"""compile=True: per model, the cache of its last compiled decode and whether a decode is using it now."""
+
+
+def compiled_decode_step(device: torch.device) -> Callable[..., Tensor]:
+    """``_decode_step`` through ``torch.compile``, made once per mode: "reduce-overhead" (CUDA graphs) on CUDA, the
+    default mode elsewhere. fullgraph: a graph break would be a bug of the fixed-shape step, never a silent slowdown.
+    Shapes: the first graph is specialised to its batch size and cache bucket; a second shape compiles one graph
+    generic in the sizes that changed (torch's automatic dynamic shapes), which CUDA graphs record once per size."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in _compiled_steps:
+        _compiled_steps[mode] = torch.compile(_decode_step, mode=mode, fullgraph=True)
+    return _compiled_steps[mode]
+
+
+def _cache(model: nn.Module, batch: int, max_len: int, compile: bool) -> Any:
+    """A fresh cache for ``max_len`` tokens; compiled, one rounded up to ``COMPILE_BUCKET`` and reused from the
+    model's last compiled decode when the shapes match and no other decode holds it (a CUDA graph replays on the
+    addresses it was recorded with; a new cache would make it record again)."""
+    if not compile:
+        return model.new_cache(batch, max_len)
+    max_len = min(model.max_tokens, -(-max_len // COMPILE_BUCKET) * COMPILE_BUCKET)
+    kept, busy = _kept_caches.get(model, (None, False))
+    w = model.tok_embeddings.weight
+    fits = kept is not None and kept.key_valid.shape == (batch, max_len + kept.n_soft)
+    if fits and not busy and (kept.k[0].dtype, kept.k[0].device) == (w.dtype, w.device):
+        kept.reset()
+        cache = kept
+    else:
+        cache = model.new_cache(batch, max_len)
+        for buffer in (*cache.k, *cache.v, cache.key_valid):
+            torch._dynamo.mark_static_address(buffer)  # CUDA graphs: keep the buffer in place, no copy per step
+    if not busy:
+        _kept_caches[model] = (cache, True)
+    return cache
+
+
+def _release(model: nn.Module, cache: Any) -> None:
+    """The decode holding ``cache`` ended: the model's kept cache may serve the next one."""
+    kept = _kept_caches.get(model)
+    if kept is not None and kept[0] is cache:
+        _kept_caches[model] = (cache, False)
 
 
 # ---- text level -----------------------------------------------------------------------------------------------
@@ -223,6 +297,7 @@ def _start(
     temperature: float,
     top_p: float,
     seed: int | None,
+    compile: bool,
 ) -> tuple[Any, Iterator[Tensor]]:
     tokenizer = _tokenizer(model)
     _check_sampling(max_new_tokens, temperature, top_p)
@@ -238,6 +313,7 @@ def _start(
         top_p=top_p,
         eos_id=tokenizer.eos_id,
         seed=seed,
+        compile=compile,
     )
     return tokenizer, steps
 
@@ -252,6 +328,7 @@ def generate(
     top_p: float = 0.75,
     stop: str | Sequence[str] | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> str | list[str]:
     """Complete one prompt (-> str) or a batch (-> list[str]); the output excludes the prompt, EOS and stop strings.
 
@@ -259,6 +336,7 @@ def generate(
     None (text-only rows take the text path in the same batch); for a single prompt, one image or None.
     temperature 0 = greedy; otherwise top-p sampling, reproducible with ``seed``. Decoding of a row stops at EOS
     or at the first ``stop`` string (cut from the output). See the module docstring for the length policy.
+    compile: decode with the ``torch.compile``d step (the same greedy output; see ``generate_tokens``).
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -266,7 +344,7 @@ def generate(
         return []
     stops = _normalize_stop(stop)
     tokenizer, steps = _start(
-        model, texts, _align_images(images, len(texts), single), max_new_tokens, temperature, top_p, seed
+        model, texts, _align_images(images, len(texts), single), max_new_tokens, temperature, top_p, seed, compile
     )
     out_ids: list[list[int]] = [[] for _ in texts]
     done = [False] * len(texts)
@@ -300,6 +378,7 @@ def stream(
     top_p: float = 0.75,
     stop: str | Sequence[str] | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Like ``generate`` for one prompt, yielding text pieces as they decode; their concatenation is the output.
 
@@ -309,7 +388,7 @@ def stream(
     if not isinstance(prompt, str):
         raise TypeError(f"stream takes one prompt (str), got {type(prompt).__name__}; use generate for a batch")
     stops = _normalize_stop(stop)
-    tokenizer, steps = _start(model, [prompt], [image], max_new_tokens, temperature, top_p, seed)
+    tokenizer, steps = _start(model, [prompt], [image], max_new_tokens, temperature, top_p, seed, compile)
     return _stream_pieces(tokenizer, steps, stops)
 
 

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from model.config import LlamaConfig, ModelConfig
+from model.loss import next_token_loss
 from model.methods import Method, build_method
 
 ADAPTER_PREFIX = "adapter_"
@@ -89,11 +91,17 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.n_soft = n_soft
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty again for a new batch of sequences, keeping the buffers (and so their addresses, which a CUDA graph
+        of ``Transformer.decode_step`` has baked in). Stale keys stay in the buffers, masked until overwritten."""
+        self.key_valid.fill_(True)
         self.padded = False  # True once some slot is marked invalid: single-token steps then need a mask
         self.method_state: Any = None  # Method.sequence_state of this sequence (set by the first forward)
         self.length = 0  # slots filled, soft tokens included
-        self.max_len = max_len
-        self.n_soft = n_soft
 
     def mark_padding(self, row: int, n_slots: int) -> None:
         """The ``n_slots`` cache slots of ``row`` after the soft tokens hold left padding: no query may attend to
@@ -114,6 +122,7 @@ class AttentionContext:
     cache: KVCache | None
     method: Method
     state: Any  # method.sequence_state(...) of this sequence
+    slot: Tensor | None = None  # (1,) long: the cache slot a fixed-shape decode step writes (decode_step); else None
 
 
 class Attention(nn.Module):
@@ -135,7 +144,12 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
-        if ctx.cache is not None:
+        if ctx.cache is not None and ctx.slot is not None:  # fixed shapes: write at a slot tensor, keep every slot
+            ck, cv = ctx.cache.k[self.layer_idx], ctx.cache.v[self.layer_idx]
+            ck.index_copy_(2, ctx.slot, k)
+            cv.index_copy_(2, ctx.slot, v)
+            k, v = ck, cv  # (B, nkv, max_len, hd); ctx.mask hides the slots not (yet) filled
+        elif ctx.cache is not None:
             start, ck, cv = ctx.cache.length, ctx.cache.k[self.layer_idx], ctx.cache.v[self.layer_idx]
             ck[:, :, start : start + T], cv[:, :, start : start + T] = k, v
             k, v = ck[:, :, : start + T], cv[:, :, : start + T]  # (B, nkv, S, hd)
@@ -206,6 +220,9 @@ class Transformer(nn.Module):
         self.tokenizer: Any = None  # set by load_model when a tokenizer is known; used by generate / stream
         self.base_weights_fingerprint: str | None = None  # set by load_model; recorded by save_adapter
         self._rope: tuple[Tensor, Tensor] | None = None
+        # Recompute each block in the backward pass instead of keeping its activations (when gradients are taken;
+        # train.py sets it from --train.activation_checkpointing): the same gradients for much less memory.
+        self.activation_checkpointing: bool = False
         self.freeze_base()
 
     def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -263,16 +280,25 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: Tensor | None = None,
         last_only: bool = False,
+        labels: Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> Tensor:
-        """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``).
+        """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``); with ``labels`` the loss.
 
         images: (B, 3, H, W) preprocessed for the CLIP tower, or None; image_mask (B,) bool marks which rows
         really have an image. With a cache, tokens are appended after what it holds; the image features, the
         method's per-sequence state and its soft tokens are computed on the first call only and kept in the cache.
         positions (B, T) count the caller's tokens from 0 (default: the tokens already cached + arange(T)); the
         method's soft tokens and ``position_offset`` come before them (see ``Method``).
+
+        labels (B, T), training: returns instead the fp32 sum of the next-token cross-entropy (position t predicts
+        labels[:, t + 1]) over the labels that are not IGNORE_INDEX, computed ``loss_chunk`` targets at a time
+        (0: in one piece) so the whole batch's logits never exist (model/loss.py). Computed inside the forward so
+        that DDP / FSDP wrappers see the whole step.
         """
         B, T = tokens.shape
+        if labels is not None and (cache is not None or last_only):
+            raise ValueError("labels (the training loss) take a whole sequence: no cache, no last_only")
         method, n_soft = self.method, self.method.n_soft_tokens
         start = cache.length if cache is not None else 0  # cache slots already filled, soft tokens included
         new_sequence = start == 0
@@ -316,17 +342,47 @@ class Transformer(nn.Module):
             mask = (mask | (k_idx[None, :] == q_idx[:, None]))[:, None]  # (B, 1, L, S)
 
         ctx = AttentionContext(cos, sin, mask, is_causal, cache, method, state)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
-            x = layer(x, ctx)
+            if recompute:  # keeps only x; the block (method hooks included) runs again in the backward pass
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
         if cache is not None:
             cache.length = start + L
         x = x[:, L - T :] if not last_only else x[:, -1:]  # the caller's tokens only: soft positions dropped
+        if labels is not None:
+            return next_token_loss(x, labels, lambda h: self.output(self.norm(h)), loss_chunk)  # () fp32
         return self.output(self.norm(x))  # (B, T, vocab)
 
     @property
     def max_tokens(self) -> int:
         """Tokens one sequence can hold: ``max_seq_len`` less the method's soft tokens and position offset."""
         return self.config.llama.max_seq_len - self.method.n_soft_tokens - self.method.position_offset
+
+    def decode_step(self, tokens: Tensor, positions: Tensor, slot: Tensor, cache: KVCache) -> Tensor:
+        """One new token per row with every shape fixed: tokens (B, 1) -> logits (B, 1, vocab).
+
+        The form ``torch.compile`` captures whole (model.generate, compile=True): no shape depends on the step, no
+        Python value is read from a tensor (no host sync) and no branch depends on the step, so one graph (one CUDA
+        graph under mode="reduce-overhead") serves every step. K / V are written at ``slot`` (1,) long, the same
+        cache slot for every row (``cache.length`` after the prefill, + 1 per step: the caller advances it), and the
+        query attends over all ``max_len`` slots, masked to those filled and valid (``key_valid``: not left padding).
+        positions (B, 1) count the caller's tokens as ``forward``'s do. The cache must hold a prefill from
+        ``forward`` (the method's per-sequence state is read from it, never recomputed); ``cache.length`` is not
+        advanced, and lengths are not checked here (``generate_tokens`` caps them before decoding).
+        """
+        method = self.method
+        rope_cos, rope_sin = self.rope(tokens.device)
+        positions = positions + method.n_soft_tokens + method.position_offset  # (B, 1)
+        cos, sin = rope_cos[positions][:, :, None, :], rope_sin[positions][:, :, None, :]  # (B, 1, 1, hd/2)
+        filled = torch.arange(cache.key_valid.shape[1], device=tokens.device) <= slot  # (S,): causal, one query
+        mask = (cache.key_valid & filled)[:, None, None, :]  # (B, 1, 1, S)
+        ctx = AttentionContext(cos, sin, mask, False, cache, method, cache.method_state, slot=slot)
+        x = self.tok_embeddings(tokens)  # (B, 1, dim)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.output(self.norm(x))  # (B, 1, vocab)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for ``max_len`` tokens (default ``max_tokens``) plus the method's soft tokens, in the
@@ -339,7 +395,7 @@ class Transformer(nn.Module):
     def generate(self, prompts: list[str] | str, images: Any = None, **kwargs: Any) -> list[str] | str:
         """Complete a prompt (-> str) or a batch (-> list[str]), optionally with images; see model.generate.generate.
 
-        kwargs: max_new_tokens=128, temperature=0.1 (0 = greedy), top_p=0.75, stop=None, seed=None.
+        kwargs: max_new_tokens=128, temperature=0.1 (0 = greedy), top_p=0.75, stop=None, seed=None, compile=False.
         """
         from model.generate import generate
 

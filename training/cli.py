@@ -37,7 +37,7 @@ from training.config import (
 )
 from training.state import CONFIG_FILE
 
-SECTIONS = ("model", "data", "optim", "run")
+SECTIONS = ("model", "data", "optim", "train", "dist", "run")
 
 SHORT_FLAGS: dict[str, str] = {
     "--base": "model.base",
@@ -57,6 +57,7 @@ RESUME_FREE = frozenset(
     {
         "data.num_workers",
         "data.eval_split",
+        "dist.strategy",  # the same updates under ddp and fsdp; only where the frozen base lives changes
         "optim.batch_size",  # with grad_accum: load_state refuses a changed product (samples per step)
         "optim.grad_accum",
         "run.out",  # always the resumed directory

@@ -1,4 +1,5 @@
-"""Settings of a run: four typed dataclasses (model, data, optim, run) in one TrainConfig, and the named recipes.
+"""Settings of a run: six typed dataclasses (model, data, optim, train, dist, run) in one TrainConfig, and the
+named recipes.
 
 Every field's docstring (the string literal under it) is its ``--help`` text. ``config_to_dict`` /
 ``config_from_dict`` convert to and from the plain values of ``<run>/config.json``.
@@ -26,6 +27,8 @@ DEFAULT_RECIPE = "tiny"
 TaskName = Literal["scienceqa", "coco", "alpaca"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+Quantize = Literal["none", "nf4", "int8"]
+Strategy = Literal["ddp", "fsdp"]
 
 
 # ==== configuration ================================================================================================
@@ -43,6 +46,9 @@ class BaseModelArgs:
     random_clip: bool = False
     """Build a randomly initialised CLIP tower when no clip_weights are given (tests and benchmarks only: the
     adapter would learn from noise). Without it, a CLIP model other than 'tiny' needs --clip-weights."""
+    quantize: Quantize = "none"
+    """Store the frozen base's linear weights quantized through torchao: nf4 (4-bit NormalFloat with block scales,
+    QLoRA's format) or int8 (weight-only, per-channel scales). Trainable tensors stay float32. none: as dtype."""
     dtype: DType = "auto"
     """dtype of the frozen base and CLIP tower; trainable tensors always stay float32. auto: float32 on CPU,
     bfloat16 on GPUs that support it, else float16 (with loss scaling)."""
@@ -103,6 +109,9 @@ class DataArgs:
     """Longest training sequence in tokens (prompt + answer + EOS); longer examples are truncated."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0: load in the training process)."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (shuffled groups, the same on every rank), so little of each batch
+    is padding; false: random batches padded to their longest."""
 
     def __post_init__(self) -> None:
         if self.max_len < 2:
@@ -160,6 +169,32 @@ class OptimArgs:
 
 
 @dataclass
+class TrainArgs:
+    """How the training step spends memory: recomputed activations and the loss in chunks."""
+
+    activation_checkpointing: bool = False
+    """Keep only each block's input during the forward pass and recompute the block in the backward pass: much
+    less activation memory for about a third more compute; identical gradients."""
+    loss_chunk: int = 1024
+    """Tokens per chunk of the output projection and cross-entropy, so no full-vocabulary fp32 logits of the whole
+    batch are ever held; 0: one piece (the whole batch's logits at once)."""
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk < 0:
+            raise ValueError(f"train.loss_chunk must be >= 0, got {self.loss_chunk}")
+
+
+@dataclass
+class DistArgs:
+    """How the processes of a torchrun job share the work."""
+
+    strategy: Strategy = "ddp"
+    """ddp: every process holds the whole frozen base and the trainable tensors are all-reduced; fsdp: the frozen
+    base is sharded over the processes with torch's fully_shard (bases that do not fit one GPU, 33B-70B), the
+    trainable tensors kept in float32."""
+
+
+@dataclass
 class RunArgs:
     """Where the run goes, how often it logs and saves, and what happens after training."""
 
@@ -207,6 +242,8 @@ class TrainConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    dist: DistArgs = field(default_factory=DistArgs)
     run: RunArgs = field(default_factory=RunArgs)
 
     def __post_init__(self) -> None:

@@ -1,8 +1,9 @@
 """One run: settings -> model and data -> (resumed) state -> training loop -> saved adapter -> evaluation.
 
-Data parallelism is torch DDP over the trainable tensors (NCCL on GPU, gloo on CPU) with a DistributedSampler; rank 0
-logs and saves. Signal handlers (SIGINT / SIGTERM: save and stop) are installed only when asked (``handle_signals``:
-train.py run as a program), never by a library call.
+Data parallelism is torch DDP over the trainable tensors (NCCL on GPU, gloo on CPU) with a DistributedSampler, or with
+--dist.strategy fsdp the frozen base sharded by torch FSDP2 (training.dist.shard_frozen_base); rank 0 logs and saves.
+Signal handlers (SIGINT / SIGTERM: save and stop) are installed only when asked (``handle_signals``: train.py run as
+a program), never by a library call.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from training import TrainingError
 from training.batching import ensure_synthetic, training_set
 from training.cli import Resume, describe_changes
 from training.config import REPO_ROOT, TrainConfig, settings_section
-from training.dist import Dist, close_distributed, data_parallel, leave_together, setup_distributed
+from training.dist import (
+    Dist,
+    close_distributed,
+    data_parallel,
+    is_sharded,
+    leave_together,
+    setup_distributed,
+    sharding_error,
+)
 from training.metrics import METRICS_FILE, plot_loss_curve, truncate_metrics
 from training.optim import StepPlan, build_optimizer, plan_steps
 from training.state import (
@@ -58,6 +67,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> n
             dtype=dtype,  # the frozen base and CLIP tower; adapter tensors and the visual projection stay fp32
             device=device,
             seed=cfg.run.seed,
+            quantize=None if cfg.model.quantize == "none" else cfg.model.quantize,
         )
         if cfg.model.tokenizer is not None:
             attach_tokenizer(model, Path(cfg.model.tokenizer))
@@ -124,8 +134,14 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle
     if cfg.data.synthetic:
         ensure_synthetic(cfg, d)
     seed_everything(cfg.run.seed, d.rank)
-    model = build_model(cfg, d.device, dtype)
+    sharded = cfg.dist.strategy == "fsdp" and d.world > 1
+    if cfg.dist.strategy == "fsdp" and not sharded:
+        d.say("--dist.strategy fsdp on one process: nothing to shard, the model runs whole")
+    # fsdp builds on the CPU: no GPU ever holds the whole base; fully_shard moves each process's shards to its device.
+    model = build_model(cfg, torch.device("cpu") if sharded else d.device, dtype)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
     collate = training_set(cfg, model)
+    net = data_parallel(model, d, cfg.dist.strategy)  # before the optimizer and its state: fsdp moves the tensors
 
     o = cfg.optim
     plan = plan_steps(o, len(collate.examples), d.world)
@@ -133,15 +149,15 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle
     optimizer = build_optimizer(model, o, schedule.peak_lr)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
     pos = resume_position(cfg, run_dir, resume, model, optimizer, scaler, d, plan)
-
-    net = data_parallel(model, d)
     model.train()
 
     images = "on" if cfg.uses_images else "off"
+    quantized = "" if cfg.model.quantize == "none" else f", block linears {cfg.model.quantize}"
+    strategy = " (fsdp)" if sharded else ""
     d.say(
         f"run {run_dir}\n"
         f"{cfg.data.task}: {plan.examples:,} {cfg.data.train_split} examples, images {images}"
-        f" | {model.describe_trainable()} | base {dtype} on {d.device} x {d.world}\n"
+        f" | {model.describe_trainable()} | base {dtype}{quantized} on {d.device} x {d.world}{strategy}\n"
         f"effective batch {plan.effective_batch} | peak lr {schedule.peak_lr:.3g} | {plan.steps_per_epoch} "
         f"steps/epoch x {o.epochs} epochs -> {schedule.total_steps} steps ({schedule.warmup_steps} warmup)"
     )
@@ -154,6 +170,11 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle
     except DataError as e:  # an unreadable image or record met while loading a batch; the message names it
         hint = f"fix the data, then --resume {run_dir} (with --allow-changes if records were removed)"
         raise TrainingError(f"{e}\n(the last saved state is intact: {hint})") from e
+    except RuntimeError as e:
+        error = sharding_error(e, cfg.model.method) if is_sharded(net) else None
+        if error is None:
+            raise
+        raise error from e
     if d.main:
         plot_loss_curve(run_dir)
     leave_together(d)
@@ -171,9 +192,22 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle
     elif cfg.run.eval and d.main:
         # Rank 0 alone: no collective is left, so the other processes can finish instead of waiting (a long
         # evaluation would outlast the NCCL timeout).
-        evaluate(cfg, model, run_dir, fresh=pos.step > start_step)
+        evaluate(cfg, unsharded_copy(cfg, model, d, dtype) if sharded else model, run_dir, fresh=pos.step > start_step)
     d.say(next_steps(cfg, run_dir))
     return 0
+
+
+def unsharded_copy(cfg: TrainConfig, model: nn.Module, d: Dist, dtype: torch.dtype) -> nn.Module:
+    """The trained model whole on this process (rank 0's evaluation after an fsdp run): the frozen base built again
+    from its files (the same weights: they never changed) with the trained tensors copied in. Simpler than
+    gathering every shard, and what ``python -m eval.* --checkpoint RUN_DIR`` would load; the base must fit one
+    device (otherwise train with --run.eval false and evaluate where it fits)."""
+    whole = build_model(cfg, d.device, dtype)
+    trained = dict(model.trainable_parameters())  # replicated, not sharded: whole on every process
+    with torch.no_grad():
+        for name, p in whole.trainable_parameters():
+            p.copy_(trained[name])
+    return whole
 
 
 def next_steps(cfg: TrainConfig, run_dir: Path) -> str:

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.collate import IGNORE_INDEX
 from training import TrainingError
-from training.batching import IndexedCollate, MicroBatch, epoch_indices, step_batches
+from training.batching import IndexedCollate, MicroBatch, epoch_steps, step_batches
 from training.config import TrainConfig
-from training.dist import Dist, all_reduce_sum, leave_together, memory_mib
+from training.dist import Dist, all_reduce_sum, average_gradients, is_sharded, leave_together, memory_mib
 from training.metrics import MetricsLog
 from training.optim import Schedule, StepPlan
 from training.state import Position, save_checkpoint
@@ -104,6 +103,7 @@ class Trainer:
         self.schedule, self.dtype, self.d, self.collate = schedule, dtype, d, collate
         self.examples = collate.examples
         self.params = [p for _, p in model.trainable_parameters()]
+        self.average_grads = is_sharded(net)  # fsdp: the trainable tensors are replicated, not FSDP's (dist.py)
 
     def _forward_loss(self, batch: dict[str, Any], denom: float) -> Tensor:
         dev = self.d.device
@@ -117,12 +117,11 @@ class Trainer:
             images, mask = torch.zeros(tokens.shape[0], 3, size, size), torch.zeros(tokens.shape[0], dtype=torch.bool)
         if images is not None:
             images, mask = images.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
+        # The model computes the loss itself (the fp32 sum over target tokens, position t predicting token t+1, in
+        # chunks of --train.loss_chunk tokens: model/loss.py), inside the call DDP / FSDP wrap. Divided by the
+        # global target count it is the global token mean.
         with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            logits = self.net(tokens, images, image_mask=mask)  # (B, T, V)
-        # Position t predicts token t+1; the sum over target tokens / the global target count = global token mean.
-        loss = F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+            loss = self.net(tokens, images, image_mask=mask, labels=labels, loss_chunk=self.cfg.train.loss_chunk)
         return loss / denom
 
     def step(self, micro: list[MicroBatch], pos: Position, stop: StopRequest) -> StepResult:
@@ -140,8 +139,9 @@ class Trainer:
         n_tokens = 0
         try:
             for j, (indices, batch) in enumerate(micro):
-                # Gradients are all-reduced on the last micro-batch only; DDP averages over processes, so the loss is
-                # scaled by the world size to make the update the gradient of the global token mean.
+                # Gradients are all-reduced on the last micro-batch only (DDP), or averaged once after it (fsdp); both
+                # average over processes, so the loss is scaled by the world size to make the update the gradient of
+                # the global token mean.
                 no_sync = hasattr(self.net, "no_sync") and j < len(micro) - 1
                 with self.net.no_sync() if no_sync else contextlib.nullcontext():
                     loss = self._forward_loss(batch, denom)
@@ -150,6 +150,8 @@ class Trainer:
                     self.scaler.scale(loss * self.d.world).backward()
                 loss_sum += loss.detach()
                 n_tokens += int(batch["lengths"].sum())
+            if self.average_grads:
+                average_gradients(self.params, self.d)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_oom(e):
                 raise
@@ -215,11 +217,29 @@ class Trainer:
         )
 
 
+def padded_counts(micro: list[MicroBatch]) -> list[int]:
+    """[real tokens, computed token positions] of one step's micro-batches on this process (each micro-batch is
+    padded to its longest row)."""
+    return [sum(int(b["lengths"].sum()) for _, b in micro), sum(b["tokens"].numel() for _, b in micro)]
+
+
+def useful_fractions(counts: list[list[int]], d: Dist) -> list[float]:
+    """Real / computed tokens of each [real, computed] pair, summed over the processes (one collective)."""
+    totals = all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=d.device), d)
+    return [round(real / max(computed, 1.0), 4) for real, computed in totals.tolist()]
+
+
 def train_loop(
     cfg: TrainConfig, trainer: Trainer, run_dir: Path, pos: Position, plan: StepPlan, handle_signals: bool
 ) -> str:
     """Steps until done, run.stop_after or a stop request (StopRequest); saves on the way. Returns done | stopped |
-    SIGINT | SIGTERM."""
+    SIGINT | SIGTERM.
+
+    metrics.jsonl gets a record every run.log_every steps and at the end of every epoch. Its "useful_tokens" is the
+    share of the computed token positions (micro-batches padded to their longest row) that hold real tokens, over
+    the steps since the previous record; the record ending an epoch adds "epoch_useful_tokens", the same over the
+    epoch (since the resume, when the run resumed inside it), which is also printed.
+    """
     from tqdm.auto import tqdm
 
     d, total_steps = trainer.d, plan.schedule.total_steps
@@ -230,13 +250,13 @@ def train_loop(
     saved_step = pos.step
     outcome = "done"
     o = cfg.optim
+    lengths = trainer.collate.lengths if cfg.data.group_by_length else None  # tokenizes the set once
+    window_padding = [0, 0]
     with StopRequest(handle_signals) as stop:
         while pos.step < total_steps and outcome == "done":
-            indices = epoch_indices(len(trainer.examples), d, cfg.run.seed, pos.epoch)
-            batches = step_batches(
-                indices, pos.sample, o.batch_size, o.grad_accum, trainer.collate, cfg.data.num_workers
-            )
-            for micro in batches:
+            steps = epoch_steps(len(trainer.examples), d, cfg.run.seed, pos.epoch, o.batch_size * o.grad_accum, lengths)
+            epoch_samples, epoch_padding, epoch_from = sum(map(len, steps)), [0, 0], (pos.step, pos.sample > 0)
+            for micro in step_batches(steps, pos.sample, o.batch_size, trainer.collate, cfg.data.num_workers):
                 try:
                     result = trainer.step(micro, pos, stop)
                 except OutOfMemory:
@@ -246,28 +266,38 @@ def train_loop(
                 lr = trainer.schedule.lr(pos.step)
                 pos.step += 1
                 pos.sample += sum(len(indices_) for indices_, _ in micro)
-                if pos.sample >= len(indices):
+                epoch_end = pos.sample >= epoch_samples
+                if epoch_end:
                     pos.epoch, pos.sample = pos.epoch + 1, 0
                 window_loss, window_steps, window_tokens = (
                     window_loss + result.loss,
                     window_steps + 1,
                     window_tokens + result.tokens,
                 )
+                real, computed = padded_counts(micro)
+                for counts in (window_padding, epoch_padding):
+                    counts[0], counts[1] = counts[0] + real, counts[1] + computed
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
-                if pos.step % cfg.run.log_every == 0 or pos.step == total_steps or result.stop:
+                if pos.step % cfg.run.log_every == 0 or pos.step == total_steps or result.stop or epoch_end:
                     elapsed = time.perf_counter() - window_start
-                    log.write(
-                        {
-                            "step": pos.step,
-                            "epoch": round(pos.step / plan.steps_per_epoch, 4),
-                            "loss": window_loss / window_steps,
-                            "lr": lr,
-                            "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
-                            "max_memory_mib": round(memory_mib(d.device), 1),
-                        }
-                    )
+                    useful = useful_fractions([window_padding, epoch_padding], d)  # the same steps on every rank
+                    record = {
+                        "step": pos.step,
+                        "epoch": round(pos.step / plan.steps_per_epoch, 4),
+                        "loss": window_loss / window_steps,
+                        "lr": lr,
+                        "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
+                        "useful_tokens": useful[0],
+                        "max_memory_mib": round(memory_mib(d.device), 1),
+                    }
+                    if epoch_end:
+                        record["epoch_useful_tokens"] = useful[1]
+                        if d.main:
+                            tqdm.write(epoch_summary(cfg, pos, epoch_from, useful[1]))
+                    log.write(record)
                     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                    window_padding = [0, 0]
                 if result.stop:
                     outcome = stop.signal or "SIGTERM"  # another process received the signal
                 elif cfg.run.stop_after is not None and pos.step >= cfg.run.stop_after:
@@ -280,3 +310,18 @@ def train_loop(
     bar.close()
     log.close()
     return outcome
+
+
+def epoch_summary(cfg: TrainConfig, pos: Position, epoch_from: tuple[int, bool], useful: float) -> str:
+    """The line printed at the end of an epoch (``pos`` is already at the next one): its share of real tokens."""
+    first_step, resumed_inside = epoch_from
+    since = f", steps {first_step + 1}-{pos.step} since the resume" if resumed_inside else ""
+    how = (
+        "batches grouped by length"
+        if cfg.data.group_by_length
+        else "random batches; --data.group_by_length true pads less"
+    )
+    return (
+        f"epoch {pos.epoch}/{cfg.optim.epochs} done at step {pos.step}: {useful:.1%} of the computed tokens were "
+        f"real, the rest padding ({how}{since})"
+    )

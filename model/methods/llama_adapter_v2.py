@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from model.methods.base import register_method
 from model.methods.llama_adapter import AdapterConfig, LlamaAdapter
+from model.quantize import refuse_quantized_merge
 
 if TYPE_CHECKING:
     from model.llama import Transformer
@@ -153,9 +154,10 @@ class LlamaAdapterV2(LlamaAdapter):
     def merge(self, model: Transformer) -> None:
         """Fold each scale into its frozen weight (W' = W diag(s); RMSNorm w' = w * s) and set it to 1. The biases
         stay: the bias-free base has nowhere to put them, and adding them costs nothing. Prompts and gates are
-        extra keys and stay as they are. Refuses (ValueError) on a base whose weights are not floating point,
-        before changing anything."""
+        extra keys and stay as they are. Refuses (ValueError) on a base whose weights are quantized or not floating
+        point, before changing anything."""
         linears, norms = self.tuned_linears(model), self.tuned_norms(model)
+        refuse_quantized_merge("LLaMA-Adapter V2 scales", (linear.weight for linear in linears))
         folded = {id(module.weight) for module in [*linears, *norms]}
         not_float = [
             f"{n} ({p.dtype})" for n, p in model.named_parameters() if id(p) in folded and not p.is_floating_point()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from model.methods.base import MethodConfig, register_method
 from model.methods.visual_prompt import GatedVisualPrompt, check_visual_layers
+from model.quantize import refuse_quantized_merge
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig
@@ -107,6 +108,7 @@ class LoraLinear(nn.Linear):
 
     def merge(self) -> None:
         """W += scale * B A, then B = 0: the same outputs from the frozen weight alone."""
+        refuse_quantized_merge("LoRA", [self.weight])
         if not self.weight.dtype.is_floating_point:
             raise ValueError(
                 f"cannot merge LoRA into a {self.weight.dtype} weight: quantized or integer bases keep the update apart"
@@ -188,7 +190,9 @@ class Lora(GatedVisualPrompt):
 
     def merge(self, model: Transformer) -> None:
         """Fold every update into its frozen weight (B = 0 after). Exact up to rounding in the weights' dtype;
-        the gated visual prompt depends on the image and stays as it is."""
+        the gated visual prompt depends on the image and stays as it is. Refuses a quantized base (ValueError)
+        before changing anything."""
+        refuse_quantized_merge("LoRA", (linear.weight for linear in self.adapted(model)))
         for linear in self.adapted(model):
             linear.merge()
 

@@ -8,8 +8,11 @@ process with the same global batch, and a stopped run resumes into the same curv
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +218,47 @@ def test_a_stopped_sharded_run_resumes_and_evaluates(sharded, capsys):
     # Each process's data order depends on the number of processes: another number is refused by name.
     assert train.main(["--resume", str(sharded.out)]) == 1
     assert "the run used 2 process(es), this one 1; resume with the same number" in capsys.readouterr().err
+
+
+def worker_pids(launcher_pid: int) -> list[int]:
+    """The processes torchrun started: the children of its launcher process."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == launcher_pid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_kill_9_of_one_sharded_rank_then_resume_continues_the_same_run(data, tmp_path):
+    """SIGKILL of one process of a running fsdp job (torchrun then stops the other): ``--resume`` continues from the
+    last saved state into the curve and adapter of one uninterrupted process."""
+    long = ["--epochs", "10", "--run.save_every", "2"]  # 40 steps: the kill lands mid-run
+    out = tmp_path / "killed"
+    launcher = subprocess.Popen(
+        [*LAUNCH, str(REPO / "train.py"), *args(data, out, batch_size=1, grad_accum=2), *long],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "state.pt").exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = worker_pids(launcher.pid)
+    assert launcher.poll() is None and len(workers) == 2, "the job ended before the kill"
+    os.kill(workers[-1], signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    saved = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert 2 <= saved < 40
+
+    torchrun(["--resume", str(out)])
+    single = tmp_path / "single"
+    assert train.main([*args(data, single, batch_size=4), *long]) == 0
+    torch.testing.assert_close(losses(out), losses(single), rtol=1e-5, atol=0)
+    a, b = load_file(single / "adapter.safetensors"), load_file(out / "adapter.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)

@@ -16,7 +16,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.engine import Engine
@@ -82,10 +82,40 @@ def load_engine(args: argparse.Namespace) -> Engine:
             "or pass --checkpoint RUN_DIR"
         )
     model = load_run(run_dir, base=args.base, clip_weights=args.clip_weights, dtype=dtype, device=device)
-    prompt_format = read_json(Path(run_dir) / "adapter.json").get("prompt_format")
+    sidecar = read_json(Path(run_dir) / "adapter.json")
     return Engine(
-        model, question_format=_question_format(prompt_format), name=f"run {Path(run_dir).name}", compile=args.compile
+        model,
+        question_format=_question_format(sidecar.get("prompt_format")),
+        name=f"run {Path(run_dir).name}",
+        about=about_run(sidecar.get("extra") or {}),
+        compile=args.compile,
     )
+
+
+EMBEDDED_DEFAULT_NOTE = (
+    "**This is the embedded tiny default** (`make train`): a 4-layer LLaMA 64 wide and a tiny CLIP, trained in "
+    "minutes on a CPU on synthetic ScienceQA problems about pictures of one shape. It answers questions **with "
+    "choices** about the shape's **colour** (red, green, blue, yellow) or **size** (big, small): use the Image tab's "
+    "Answer (the examples there), or send a colour problem in its format in Chat (the example). Captions and open "
+    "chat are prompts it was not trained on, so their answers are nonsense. Serve a run trained on real weights with "
+    "`--checkpoint RUN_DIR`."
+)
+TASK_NOTES = {
+    "mix": "Trained on every format the demo serves: questions with choices (Answer), captions (Caption), "
+    "conversations about an image and text instructions (Chat).",
+    "scienceqa": "Trained on ScienceQA: Answer, with choices, is its task; Chat and Caption send prompts it was not "
+    "trained on.",
+    "coco": "Trained on COCO captions: Caption is its task; Chat and Answer send prompts it was not trained on.",
+    "alpaca": "Trained on Alpaca instructions: Chat (text) is its task; it has not learned to use images.",
+}
+
+
+def about_run(extra: dict[str, Any]) -> str:
+    """What a run was trained for, from its adapter.json's ``extra`` (recipe and task, as train.py records them)."""
+    if extra.get("recipe") == "tiny" and extra.get("task") == "scienceqa":
+        return EMBEDDED_DEFAULT_NOTE
+    note = TASK_NOTES.get(extra.get("task"), "")
+    return f"Recipe {extra['recipe']}. {note}".strip() if extra.get("recipe") else note
 
 
 def _question_format(prompt_format: str | None) -> str:

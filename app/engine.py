@@ -9,8 +9,8 @@ Prompts:
 - Chat: one Alpaca prompt per answer (``data.alpaca.format_prompt``, the template the instruction-tuned adapter was
   trained on). The new message is the instruction; the earlier turns ride in the template's "Input" field as
   "User: ... / Assistant: ..." lines, since an Alpaca adapter has only ever seen a single instruction with optional
-  context. The image that conditions the answer is the one attached to the message, else the latest image of the
-  conversation (the talk is usually about it).
+  context (``data.llava`` trains image conversations in exactly this prompt). The image that conditions the answer
+  is the one attached to the message, else the latest image of the conversation (the talk is usually about it).
 - Caption: the COCO captioning prompt (``data.coco.caption_prompt``, LLaMA-Adapter V2's instruction).
 - Question with choices: a ScienceQA problem in the run's prompt format (``data.scienceqa.build_prompt``, by default
   LLaMA-Adapter V1's "Question / Context / Choices / Answer:"). Without choices the question is an open instruction
@@ -43,6 +43,7 @@ from PIL import Image
 
 from data.alpaca import format_prompt
 from data.coco import caption_prompt
+from data.llava import chat_prompt as llava_chat_prompt
 from data.scienceqa import FORMATS, Problem, build_prompt
 from model.generate import stream
 from model.visual import load_image
@@ -95,9 +96,9 @@ class Reply:
 
 
 def chat_prompt(history: Sequence[Turn], message: str) -> str:
-    """The Alpaca prompt answering ``message`` after the turns of ``history`` (carried in the Input field)."""
-    context = "\n".join(f"User: {turn.user}\nAssistant: {turn.assistant}" for turn in history)
-    return format_prompt(message, context)
+    """The Alpaca prompt answering ``message`` after the turns of ``history`` (carried in the Input field): the
+    prompt LLaVA-format conversations train (``data.llava.chat_prompt``)."""
+    return llava_chat_prompt([(turn.user, turn.assistant) for turn in history], message)
 
 
 def question_prompt(question: str, context: str = "", choices: Sequence[str] = (), fmt: str = "llama_adapter") -> str:
@@ -186,12 +187,19 @@ class Engine:
     """A loaded model (with ``model.tokenizer``) behind the three things the demo does: chat, caption, answer.
 
     question_format: the ScienceQA prompt format for questions with choices (a run trained on ScienceQA records its
-    own in adapter.json). name: what the model is, shown in the app's header. compile: decode with the
-    torch.compile'd step (model.generate; the first reply of each batch shape compiles).
+    own in adapter.json). name: what the model is, shown in the app's header. about: what it was trained for and can
+    do, shown under the header. compile: decode with the torch.compile'd step (model.generate; the first reply of
+    each batch shape compiles).
     """
 
     def __init__(
-        self, model: Any, *, question_format: str = "llama_adapter", name: str = "", compile: bool = False
+        self,
+        model: Any,
+        *,
+        question_format: str = "llama_adapter",
+        name: str = "",
+        about: str = "",
+        compile: bool = False,
     ) -> None:
         if getattr(model, "tokenizer", None) is None:
             raise ValueError("the model has no tokenizer (model.tokenizer is None); load it with load_run / load_model")
@@ -201,6 +209,7 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.question_format = question_format
         self.name = name
+        self.about = about
         self.compile = compile
         self.max_seq_len: int = model.max_tokens  # max_seq_len less what the method's soft tokens take
 

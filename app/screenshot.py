@@ -3,7 +3,8 @@
     python -m app.screenshot --out docs/screenshot.png [--checkpoint RUN_DIR]
 
 starts the app on a free local port with the given (default: newest) run, attaches an image in the Chat tab, sets
-the temperature (default 0: greedy), sends a message, waits for the streamed reply and saves the page. The browser
+the temperature (default 0: greedy), sends a message and any follow-ups, waits for each streamed reply and saves the
+page. The browser
 is Debian's chromium (scripts/install_browser.sh installs it) driven by Playwright; Playwright's own browser
 downloads are never used.
 """
@@ -29,14 +30,14 @@ CHROMIUM_ARGS = (
     "--disable-sync",
 )
 VIEWPORT = {"width": 1100, "height": 900}
-# The README picture asks what the embedded default (trained on ScienceQA-format problems) answers: one such problem.
-DEFAULT_MESSAGE = (
+# The README picture asks what the embedded default (trained on ScienceQA-format problems) answers: such problems.
+DEFAULT_MESSAGES = (
     "Question: What color is the ball in the picture?\nContext: N/A\nChoices: (A) red (B) green (C) blue (D) yellow\n"
-    "Answer:"
+    "Answer:",
 )
 
 # Records every text the last bot message shows, in order: a streamed reply shows growing prefixes of its answer.
-_WATCH_REPLY = """() => {
+WATCH_REPLY = """() => {
     window.__replyTexts = [];
     const record = () => {
         const bots = document.querySelectorAll('[data-testid="bot"]');
@@ -64,12 +65,14 @@ def chat_in_browser(
     image: Path,
     screenshot: Path,
     *,
+    follow_ups: Sequence[str] = (),
     temperature: float | None = None,
     timeout_s: float = 60,
 ) -> BrowserChat:
     """Open ``url`` in headless Chromium, attach ``image`` and send ``message`` in the Chat tab (after setting the
-    temperature in the Sampling panel, if given), wait until the reply has finished streaming, save a PNG of the
-    page to ``screenshot`` and report what was shown."""
+    temperature in the Sampling panel, if given), wait until the reply has finished streaming, then send each of
+    ``follow_ups`` (text only) the same way; save a PNG of the page to ``screenshot`` and report what was shown (the
+    reply texts are those of the last reply)."""
     from playwright.sync_api import sync_playwright
 
     timeout_ms = timeout_s * 1000
@@ -87,12 +90,13 @@ def chat_in_browser(
                 box.press("Enter")
             page.get_by_test_id("file-upload").set_input_files(str(image))
             page.locator(".thumbnail-image").wait_for(timeout=timeout_ms)  # the upload finished
-            page.evaluate(_WATCH_REPLY)
-            textbox.fill(message)
-            textbox.press("Enter")
-            page.get_by_test_id("bot").wait_for(timeout=timeout_ms)
-            # While the reply streams the submit button is replaced by a stop button; it comes back at the end.
-            page.get_by_test_id("submit-button").wait_for(timeout=timeout_ms)
+            for n, text in enumerate([message, *follow_ups], start=1):
+                page.evaluate(WATCH_REPLY)
+                textbox.fill(text)
+                textbox.press("Enter")
+                page.get_by_test_id("bot").nth(n - 1).wait_for(timeout=timeout_ms)
+                # While the reply streams the submit button is replaced by a stop button; it comes back at the end.
+                page.get_by_test_id("submit-button").wait_for(timeout=timeout_ms)
             time.sleep(0.5)  # let the last update paint before the picture
             page.screenshot(path=str(screenshot))
             user_images = page.locator('[data-testid="user"] img').count()
@@ -105,7 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.screenshot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/screenshot.png"), help="PNG to write")
     parser.add_argument("--checkpoint", type=Path, metavar="RUN_DIR", help="run directory (default: newest)")
-    parser.add_argument("--message", default=DEFAULT_MESSAGE, help="default: a problem in the tiny run's format")
+    parser.add_argument(
+        "--message",
+        action="append",
+        help="a message to send; repeat for a conversation, the image goes with the first "
+        f"(default: {' / '.join(DEFAULT_MESSAGES)})",
+    )
     parser.add_argument("--image", type=Path, default=Path(__file__).resolve().parent / "assets" / "red_circle.png")
     parser.add_argument("--temperature", type=float, default=0.0, help="set in the Sampling panel (default: greedy)")
     args = parser.parse_args(argv)
@@ -122,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(f".{args.out.name}.tmp.png")
-        shown = chat_in_browser(url, args.message, args.image, tmp, temperature=args.temperature)
+        first, *follow_ups = args.message or DEFAULT_MESSAGES
+        shown = chat_in_browser(url, first, args.image, tmp, follow_ups=follow_ups, temperature=args.temperature)
         tmp.replace(args.out)
     finally:
         demo.close()

@@ -10,7 +10,10 @@ the answer as it decodes.
 User mistakes (empty message, unreadable or non-image upload, impossible settings) become ``gr.Error`` with the
 engine's message, and the server keeps serving; what was cut to fit the context is said in a note above the answer.
 In the browser the chat message is checked before it is sent (``validator``): the mistake is shown under the
-textbox, which keeps the message, and the conversation stays as it was.
+textbox, which keeps the message, and the conversation stays as it was. A chat error found only while answering (an
+earlier image of the conversation deleted from the cache, the model failing mid-answer) ends the reply in the browser
+as an error paragraph (``format_error``; the exchange is left out of what the model reads later) and the chat stays
+usable; an API call of ``/chat`` gets it as an error instead.
 
 Uploads and the files Gradio caches live in a folder of their own per app, made by ``build_demo`` with mode 0700
 under Gradio's temp folder (``GRADIO_TEMP_DIR``, default <tmp>/gradio): other users of the machine cannot read them.
@@ -20,6 +23,8 @@ seconds) and all of them when the server stops, so what clients upload does not 
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import re
 import tempfile
@@ -39,7 +44,9 @@ from app.engine import (
     Reply,
     Turn,
     is_finite_number,
+    latest_image,
 )
+from model.visual import ImageLoadError
 
 TITLE = "LLaMA-Adapter: multimodal chat"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -57,18 +64,31 @@ MAX_HISTORY_MESSAGES = 4 * MAX_TURNS
 """Newest chat messages read into turns (a turn is two to four messages: image and text, then the answer)."""
 
 COLOR_QUESTION = "What color is the ball in the picture?"
-SIDE_QUESTION = "Is the kite on the left or the right side of the picture?"
-CHAT_EXAMPLES = [
-    {"text": COLOR_QUESTION, "files": [str(ASSETS / "red_circle.png")]},
-    {"text": SIDE_QUESTION, "files": [str(ASSETS / "blue_square_left.png")]},
-    {"text": "Give three tips for staying healthy."},
+SIZE_QUESTION = "Is the block in the picture big or small?"
+COLORS = ("red", "green", "blue", "yellow")
+
+
+def problem_message(question: str, choices: Sequence[str]) -> str:
+    """A chat message holding a problem in the ScienceQA prompt format the embedded default was trained on."""
+    options = " ".join(f"({letter}) {choice}" for letter, choice in zip("ABCDEFGH", choices))
+    return f"Question: {question}\nContext: N/A\nChoices: {options}\nAnswer:"
+
+
+CHAT_EXAMPLES = [  # a problem about a picture, as the embedded default was trained on (it answers it in Chat too)
+    {"text": problem_message(COLOR_QUESTION, COLORS), "files": [str(ASSETS / "red_circle.png")]},
 ]
+TEXT_CHAT_EXAMPLES = [{"text": "Give three tips for staying healthy."}]
+"""The chat example of a text-only model (an Alpaca-trained run)."""
 IMAGE_EXAMPLES = [  # image, question, context, choices: problems in the style of the synthetic ScienceQA set
-    [str(ASSETS / "red_circle.png"), COLOR_QUESTION, "", "red\ngreen\nblue\nyellow"],
-    [str(ASSETS / "blue_square_left.png"), SIDE_QUESTION, "", "left\nright"],
+    [str(ASSETS / "red_circle.png"), COLOR_QUESTION, "", "\n".join(COLORS)],
+    [str(ASSETS / "small_green_square.png"), SIZE_QUESTION, "", "big\nsmall"],
 ]
 
 _NOTE = re.compile(r"\A(?:\*Note: [^\n]*\*\n\n)+")
+_ERROR = re.compile(r"(?:\A|\n\n)\*\*Error:\*\* [^\n]*\Z")
+MAX_ERROR_CHARS = 500
+"""Characters of an unexpected exception's message shown in the chat (the full traceback is in the server's log)."""
+logger = logging.getLogger(__name__)
 
 
 # ---- message formats ----------------------------------------------------------------------------------------------
@@ -80,6 +100,17 @@ def format_notes(notes: Sequence[str]) -> str:
 def strip_notes(text: str) -> str:
     """An answer without the notes ``format_notes`` put before it."""
     return _NOTE.sub("", text)
+
+
+def format_error(message: str) -> str:
+    """An error ending a reply in the browser's chat: one paragraph of one line, which ``to_turns`` recognizes so
+    that the failed exchange never reaches the model (``is_error_reply``)."""
+    return f"**Error:** {' '.join(message.split())}"
+
+
+def is_error_reply(text: str) -> bool:
+    """Whether a chat reply ends with an error (``format_error``): its answer, if it had begun, was cut off."""
+    return bool(_ERROR.search(text))
 
 
 def _file_path(item: Any) -> str | None:
@@ -119,7 +150,8 @@ def to_turns(history: Sequence[dict[str, Any]]) -> list[Turn]:
     One submission is its text with the files attached before it (the browser shows an attached image and its text
     as two user messages; gradio_client sends one). When several submissions precede an answer, the earlier ones
     failed (their error was shown and they got no answer): only the last one counts, so a rejected upload never
-    comes back to haunt the turns after it. Submissions after the last answer are left out for the same reason.
+    comes back to haunt the turns after it. Submissions after the last answer are left out for the same reason, and
+    so is a submission whose reply ends with an error (``format_error``), with what was answered before the error.
     Only the newest ``MAX_HISTORY_MESSAGES`` messages are read (the engine keeps at most ``MAX_TURNS`` turns).
     """
     turns: list[Turn] = []
@@ -135,6 +167,8 @@ def to_turns(history: Sequence[dict[str, Any]]) -> list[Turn]:
             text, files = msg_text, files + msg_files
         elif role == "assistant":
             answer = strip_notes("".join(msg_texts)).strip()
+            if is_error_reply(answer):  # a failed submission: forgotten like one that got no answer
+                answer = ""
             if text and answer:
                 turns.append(Turn(user=text, assistant=answer, image=files[-1] if files else None))
             elif turns and answer:  # a second assistant message continues the previous answer
@@ -162,6 +196,47 @@ def _message_parts(message: dict[str, Any] | None) -> tuple[str, str | None]:
     """(text, path of the attached image or None) of a multimodal chat message; the last file counts."""
     files = (message or {}).get("files") or []
     return (message or {}).get("text", ""), _file_path(files[-1]) if files else None
+
+
+def _start_chat(
+    engine: Engine,
+    message: dict[str, Any] | None,
+    history: Sequence[dict[str, Any]],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+) -> Reply:
+    """``engine.chat`` for a Gradio chat message after its history; a readable error of the engine becomes a gr.Error.
+    Without an image of its own the message is about the conversation's latest one, and when that file can no longer
+    be read (Gradio deletes uploads ``DELETE_CACHE[1]`` seconds after they came) the error says how to go on."""
+    text, image = _message_parts(message)
+    turns = to_turns(history)
+    earlier = latest_image(turns) if image is None else None
+    try:
+        return engine.chat(turns, text, image, temperature, top_p, max_new_tokens)
+    except (FileNotFoundError, ImageLoadError) as e:  # with no image of its own, only the earlier one is loaded
+        if earlier is None:
+            raise gr.Error(_readable(e, image), print_exception=False) from e
+        raise gr.Error(
+            f"The conversation's image could not be read ({_readable(e, str(earlier))}): attach it again (or another "
+            "image) with your message, or clear the chat to go on without it.",
+            print_exception=False,
+        ) from e
+    except ValueError as e:  # the message, the settings, the context
+        raise gr.Error(_readable(e, image), print_exception=False) from e
+
+
+def _error_reply(shown: str, error: Exception) -> str:
+    """What the browser's chat shows when answering failed after ``shown`` had been streamed: that text, then the
+    error (``format_error``): a gr.Error's own message, else the exception's type and message, logged on the server
+    with its traceback."""
+    if isinstance(error, gr.Error):
+        message = str(error.message)
+    else:
+        logger.error("the chat's answer failed", exc_info=error)
+        what = f"{type(error).__name__}: {str(error)[:MAX_ERROR_CHARS]}"
+        message = f"The answer failed ({what}); the server's log has the details."
+    return f"{shown.rstrip()}\n\n{format_error(message)}" if shown.strip() else format_error(message)
 
 
 def accumulate(reply: Reply) -> Iterator[str]:
@@ -239,19 +314,35 @@ def build_demo(engine: Engine) -> gr.Blocks:
     and cached files go to a new private folder (``private_cache_dir``), deleted on the ``DELETE_CACHE`` schedule."""
 
     def chat(
-        message: dict[str, Any], history: list[dict[str, Any]], temperature: float, top_p: float, max_new_tokens: int
+        message: dict[str, Any],
+        history: list[dict[str, Any]],
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        event: gr.EventData,
     ) -> Iterator[str]:
-        text, image = _message_parts(message)
-        reply = _start(engine.chat, to_turns(history), text, image, temperature, top_p, max_new_tokens, upload=image)
-        yield from accumulate(reply)
+        """The growing reply to ``message``. When the page's chat called (an event that one of its components
+        triggered), an error ends the reply (``_error_reply``) and the chat stays usable: raised, it would cover the
+        conversation with an error badge and leave the textbox disabled until a reload (ChatInterface re-enables it
+        only after a success). An API call (no triggering component) gets the error raised, a gr.Error with the
+        engine's message for a mistake. ``event`` is filled in by Gradio (from the annotation) and is no input."""
+        shown = ""
+        try:
+            for shown in accumulate(_start_chat(engine, message, history, temperature, top_p, max_new_tokens)):
+                yield shown
+        except Exception as e:
+            if event.target is None:
+                if shown:  # a client keeps the partial reply in its conversation: mark it failed, never to be read
+                    yield _error_reply(shown, e)
+                raise
+            yield _error_reply(shown, e)
 
     def check_message(message: dict[str, Any] | None) -> dict[str, Any]:
         """The browser's submission checked before it is sent (Gradio's validator): an empty message, an unreadable
         upload or an image for a text-only model is shown under the textbox, which keeps the message to fix, and
-        nothing is sent. A failed ``chat`` would instead leave the chat covered by an error badge with its textbox
-        disabled until a reload (ChatInterface re-enables it only after a successful answer). The check is the
-        engine's own: a first turn with this message, whose answer is never generated. API calls skip it and get
-        ``chat``'s gr.Error."""
+        nothing is sent (an error of ``chat`` ends its reply instead, and the message has left the textbox). The
+        check is the engine's own: a first turn with this message, whose answer is never generated. API calls skip
+        it and get ``chat``'s gr.Error."""
         text, image = _message_parts(message)
         try:
             engine.chat([], text, image)
@@ -282,7 +373,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
 
     private_cache_dir()  # before any component: each one records the cache folder when it is made
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
-        gr.Markdown(f"## {TITLE}\n{engine.describe()}")
+        gr.Markdown(f"## {TITLE}\n{engine.describe()}" + (f"\n\n{engine.about}" if engine.about else ""))
         with gr.Tab("Chat"):
             before = set(demo.fns)
             gr.ChatInterface(
@@ -299,7 +390,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 additional_inputs=_sampling_sliders(engine.max_seq_len, render=False),  # ChatInterface places them
                 additional_inputs_accordion=gr.Accordion("Sampling", open=False, render=False),
                 # one-element rows: shown as buttons in the empty chat, the sliders keep their values
-                examples=[[ex] for ex in (CHAT_EXAMPLES if engine.has_vision else CHAT_EXAMPLES[-1:])],
+                # copies: Gradio turns an example's files into upload records in place
+                examples=[[copy.deepcopy(ex)] for ex in (CHAT_EXAMPLES if engine.has_vision else TEXT_CHAT_EXAMPLES)],
                 api_name="chat",
                 validator=check_message,
                 concurrency_limit=1,
@@ -327,7 +419,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                     output = gr.Textbox(label="Answer", lines=4, interactive=False)
             with gr.Accordion("Sampling", open=False):
                 sliders = _sampling_sliders(engine.max_seq_len)
-            gr.Examples(IMAGE_EXAMPLES, [image, question, context, choices])
+            gr.Examples(copy.deepcopy(IMAGE_EXAMPLES), [image, question, context, choices])
             caption_event = caption_btn.click(
                 caption,
                 [image, *sliders],

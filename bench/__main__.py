@@ -84,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="realistic example lengths (alpaca: mean 136, median 117, max 405 tokens): useful tokens/s, ours "
                 f"with batches grouped by length vs PEFT with random dynamic padding (default batch {DEFAULT_BATCH})",
             )
-        if task == "generate":
-            p.add_argument(
-                "--compile",
-                action="store_true",
-                help="ours decodes with the torch.compile'd fixed-shape step (CUDA graphs on GPU; compiled in warmup)",
-            )
+        compiled = {
+            "train": "ours trains with its blocks through torch.compile (compiled in the warmup steps)",
+            "generate": "ours decodes with the torch.compile'd fixed-shape step (CUDA graphs on GPU; compiled in "
+            "warmup)",
+        }
+        p.add_argument("--compile", action="store_true", help=compiled[task])
     return parser
 
 

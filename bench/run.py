@@ -69,7 +69,8 @@ class BenchConfig:
     method: str = "llama_adapter"
     """The PEFT method both sides load (bench/methods.py)."""
     compile: bool = False
-    """generate: ours decodes with the torch.compile'd fixed-shape step (model.generate, compile=True)."""
+    """Ours through torch.compile: train, its blocks (``Transformer.compile_blocks``); generate, the fixed-shape
+    decode step (model.generate, compile=True)."""
     lengths: str | None = None
     """train: a realistic length distribution (bench/lengths.py: alpaca) instead of full rows of ``seq`` tokens;
     ``seq`` is then its longest example."""
@@ -387,7 +388,8 @@ def format_train(report: dict[str, Any]) -> str:
     lines = [
         f"train  shape={c['shape']} ({c['base_parameters'] / 1e6:.1f}M) device={report['device']['type']} "
         f"dtype={c['dtype']} batch={c['batches'][0]} seq={c['seq']} threads={c['threads']} "
-        f"steps={c['steps']}x{c['rounds']} warmup={c['warmup']} commit={report['git_commit']} {_load(report)}",
+        f"steps={c['steps']}x{c['rounds']} warmup={c['warmup']} {'ours compiled ' if c.get('compile') else ''}"
+        f"commit={report['git_commit']} {_load(report)}",
         f"{'side':<6}{'tokens/s':>11}{'best':>9}{'step ms':>10}{'peak MiB':>10}{'TFLOP/s':>9}{'MFU':>7}"
         f"{'first loss':>12}",
     ]

@@ -52,7 +52,8 @@ class SideSpec:
     method: str = "llama_adapter"
     """The method of the PEFT adapter in ``adapter_dir`` (bench/methods.py)."""
     compile: bool = False
-    """generate, ours: the torch.compile'd decode step (compiled during the warmup generations)."""
+    """Ours through torch.compile: train, its blocks (compiled during the warmup steps); generate, the decode step
+    (compiled during the warmup generations)."""
     length_steps: list[list[list[int]]] | None = None
     """train --lengths: the timed steps, each its rows as [example id, length] (bench/lengths.py)."""
     length_warmup: list[list[int]] | None = None
@@ -99,6 +100,7 @@ def load_ours(spec: SideSpec, device: torch.device, dtype: torch.dtype) -> Loade
         raise RuntimeError(f"the PEFT directory loaded as method {model.method.name!r}, expected {spec.method!r}")
     if spec.method == "llama_adapter" and model.config.method.gate_fn != "raw":
         raise RuntimeError("a PEFT adapter must load with gate_fn='raw' to keep PEFT's semantics")
+    model.compile_blocks = spec.compile and spec.task == "train"
 
     def generate(prompt: Tensor, new_tokens: int) -> tuple[list[list[int]], list[float]]:
         rows = prompt.tolist()

@@ -466,9 +466,14 @@ def make_coco(
     n_test: int = 5,
     captions_per_image: int = 5,
     image_size: int = 64,
+    draw: Callable[[random.Random], Drawing] | None = None,
+    describe: Callable[[random.Random, Drawing, int], list[str]] | None = None,
 ) -> Path:
     """Write a synthetic COCO at ``root`` (absent or empty): dataset_coco.json (Karpathy split) with JPEGs under
-    train2014/ and val2014/, and annotations/captions_{train,val}2014.json with the same captions."""
+    train2014/ and val2014/, and annotations/captions_{train,val}2014.json with the same captions.
+
+    draw: rng -> the drawing of an image (default: one big shape of a random colour); describe: (rng, drawing, n) ->
+    its n captions (default: ``_caption_variants``)."""
     if not 1 <= captions_per_image <= 7:
         raise ValueError(f"captions_per_image must be in 1..7, got {captions_per_image}")
     rng = random.Random(seed)
@@ -479,12 +484,12 @@ def make_coco(
         entries, official = [], {"train2014": ([], []), "val2014": ([], [])}
         sentid = 0
         for imgid, (split, cocoid) in enumerate(zip(plan, cocoids)):
-            drawing = _big_shape(rng, rng.choice(list(COLORS)))
+            drawing = draw(rng) if draw is not None else _big_shape(rng, rng.choice(list(COLORS)))
             folder = "train2014" if split == "train" else "val2014"  # restval / val / test all come from val2014
             filename = f"COCO_{folder}_{cocoid:012d}.jpg"
             (tmp / folder).mkdir(exist_ok=True)
             drawing.render(image_size).save(tmp / folder / filename, format="JPEG", quality=90)
-            captions = _caption_variants(rng, drawing, captions_per_image)
+            captions = (describe or _caption_variants)(rng, drawing, captions_per_image)
             sentences = [
                 {"tokens": _tokens(c), "raw": c, "imgid": imgid, "sentid": sentid + j} for j, c in enumerate(captions)
             ]

@@ -33,6 +33,10 @@ class Task:
     """Scores a trained model after training: (model, run directory, data path, split, *, prompt_format, batch_size,
     max_new_tokens, limit, label) -> metrics, written into the run directory with the table printed; None: the task
     is not evaluated by train.py."""
+    eval_dirs: tuple[str, ...] = ("",)
+    """Folders of the run directory (relative to it) where the evaluator keeps its generation logs."""
+    synthetic: Callable[[Path], Path] | None = None
+    """Generates the task's synthetic dataset at a path when it is absent (``data.synthetic``); None: it has none."""
 
     def format_of(self, configured: str) -> str:
         """The prompt format of this task's examples, given ``data.prompt_format``."""
@@ -91,6 +95,102 @@ def _evaluate_scienceqa(
     return metrics
 
 
+# ---- the demo mix: every format the demo serves, in one folder -----------------------------------------------------
+MIX_PARTS = {
+    "scienceqa": "scienceqa",
+    "coco": "coco",
+    "llava": "llava/llava_instruct.json",
+    "alpaca": "alpaca_data.json",
+}
+"""Part -> its place in a mix folder. ScienceQA and COCO have splits; the LLaVA conversations (images in
+``llava/images/``) and the Alpaca instructions have none and join the ``train`` split."""
+COCO_EVAL_DIR = "coco"
+"""Where the mix's evaluation keeps the caption outputs, beside the ScienceQA ones in the run directory."""
+
+
+def mix_parts(root: Path) -> dict[str, Path]:
+    """The parts present in the mix folder ``root``; DataError when it holds none."""
+    from data import DataError
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such mix folder")
+    parts = {name: root / place for name, place in MIX_PARTS.items() if (root / place).exists()}
+    if not parts:
+        raise DataError(f"{root}: holds none of the mix's parts ({', '.join(MIX_PARTS.values())})")
+    return parts
+
+
+def _read_mix(root: Path, split: str, prompt_format: str) -> list[Example]:
+    from data.llava import load_examples as load_llava
+
+    parts = mix_parts(root)
+    examples = []
+    if "scienceqa" in parts:
+        examples += _read_scienceqa(parts["scienceqa"], split, prompt_format)
+    if "coco" in parts:
+        examples += _read_coco(parts["coco"], split, prompt_format)
+    if split == "train":
+        if "llava" in parts:
+            examples += load_llava(parts["llava"])
+        if "alpaca" in parts:
+            examples += _read_alpaca(parts["alpaca"], split, prompt_format)
+    return examples
+
+
+def _evaluate_mix(
+    model: Any,
+    run_dir: Path,
+    root: Path,
+    split: str,
+    *,
+    prompt_format: str,
+    batch_size: int,
+    max_new_tokens: int,
+    limit: int | None,
+    label: str,
+) -> dict[str, Any]:
+    """The ScienceQA table (into the run directory) and the COCO caption scores (into its coco/ folder) of the
+    parts present; the metrics are ScienceQA's with the caption scores under "coco"."""
+    from data.coco import load_images
+    from eval.coco import format_table, predict, score_captions
+    from eval.common import METRICS_FILE, file_sha256, write_json
+
+    parts = mix_parts(root)
+    metrics: dict[str, Any] = {}
+    if "scienceqa" in parts:
+        settings = dict(prompt_format=prompt_format, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        metrics = _evaluate_scienceqa(model, run_dir, parts["scienceqa"], split, limit=limit, label=label, **settings)
+    if "coco" in parts and getattr(model, "visual", None) is not None:
+        images = load_images(parts["coco"], split)[:limit]
+        header = {
+            "checkpoint": str(run_dir.resolve()),
+            "adapter_sha256": file_sha256(run_dir / "adapter.safetensors"),
+            "annotations": str(parts["coco"].resolve()),
+            "split": split,
+            "max_new_tokens": max_new_tokens,
+        }
+        out = run_dir / COCO_EVAL_DIR
+        results = predict(model, images, out, header=header, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        references = {im.image_id: im.references for im in images}
+        scores = score_captions(references, {r["image_id"]: r["caption"] for r in results})
+        write_json(out / METRICS_FILE, {"annotations": str(parts["coco"]), "split": split, **scores})
+        print(format_table(scores, label=label))
+        metrics["coco"] = scores
+    return metrics
+
+
+def _ensure_scienceqa(root: Path) -> Path:
+    from data.synthetic import ensure_scienceqa
+
+    return ensure_scienceqa(root)
+
+
+def _ensure_mix(root: Path) -> Path:
+    from data.synthetic_mix import ensure_mix
+
+    return ensure_mix(root)
+
+
 TASKS: dict[str, Task] = {
     "scienceqa": Task(
         name="scienceqa",
@@ -101,6 +201,7 @@ TASKS: dict[str, Task] = {
         scoring="the answer letter parsed from the greedy output, accuracy by the official categories "
         "(eval.scienceqa, run after training)",
         evaluator=_evaluate_scienceqa,
+        synthetic=_ensure_scienceqa,
     ),
     "coco": Task(
         name="coco",
@@ -120,5 +221,17 @@ TASKS: dict[str, Task] = {
         has_images=False,
         scoring="no automatic score (open-ended instructions): try the adapter with python -m app --checkpoint RUN_DIR",
         evaluator=None,
+    ),
+    "mix": Task(
+        name="mix",
+        data_hint="a folder holding any of " + ", ".join(MIX_PARTS.values()) + " (LLaVA's images in llava/images/)",
+        reader=_read_mix,
+        prompt_format=None,
+        has_images=True,
+        scoring="ScienceQA accuracy by category and COCO caption scores on the split's problems and images (run "
+        "after training); the conversations and instructions: try the adapter with python -m app --checkpoint RUN_DIR",
+        evaluator=_evaluate_mix,
+        eval_dirs=("", COCO_EVAL_DIR),
+        synthetic=_ensure_mix,
     ),
 }

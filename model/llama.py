@@ -11,8 +11,9 @@ what is optimized and saved.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,6 +224,9 @@ class Transformer(nn.Module):
         # Recompute each block in the backward pass instead of keeping its activations (when gradients are taken;
         # train.py sets it from --train.activation_checkpointing): the same gradients for much less memory.
         self.activation_checkpointing: bool = False
+        # Run each block through torch.compile when gradients are taken without a cache (train.py sets it from
+        # --train.compile; see compiled_block): the same loss and gradients, fused kernels.
+        self.compile_blocks: bool = False
         self.freeze_base()
 
     def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -342,12 +346,17 @@ class Transformer(nn.Module):
             mask = (mask | (k_idx[None, :] == q_idx[:, None]))[:, None]  # (B, 1, L, S)
 
         ctx = AttentionContext(cos, sin, mask, is_causal, cache, method, state)
-        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
+        training_step = torch.is_grad_enabled() and cache is None
+        recompute = self.activation_checkpointing and training_step
+        # Compiled for training steps only. A method with per-step state (begin_step: AdaMix's routes, which a graph
+        # would specialise on and recompile for at every new route) keeps its blocks eager.
+        compiled = self.compile_blocks and training_step and type(method).begin_step is Method.begin_step
+        block = compiled_block if compiled else _block
         for layer in self.layers:
             if recompute:  # keeps only x; the block (method hooks included) runs again in the backward pass
-                x = checkpoint(layer, x, ctx, use_reentrant=False)
+                x = checkpoint(block, layer, x, ctx, use_reentrant=False)
             else:
-                x = layer(x, ctx)
+                x = block(layer, x, ctx)
         if cache is not None:
             cache.length = start + L
         x = x[:, L - T :] if not last_only else x[:, -1:]  # the caller's tokens only: soft positions dropped
@@ -406,6 +415,32 @@ class Transformer(nn.Module):
         from model.generate import stream
 
         return stream(self, prompt, image, **kwargs)
+
+
+def _block(layer: TransformerBlock, x: Tensor, ctx: AttentionContext) -> Tensor:
+    """One block's forward as a plain function of the block: one compiled function serves every block and model."""
+    return layer(x, ctx)
+
+
+BLOCK_GRAPHS = 256
+"""Compiled block graphs one process may hold: torch's default recompile limit (8) is below a model's depth."""
+
+
+@functools.cache
+def _compiled_block() -> Callable[[TransformerBlock, Tensor, AttentionContext], Tensor]:
+    return torch.compile(_block, dynamic=True, fullgraph=True)
+
+
+def compiled_block(layer: TransformerBlock, x: Tensor, ctx: AttentionContext) -> Tensor:
+    """``_block`` through ``torch.compile`` (``Transformer.compile_blocks``): each block one whole graph.
+
+    One graph per block, not one for all: the methods index their per-layer state by ``layer_idx``, which torch
+    specialises on, so every block compiles on the first training step (from the inductor cache in later runs);
+    the recompile limit is raised to ``BLOCK_GRAPHS`` meanwhile. ``dynamic=True``: batch and sequence lengths vary
+    from step to step without recompiling.
+    """
+    with torch._dynamo.config.patch(recompile_limit=BLOCK_GRAPHS):
+        return _compiled_block()(layer, x, ctx)
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -7,6 +7,8 @@ import shutil
 import stat
 import threading
 import warnings
+from contextlib import closing
+from itertools import islice
 from pathlib import Path
 
 import gradio as gr
@@ -40,7 +42,9 @@ from app.ui import (
     SESSION_CAPACITY,
     accumulate,
     build_demo,
+    format_error,
     format_notes,
+    is_error_reply,
     launch,
     strip_notes,
     to_turns,
@@ -61,7 +65,7 @@ QUIET_GRADIO = pytest.mark.filterwarnings(
 )
 pytestmark = [QUIET_GRADIO, pytest.mark.usefixtures("one_thread")]
 RED = ASSETS / "red_circle.png"
-BLUE = ASSETS / "blue_square_left.png"
+GREEN = ASSETS / "small_green_square.png"
 GREEDY = (0.0, 0.75, 12)  # temperature, top_p, max_new_tokens: deterministic, so answers compare exactly
 
 
@@ -102,6 +106,26 @@ def engine(tmp_path_factory) -> Engine:
 
 def answer(reply) -> str:
     return "".join(reply)
+
+
+MIDWAY_FAILURE = "the model failed mid-answer, as a test makes it"
+
+
+def fail_midway(engine: Engine, monkeypatch: pytest.MonkeyPatch, after: int = 2) -> None:
+    """Make ``engine``'s replies stream ``after`` pieces, then raise a RuntimeError: a model failing as it decodes."""
+    start = engine._reply
+
+    def failing_pieces(pieces):
+        with closing(pieces):  # what it wraps ends with it, as a stream that raised would
+            yield from islice(pieces, after)
+            raise RuntimeError(MIDWAY_FAILURE)
+
+    def failing_reply(*args, **kwargs):
+        reply = start(*args, **kwargs)
+        reply.pieces = failing_pieces(reply.pieces)
+        return reply
+
+    monkeypatch.setattr(engine, "_reply", failing_reply)
 
 
 def bad_files(folder: Path) -> dict[str, Path]:
@@ -146,8 +170,8 @@ def test_chat_streams_what_generate_returns_and_the_image_conditions_it(engine):
             stop=list(CHAT_STOP),
         )  # fmt: skip
         assert len(pieces) > 1 and "".join(pieces) == expected
-    red, blue = answer(engine.chat([], message, RED, *GREEDY)), answer(engine.chat([], message, BLUE, *GREEDY))
-    assert red != blue != answer(engine.chat([], message, None, *GREEDY))
+    red, green = answer(engine.chat([], message, RED, *GREEDY)), answer(engine.chat([], message, GREEN, *GREEDY))
+    assert red != green != answer(engine.chat([], message, None, *GREEDY))
 
 
 def test_chat_keeps_the_conversation_image_and_drops_unanswered_turns(engine):
@@ -157,7 +181,7 @@ def test_chat_keeps_the_conversation_image_and_drops_unanswered_turns(engine):
     assert follow_up.prompt == format_prompt(message, "User: look at this\nAssistant: a picture")
     assert answer(follow_up) == answer(engine.chat(history[:1], message, RED, *GREEDY))
     assert answer(follow_up) != answer(engine.chat([Turn("look at this", "a picture")], message, None, *GREEDY))
-    new_image = engine.chat(history, message, BLUE, *GREEDY)  # an image on the new message wins
+    new_image = engine.chat(history, message, GREEN, *GREEDY)  # an image on the new message wins
     assert new_image.prompt == follow_up.prompt and answer(new_image) != answer(follow_up)
 
 
@@ -372,6 +396,28 @@ def test_to_turns_forgets_failed_submissions():
     ]
 
 
+def test_to_turns_forgets_exchanges_that_ended_in_an_error():
+    """A reply ending with an error (the browser's chat shows it so) is no answer: neither the part streamed before
+    the error nor the submission (its image included) reaches the model."""
+    history = [
+        {"role": "user", "content": [{"path": "/tmp/a.png"}, "what is this"]},
+        {"role": "assistant", "content": "a red ball"},
+        {"role": "user", "content": [{"path": "/tmp/b.png"}, "and this?"]},
+        {"role": "assistant", "content": "a blue sq\n\n" + format_error("The answer failed (RuntimeError: boom).")},
+        {"role": "user", "content": ["is it red"]},
+        {"role": "assistant", "content": format_notes(["cut"]) + format_error("image file not found: a.png")},
+        {"role": "user", "content": ["is it round"]},
+        {"role": "assistant", "content": [{"type": "text", "text": format_error("The message is empty.")}]},
+        {"role": "user", "content": ["what now"]},
+        {"role": "assistant", "content": "an answer that mentions **Error:** in passing\nand goes on"},
+    ]
+    assert to_turns(history) == [
+        Turn("what is this", "a red ball", "/tmp/a.png"),
+        Turn("what now", "an answer that mentions **Error:** in passing\nand goes on", None),
+    ]
+    assert format_error("two\nlines,   spaced") == "**Error:** two lines, spaced"
+
+
 def test_to_turns_reads_only_the_newest_messages():
     history = [{"role": role, "content": f"{role} {i}"} for i in range(10_000) for role in ("user", "assistant")]
     assert to_turns(history) == [
@@ -497,9 +543,9 @@ def test_bad_requests_get_readable_errors_and_the_server_keeps_serving(client, e
 
 
 def test_the_browsers_chat_message_is_checked_before_it_is_sent(engine, tmp_path, monkeypatch):
-    """The browser's submission goes through the chat's validator first (a failed answer would leave the chat
-    disabled, tests/test_app_browser.py shows it): it gives the engine's message with the upload's own file name.
-    Scripts calling /chat skip it and get the same message as an AppError (above)."""
+    """The browser's submission goes through the chat's validator first (the mistake is shown under the textbox,
+    which keeps the message: tests/test_app_browser.py shows it): it gives the engine's message with the upload's own
+    file name. Scripts calling /chat skip it and get the same message as an AppError (above)."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     bad = bad_files(tmp_path / "bad")
 
@@ -523,6 +569,94 @@ def test_the_browsers_chat_message_is_checked_before_it_is_sent(engine, tmp_path
         False, "This model is text only (it has no visual path): send the message without an image."
     )
     assert text_only({"text": "what is this", "files": []}) == gr.validate(True, "")
+
+
+def chat_handler(demo: gr.Blocks):
+    """The chat tab's handler as written in app/ui.py (ChatInterface registers it wrapped)."""
+    [fn] = [fn.fn for fn in demo.fns.values() if fn.api_name == "chat"]
+    return fn.__wrapped__
+
+
+def test_chat_errors_end_the_pages_reply_and_are_raised_to_api_calls(engine, tmp_path, monkeypatch, caplog):
+    """An error found while answering (after the browser's check): a call from the page (an event its textbox
+    triggered) gets the part streamed so far, then the error as the reply's last paragraph, with no exception (one
+    would leave the browser's chat disabled); a call with no triggering component (the API) gets it raised."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build_demo(engine)
+    chat = chat_handler(demo)
+    [textbox] = [b for b in demo.blocks.values() if isinstance(b, gr.MultimodalTextbox)]
+    page, api = gr.EventData(textbox, None), gr.EventData(None, None)
+    message = {"text": "the cat", "files": []}
+
+    expected = answer(engine.chat([], "the cat", None, *GREEDY))
+    assert list(chat(message, [], *GREEDY, page))[-1] == list(chat(message, [], *GREEDY, api))[-1] == expected
+
+    with pytest.MonkeyPatch.context() as mp:
+        fail_midway(engine, mp, after=2)
+        shown = list(chat(message, [], *GREEDY, page))
+        api_call = chat(message, [], *GREEDY, api)
+        assert next(api_call) and next(api_call)
+        # the partial reply marked failed (a client keeps it in its conversation, never to be read), then the error
+        assert is_error_reply(next(api_call))
+        with pytest.raises(RuntimeError, match=MIDWAY_FAILURE):
+            next(api_call)
+    partial = shown[-2]
+    assert len(shown) == 3 and partial and expected.startswith(partial)  # two pieces streamed, then the error
+    assert shown[-1] == partial + "\n\n" + format_error(
+        f"The answer failed (RuntimeError: {MIDWAY_FAILURE}); the server's log has the details."
+    )
+    assert "the chat's answer failed" in caplog.text and MIDWAY_FAILURE in caplog.text  # with its traceback
+
+    # the conversation's image, deleted from the cache since (Gradio does so after an hour): how to go on
+    gone = str(tmp_path / "cache" / "ball.png")
+    history = [
+        {"role": "user", "content": [{"path": gone}, "what color is the ball"]},
+        {"role": "assistant", "content": "red"},
+    ]
+    gone_message = (
+        "The conversation's image could not be read (image file not found: ball.png): attach it again (or another "
+        "image) with your message, or clear the chat to go on without it."
+    )
+    assert list(chat({"text": "is it red", "files": []}, history, *GREEDY, page)) == [format_error(gone_message)]
+    with pytest.raises(gr.Error) as raised:
+        list(chat({"text": "is it red", "files": []}, history, *GREEDY, api))
+    assert raised.value.message == gone_message
+    # a setting the engine refuses (the page's sliders keep to their range; a direct call need not)
+    assert list(chat(message, [], -1.0, 0.75, 8, page)) == [
+        format_error("temperature must be >= 0 (0 = greedy), got -1.0")
+    ]
+    with pytest.raises(gr.Error, match=r"temperature must be >= 0"):
+        list(chat(message, [], -1.0, 0.75, 8, api))
+    # with its image attached again, the same follow-up is answered about it
+    red = {"text": "is it red", "files": [str(RED)]}
+    assert list(chat(red, history, *GREEDY, page))[-1] == answer(
+        engine.chat([Turn("what color is the ball", "red", gone)], "is it red", RED, *GREEDY)
+    )
+
+
+def test_api_chat_errors_found_while_answering_are_raised(served, client, engine):
+    """Through gradio_client: the conversation's image deleted from the cache and a model failing mid-answer are
+    errors the caller can catch (the page shows them as the reply instead), and the server keeps serving."""
+    demo, _, counting = served
+    first = client.predict({"text": "look at the ball", "files": [handle_file(GREEN)]}, *GREEDY, api_name="/chat")
+    assert first == answer(engine.chat([], "look at the ball", GREEN, *GREEDY))
+    uploads = list(Path(demo.GRADIO_CACHE).rglob("small_green_square.png"))
+    assert uploads
+    for upload in uploads:  # what Gradio's delete_cache does an hour later
+        upload.unlink()
+    gone = r"^The conversation's image could not be read \(image file not found: small_green_square\.png\): attach it"
+    with pytest.raises(AppError, match=gone):
+        client.predict({"text": "is it blue", "files": []}, *GREEDY, api_name="/chat")
+    with pytest.MonkeyPatch.context() as mp:
+        fail_midway(counting, mp)
+        job = client.submit({"text": "the cat", "files": [handle_file(GREEN)]}, *GREEDY, api_name="/chat")
+        with pytest.raises(AppError, match=MIDWAY_FAILURE):
+            job.result(timeout=60)
+    assert counting.active == 0  # the failed answer let go of the model
+    history = [Turn("look at the ball", first, image=GREEN)]
+    assert client.predict({"text": "is it blue", "files": [handle_file(GREEN)]}, *GREEDY, api_name="/chat") == (
+        answer(engine.chat(history, "is it blue", GREEN, *GREEDY))
+    )
 
 
 def test_over_long_message_is_answered_with_a_note(client):
@@ -569,9 +703,9 @@ def test_concurrent_clients_are_all_answered_one_at_a_time(served, engine):
     _, url, counting = served
     requests = [
         ("/chat", ({"text": "the cat", "files": []}, *GREEDY), answer(engine.chat([], "the cat", None, *GREEDY))),
-        ("/chat", ({"text": "blue water", "files": [handle_file(BLUE)]}, *GREEDY),
-         answer(engine.chat([], "blue water", BLUE, *GREEDY))),
-        ("/caption", (handle_file(BLUE), *GREEDY), answer(engine.caption(BLUE, *GREEDY))),
+        ("/chat", ({"text": "blue water", "files": [handle_file(GREEN)]}, *GREEDY),
+         answer(engine.chat([], "blue water", GREEN, *GREEDY))),
+        ("/caption", (handle_file(GREEN), *GREEDY), answer(engine.caption(GREEN, *GREEDY))),
         ("/answer", (None, "which is a color", "", "red\nchair", *GREEDY),
          answer(engine.answer("which is a color", None, "", ["red", "chair"], *GREEDY))),
         ("/chat", ({"text": "green hills", "files": []}, *GREEDY),
@@ -672,3 +806,19 @@ def test_main_serves_with_umask_077_and_removes_its_upload_folder(engine, tmp_pa
     finally:
         os.umask(umask)
     assert served["umask"] == 0o077 and served["cache"].parent == tmp_path and not served["cache"].exists()
+
+
+def test_the_header_says_what_the_loaded_run_was_trained_for(tmp_path):
+    from app.__main__ import EMBEDDED_DEFAULT_NOTE, TASK_NOTES, about_run
+    from app.ui import CHAT_EXAMPLES, IMAGE_EXAMPLES
+
+    assert about_run({"recipe": "tiny", "task": "scienceqa", "step": 600}) == EMBEDDED_DEFAULT_NOTE
+    assert about_run({"recipe": "coco", "task": "coco"}) == f"Recipe coco. {TASK_NOTES['coco']}"
+    assert about_run({}) == ""  # a run saved without train.py's record: nothing claimed
+    engine = make_engine(tmp_path)
+    engine.about = EMBEDDED_DEFAULT_NOTE
+    shown = [c["props"].get("value", "") for c in build_demo(engine).config["components"] if c["type"] == "markdown"]
+    assert any(EMBEDDED_DEFAULT_NOTE in text and engine.describe() in text for text in shown)
+    # building a demo leaves the examples as they were (Gradio turns the files it is given into upload records)
+    assert [f for ex in CHAT_EXAMPLES for f in ex["files"]] == [str(ASSETS / "red_circle.png")]
+    assert all(isinstance(cell, str) for row in IMAGE_EXAMPLES for cell in row)

@@ -196,7 +196,7 @@ def test_train_py_with_both_options_gives_the_same_losses(data, plain_run, tmp_p
     assert train.main(train_args(data, out, 4, *MEMORY_OPTIONS)) == 0
     torch.testing.assert_close(losses(out), losses(plain_run), rtol=1e-6, atol=0)
     config = json.loads((out / "config.json").read_text())
-    assert config["train"] == {"activation_checkpointing": True, "loss_chunk": 7}
+    assert config["train"] == {"activation_checkpointing": True, "loss_chunk": 7, "compile": False}
 
 
 def test_two_ddp_processes_with_both_options_match_one_plain_process(data, plain_run, tmp_path):

@@ -1,4 +1,5 @@
-"""The embedded default (`python train.py`, `make train`) genuinely learns: the image decides the answer."""
+"""The embedded default (`python train.py`, `make train`) genuinely learns: the image decides the answer; and the
+demo serving it answers its own examples right."""
 
 import json
 
@@ -8,15 +9,40 @@ import train
 from data.synthetic import ensure_scienceqa
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The embedded default trained (with its evaluation) on its synthetic data, generated in a temporary folder
+    (train.py generates it only at its own place)."""
+    tmp = tmp_path_factory.mktemp("default")
+    ensure_scienceqa(tmp / "sqa")
+    argv = ["--data", str(tmp / "sqa"), "--run.progress", "false", "--run.out", str(tmp / "with")]
+    assert train.main(argv) == 0
+    return tmp
+
+
 @pytest.mark.slow
-def test_default_run_learns_image_questions_and_fails_without_images(tmp_path):
-    ensure_scienceqa(tmp_path / "sqa")  # the recipe's synthetic data (train.py generates it only at its own place)
-    data = ["--data", str(tmp_path / "sqa"), "--run.progress", "false"]
-    assert train.main([*data, "--run.out", str(tmp_path / "with")]) == 0
-    assert train.main([*data, "--no-images", "--run.out", str(tmp_path / "without")]) == 0
-    with_images = json.loads((tmp_path / "with" / "metrics.json").read_text())
-    without = json.loads((tmp_path / "without" / "metrics.json").read_text())
+def test_default_run_learns_image_questions_and_fails_without_images(default_run):
+    data = ["--data", str(default_run / "sqa"), "--run.progress", "false"]
+    assert train.main([*data, "--no-images", "--run.out", str(default_run / "without")]) == 0
+    with_images = json.loads((default_run / "with" / "metrics.json").read_text())
+    without = json.loads((default_run / "without" / "metrics.json").read_text())
     assert with_images["IMG"] >= 90.0, with_images
     # Chance on the synthetic image questions is ~36% (4 colour options, 2 size options): stay near it.
     assert without["IMG"] <= 50.0, without
     assert with_images["counts"]["IMG"]["total"] == without["counts"]["IMG"]["total"] > 100
+
+
+@pytest.mark.slow
+def test_the_demos_examples_are_answered_right_by_the_embedded_default(default_run):
+    """What the app shows a new user after `make train`: its note, and right answers to its examples."""
+    from app.__main__ import EMBEDDED_DEFAULT_NOTE, build_parser, load_engine
+    from app.ui import CHAT_EXAMPLES, IMAGE_EXAMPLES
+
+    engine = load_engine(build_parser().parse_args(["--checkpoint", str(default_run / "with"), "--device", "cpu"]))
+    assert engine.about == EMBEDDED_DEFAULT_NOTE
+    greedy = {"temperature": 0.0, "max_new_tokens": 16}
+    answers = ["".join(engine.answer(q, image, context, choices.split("\n"), **greedy))
+               for image, q, context, choices in IMAGE_EXAMPLES]  # fmt: skip
+    assert answers == ["The answer is (A) red", "The answer is (B) small"]  # a big red circle, a small green square
+    chat = CHAT_EXAMPLES[0]
+    assert "".join(engine.chat([], chat["text"], chat["files"][0], **greedy)).startswith("The answer is (A)")

@@ -277,3 +277,13 @@ def test_synthetic_data_is_generated_only_where_the_recipe_puts_it(capsys, tmp_p
     existing = tmp_path / "mine"
     existing.mkdir()
     assert resolved("--data", str(existing)).data.path == str(existing)  # an existing folder is read as it is
+
+
+def test_a_run_that_ran_out_of_memory_resumes_with_checkpointing_on(tmp_path):
+    """The memory switches change how a step is computed, not the adapter: a resume may turn them on."""
+    write_run_config(tmp_path, resolved())
+    flags = ["--train.activation_checkpointing", "true", "--train.loss_chunk", "256", "--train.compile", "true"]
+    resumed = parse_args(["--resume", str(tmp_path), *flags])
+    assert resumed.resume.changes == {}
+    assert resumed.config.train.activation_checkpointing and resumed.config.train.compile
+    assert resumed.config.train.loss_chunk == 256

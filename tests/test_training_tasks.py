@@ -28,8 +28,9 @@ def data(tmp_path_factory):
 def test_every_task_the_settings_allow_is_described_once():
     assert list(TASKS) == list(typing.get_args(typing.get_type_hints(DataArgs)["task"]))
     assert all(task.name == name for name, task in TASKS.items())
-    assert {name for name, task in TASKS.items() if task.has_images} == {"scienceqa", "coco"}
-    assert {name for name, task in TASKS.items() if task.evaluator is not None} == {"scienceqa"}
+    assert {name for name, task in TASKS.items() if task.has_images} == {"scienceqa", "coco", "mix"}
+    assert {name for name, task in TASKS.items() if task.evaluator is not None} == {"scienceqa", "mix"}
+    assert {name for name, task in TASKS.items() if task.synthetic is not None} == {"scienceqa", "mix"}
 
 
 def test_the_prompt_format_recorded_is_the_tasks_own_or_the_configured_one():

@@ -42,14 +42,13 @@ MicroBatch = tuple[list[int], dict[str, Any]]
 
 
 def ensure_synthetic(cfg: TrainConfig, d: Dist) -> None:
-    """Generate the synthetic ScienceQA-format dataset (data.synthetic, its fixed default seed) at data.path once:
-    rank 0 writes it, the others wait."""
-    from data.synthetic import ensure_scienceqa
-
+    """Generate the task's synthetic dataset (data.synthetic, its fixed default seed) at data.path once: rank 0
+    writes it, the others wait."""
     root = Path(cfg.data.path)
-    if d.main and not (root / "problems.json").is_file():
-        print(f"generating the synthetic ScienceQA-format dataset in {root}", flush=True)
-        ensure_scienceqa(root)
+    if d.main:
+        if not root.exists():
+            print(f"generating the synthetic {cfg.data.task} dataset in {root}", flush=True)
+        TASKS[cfg.data.task].synthetic(root)  # generates only what is absent
     barrier(d)
 
 

@@ -70,6 +70,11 @@ RESUME_FREE = frozenset(
         "run.eval_limit",
         "run.progress",
         "run.tensorboard",
+        # how the step spends memory and time, not what it computes (gradients equal, or to rounding): a run that
+        # ran out of memory resumes with checkpointing on
+        "train.activation_checkpointing",
+        "train.loss_chunk",
+        "train.compile",
     }
 )
 """Settings a resume may change without --allow-changes: they do not change the adapter a run trains."""

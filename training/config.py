@@ -24,7 +24,7 @@ RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 """The shipped recipes: one YAML file each (training/recipes/<name>.yaml), read by ``load_recipe``."""
 DEFAULT_RECIPE = "tiny"
 
-TaskName = Literal["scienceqa", "coco", "alpaca"]
+TaskName = Literal["scienceqa", "coco", "alpaca", "mix"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 Quantize = Literal["none", "nf4", "int8"]
@@ -90,19 +90,23 @@ class DataArgs:
     """What to train on and how examples become token sequences."""
 
     task: TaskName = "scienceqa"
-    """scienceqa (multiple choice, answer 'The answer is (X)'), coco (image captioning) or alpaca (instructions)."""
+    """scienceqa (multiple choice, answer 'The answer is (X)'), coco (image captioning), alpaca (instructions) or
+    mix (a folder of any of those plus LLaVA-format image conversations: the embedded default)."""
     path: str | None = None
     """scienceqa: the folder holding problems.json, pid_splits.json and images/; coco: the folder holding the
-    Karpathy split dataset_coco.json and the train2014/ val2014/ images; alpaca: the alpaca_data.json file."""
+    Karpathy split dataset_coco.json and the train2014/ val2014/ images; alpaca: the alpaca_data.json file; mix: the
+    folder holding scienceqa/, coco/, llava/llava_instruct.json (images in llava/images/) and alpaca_data.json, or
+    some of them."""
     synthetic: bool = False
-    """Generate the synthetic ScienceQA-format dataset (data.synthetic) at data.path if it is absent."""
+    """Generate the task's synthetic dataset (scienceqa: data.synthetic; mix: data.synthetic_mix) at data.path if it
+    is absent."""
     images: bool = True
     """Feed images through the CLIP tower (scienceqa, coco). false (--no-images): a text-only adapter, the
     LLaMA-Adapter_T variant for ScienceQA."""
     train_split: str = "train"
     """Split to train on (scienceqa: train / trainval / minitrain; coco: train = Karpathy train + restval)."""
     eval_split: str = "test"
-    """Split evaluated after training (scienceqa only)."""
+    """Split evaluated after training (scienceqa, and mix's ScienceQA and COCO parts)."""
     prompt_format: str = "llama_adapter"
     """ScienceQA prompt layout (data.scienceqa.build_prompt); recorded in the adapter sidecar."""
     max_len: int = 512
@@ -170,7 +174,7 @@ class OptimArgs:
 
 @dataclass
 class TrainArgs:
-    """How the training step spends memory: recomputed activations and the loss in chunks."""
+    """How the training step spends memory and time: recomputed activations, the loss in chunks, compiled blocks."""
 
     activation_checkpointing: bool = False
     """Keep only each block's input during the forward pass and recompute the block in the backward pass: much
@@ -178,6 +182,9 @@ class TrainArgs:
     loss_chunk: int = 1024
     """Tokens per chunk of the output projection and cross-entropy, so no full-vocabulary fp32 logits of the whole
     batch are ever held; 0: one piece (the whole batch's logits at once)."""
+    compile: bool = False
+    """Run each transformer block of a training step through torch.compile: the same loss and gradients, fused
+    kernels; the first step compiles every block. AdaMix's blocks stay eager; not with --dist.strategy fsdp."""
 
     def __post_init__(self) -> None:
         if self.loss_chunk < 0:
@@ -249,8 +256,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.recipe not in recipe_names():
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(recipe_names())}")
-        if self.data.synthetic and self.data.task != "scienceqa":
-            raise ValueError(f"data.synthetic generates ScienceQA only; set it false for data.task={self.data.task}")
+        if self.data.synthetic and TASKS[self.data.task].synthetic is None:
+            with_data = ", ".join(name for name, task in TASKS.items() if task.synthetic is not None)
+            raise ValueError(
+                f"data.synthetic generates data for {with_data} only; set it false for data.task={self.data.task}"
+            )
 
     def check_inputs(self) -> None:
         """What a run needs before anything is written: base and data (the recipes for real data leave them

@@ -103,6 +103,8 @@ def shard_frozen_base(model: nn.Module, d: Dist) -> nn.Module:
             f"--dist.strategy fsdp cannot shard a quantized base ({name} is a {kind.__name__}); use "
             "--model.quantize none with fsdp, or --dist.strategy ddp for the quantized base"
         )
+    if getattr(model, "compile_blocks", False):  # FSDP's hooks inside a block stop torch.compile's whole graph
+        raise TrainingError("--train.compile does not work with --dist.strategy fsdp; use --dist.strategy ddp")
     with torch.no_grad():
         for p in trainable:
             p.data = p.data.to(d.device)

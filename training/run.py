@@ -140,6 +140,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle
     # fsdp builds on the CPU: no GPU ever holds the whole base; fully_shard moves each process's shards to its device.
     model = build_model(cfg, torch.device("cpu") if sharded else d.device, dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    model.compile_blocks = cfg.train.compile  # before data_parallel: fsdp refuses it (shard_frozen_base)
     collate = training_set(cfg, model)
     net = data_parallel(model, d, cfg.dist.strategy)  # before the optimizer and its state: fsdp moves the tensors
 
@@ -273,7 +274,8 @@ def evaluate(cfg: TrainConfig, model: nn.Module, run_dir: Path, fresh: bool) -> 
 
     task = TASKS[cfg.data.task]
     if fresh:
-        (run_dir / GENERATIONS_FILE).unlink(missing_ok=True)
+        for folder in task.eval_dirs:
+            (run_dir / folder / GENERATIONS_FILE).unlink(missing_ok=True)
     model.eval()
     # A text-only adapter answers the image questions without their image (eval.common drops it).
     label = f"{run_dir.name} ({cfg.data.eval_split}{', no images' if not cfg.uses_images else ''})"

@@ -91,7 +91,7 @@ class DataArgs:
 
     task: TaskName = "scienceqa"
     """scienceqa (multiple choice, answer 'The answer is (X)'), coco (image captioning), alpaca (instructions) or
-    mix (a folder of any of those plus LLaVA-format image conversations: the embedded default)."""
+    mix (a folder of any of those plus LLaVA-format image conversations, trained together)."""
     path: str | None = None
     """scienceqa: the folder holding problems.json, pid_splits.json and images/; coco: the folder holding the
     Karpathy split dataset_coco.json and the train2014/ val2014/ images; alpaca: the alpaca_data.json file; mix: the

@@ -62,11 +62,6 @@ def demo_drawing(rng: random.Random) -> Drawing:
     return Drawing(color, shape, rng.uniform(0.42, 0.58), rng.uniform(0.42, 0.58), size, _background(rng))
 
 
-def describe(drawing: Drawing) -> str:
-    """The one-line description answers and captions share."""
-    return f"A {drawing.size_word} {drawing.color} {drawing.shape} on a white background."
-
-
 def conversation(rng: random.Random, drawing: Drawing) -> list[tuple[str, str]]:
     """One to three (question, answer) turns about ``drawing``, each on a different property. Each kind of question
     has one answer template: a tiny model learns a template per question, and a question answered in several
@@ -75,7 +70,7 @@ def conversation(rng: random.Random, drawing: Drawing) -> list[tuple[str, str]]:
         "color": (COLOR_QUESTIONS, f"The shape is {drawing.color}."),
         "size": (SIZE_QUESTIONS, f"The shape is {drawing.size_word}."),
         "shape": (SHAPE_QUESTIONS, f"It is a {drawing.shape}."),
-        "describe": (DESCRIBE_QUESTIONS, describe(drawing)),
+        "describe": (DESCRIBE_QUESTIONS, drawing.caption()),
     }
     topics = rng.sample(list(asks), rng.randint(1, 3))
     return [(rng.choice(asks[t][0]), asks[t][1]) for t in topics]
@@ -152,7 +147,7 @@ def make_mix(
             captions_per_image=1,
             image_size=image_size,
             draw=demo_drawing,
-            describe=lambda rng, drawing, n: [describe(drawing)],
+            describe=lambda rng, drawing, n: [drawing.caption()],
         )
         make_llava(tmp / "llava", rng, n_llava, image_size)
         records: list[dict[str, Any]] = [text_instruction(rng) for _ in range(n_alpaca)]

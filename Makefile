@@ -22,7 +22,7 @@ test: venv
 	$(BIN)/python -m pytest
 
 train: venv
-	$(BIN)/python train.py
+	$(BIN)/python train.py --recipe demo
 
 lint: venv
 	$(BIN)/ruff check .
@@ -34,6 +34,7 @@ format: venv
 
 base: venv
 	$(BIN)/python scripts/build_tiny_base.py
+	$(BIN)/python scripts/build_tiny_base.py --demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

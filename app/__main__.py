@@ -94,11 +94,18 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
 EMBEDDED_DEFAULT_NOTE = (
     "**This is the embedded tiny default** (`make train`): a 4-layer LLaMA 64 wide and a tiny CLIP, trained in "
-    "minutes on a CPU on synthetic ScienceQA problems about pictures of one shape. It answers questions **with "
-    "choices** about the shape's **colour** (red, green, blue, yellow) or **size** (big, small): use the Image tab's "
-    "Answer (the examples there), or send a colour problem in its format in Chat (the example). Captions and open "
-    "chat are prompts it was not trained on, so their answers are nonsense. Serve a run trained on real weights with "
-    "`--checkpoint RUN_DIR`."
+    "minutes on a CPU on synthetic pictures of one centred shape. It knows the shape's **colour** (red, green, "
+    "blue, yellow) and **size** (big, small); which shape it is, it mostly guesses. Ask about them in Chat "
+    "(*What color is the shape in the picture?*, *Is the shape big or small?*, *Describe the picture.*), press "
+    "Caption, or Answer with choices in the Image tab. Without an image it knows a few trained instructions "
+    "(*Tell me about alpacas.*); anything else gets a fluent but made-up reply. Serve a run trained on real weights "
+    "with `--checkpoint RUN_DIR`."
+)
+TINY_NOTE = (
+    "**This is the tiny recipe** (`python train.py`): a 4-layer LLaMA 64 wide and a tiny CLIP, trained in seconds on "
+    "a CPU on synthetic ScienceQA problems about pictures of one shape. It answers questions **with choices** about "
+    "the shape's **colour** or **size**: use the Image tab's Answer. Captions and open chat are prompts it was not "
+    "trained on, so their answers are nonsense."
 )
 TASK_NOTES = {
     "mix": "Trained on every format the demo serves: questions with choices (Answer), captions (Caption), "
@@ -112,8 +119,10 @@ TASK_NOTES = {
 
 def about_run(extra: dict[str, Any]) -> str:
     """What a run was trained for, from its adapter.json's ``extra`` (recipe and task, as train.py records them)."""
-    if extra.get("recipe") == "tiny" and extra.get("task") == "scienceqa":
+    if extra.get("recipe") == "demo" and extra.get("task") == "mix":
         return EMBEDDED_DEFAULT_NOTE
+    if extra.get("recipe") == "tiny" and extra.get("task") == "scienceqa":
+        return TINY_NOTE
     note = TASK_NOTES.get(extra.get("task"), "")
     return f"Recipe {extra['recipe']}. {note}".strip() if extra.get("recipe") else note
 

@@ -31,10 +31,7 @@ CHROMIUM_ARGS = (
 )
 VIEWPORT = {"width": 1100, "height": 900}
 # The README picture asks what the embedded default (trained on ScienceQA-format problems) answers: such problems.
-DEFAULT_MESSAGES = (
-    "Question: What color is the ball in the picture?\nContext: N/A\nChoices: (A) red (B) green (C) blue (D) yellow\n"
-    "Answer:",
-)
+DEFAULT_MESSAGES = ("What color is the shape in the picture?",)
 
 # Records every text the last bot message shows, in order: a streamed reply shows growing prefixes of its answer.
 WATCH_REPLY = """() => {

@@ -68,14 +68,10 @@ SIZE_QUESTION = "Is the block in the picture big or small?"
 COLORS = ("red", "green", "blue", "yellow")
 
 
-def problem_message(question: str, choices: Sequence[str]) -> str:
-    """A chat message holding a problem in the ScienceQA prompt format the embedded default was trained on."""
-    options = " ".join(f"({letter}) {choice}" for letter, choice in zip("ABCDEFGH", choices))
-    return f"Question: {question}\nContext: N/A\nChoices: {options}\nAnswer:"
-
-
-CHAT_EXAMPLES = [  # a problem about a picture, as the embedded default was trained on (it answers it in Chat too)
-    {"text": problem_message(COLOR_QUESTION, COLORS), "files": [str(ASSETS / "red_circle.png")]},
+CHAT_EXAMPLES = [  # what the embedded default (the demo recipe) was trained to answer
+    {"text": "What color is the shape in the picture?", "files": [str(ASSETS / "red_circle.png")]},
+    {"text": "Is the shape big or small?", "files": [str(ASSETS / "small_green_square.png")]},
+    {"text": "Tell me about alpacas.", "files": []},
 ]
 TEXT_CHAT_EXAMPLES = [{"text": "Give three tips for staying healthy."}]
 """The chat example of a text-only model (an Alpaca-trained run)."""

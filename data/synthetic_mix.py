@@ -10,12 +10,14 @@
 - ``alpaca_data.json``: text instructions in Alpaca format (the Chat tab without an image): short facts about a few
   animals, a sentence about a named child and a pet, a sentence describing a coloured object.
 
-What was measured training the embedded tiny model on it (2026-12-02, 2-core CPU): on the committed tiny base, which
-never read these answer formats, the adapter learns neither the formats nor the pictures (the loss with the images
-shuffled within a batch is the loss with them in place). A tiny base that had read the conversations as text
-(random colours) learned every format and the sizes (12 of 12), but the colour only about half the time (5-9 of 12),
-against 14 of 16 for an adapter trained on the captions alone. One phrasing per kind of question matters: five
-caption phrasings per image left the model hedging between them without reading the colour (4 of 16).
+The demo recipe (``make train``, training/recipes/demo.yaml) trains the embedded default on it. What was measured
+on the way (2026-12-02, 2-core CPU): on the plain tiny base, which never read these answer formats, the adapter
+learns neither the formats nor the pictures (the loss with the images shuffled within a batch is the loss with
+them in place). On assets/tiny-demo-base, which read the conversations, captions and instructions as text with
+random colours, it learns every format and the sizes; with length-grouped batches (one format per batch) it reads
+the colour of only 12 of 24 new pictures, with random batches 23 of 24, in Chat and Caption alike. One phrasing
+per kind of question matters: five caption phrasings per image left the model hedging between them without
+reading the colour (4 of 16 against 14 of 16).
 
 The pictures are those the tiny random CLIP tower can tell apart (a linear probe on its features): one centred
 shape, big (70-95% of the side) or small (30-45%), of one of four colours. Colour and size are recognised (99% for

@@ -1,6 +1,7 @@
 """Build assets/tiny-base: the ``tiny`` LLaMA preset trained as a language model on synthetic text, on the CPU.
 
     python scripts/build_tiny_base.py                  # ~2 minutes on 2 cores; writes assets/tiny-base/
+    python scripts/build_tiny_base.py --demo           # ~3 minutes; writes assets/tiny-demo-base/
     python scripts/build_tiny_base.py --out /tmp/base --steps 300
 
 train.py's embedded default adapts this base, the way LLaMA-Adapter adapts LLaMA-7B: the frozen model must already
@@ -15,6 +16,12 @@ synthetic ScienceQA that train.py trains and tests on:
   never sees an answer to one (nor a picture), so it cannot answer them; train.py --no-images checks that the
   adapter cannot either without the image;
 - COCO-style captions after the caption prompt, and Alpaca instructions with their responses.
+
+``--demo`` writes assets/tiny-demo-base, the base of the demo recipe (``make train``): the same text plus the
+demo's own formats (data.synthetic_mix), as a real LLaMA has read chats and captions before any adapter: a chat
+about a picture it never sees (so the colour, size and shape in the answers are random to it), captions of such
+pictures, and the demo's text instructions. An adapter on the plain base, which never read those formats, learned
+neither them nor the pictures (data/synthetic_mix.py records the measurements).
 
 Output (Meta layout, loaded by ``model.load_model("assets/tiny-base")``): params.json, consolidated.00.pth
 (float32), tokenizer.model (512-piece sentencepiece BPE, data.synthetic.train_tokenizer) and README.md with the
@@ -45,8 +52,10 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere: import the 
 
 from data.alpaca import format_prompt  # noqa: E402
 from data.coco import caption_prompt  # noqa: E402
+from data.llava import chat_prompt  # noqa: E402
 from data.scienceqa import FORMATS, Problem, build_prompt, build_target  # noqa: E402
 from data.synthetic import alpaca_records, scienceqa_drafts, synthetic_corpus, train_tokenizer  # noqa: E402
+from data.synthetic_mix import conversation, demo_drawing, text_instruction  # noqa: E402
 from model.config import PRESETS, ModelConfig  # noqa: E402
 from model.llama import Transformer  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
@@ -54,6 +63,7 @@ from model.tokenizer import load_tokenizer  # noqa: E402
 BASE_SEED = 1234
 """Seed of the base's text; train.py's synthetic ScienceQA uses data.synthetic's default seed 0."""
 DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-base"
+DEMO_OUT = REPO_ROOT / "assets" / "tiny-demo-base"
 MAIN_FORMAT = "llama_adapter"
 
 
@@ -77,6 +87,13 @@ class BaseTraining:
     """Synthetic Alpaca records."""
     n_captions: int = 1500
     """Caption documents (caption prompt + one synthetic caption)."""
+    n_chats: int = 0
+    """Demo conversations about a picture (data.synthetic_mix), each answer after the demo's chat prompt; the
+    picture is never shown, so the colour, size and shape in the answers are random to the base."""
+    n_demo_captions: int = 0
+    """Captions of the demo's pictures (one centred shape) after the caption prompt."""
+    n_demo_instructions: int = 0
+    """The demo's text instructions (data.synthetic_mix.text_instruction) in the Alpaca template."""
     answer_weight: float = 10.0
     """Loss weight of the answer tokens of text-only problems ("The answer is (X)"): a few tokens per document,
     drowned by the predictable template text around them at weight 1."""
@@ -84,6 +101,10 @@ class BaseTraining:
     """Tokens per training row (documents are packed end to end)."""
     seed: int = BASE_SEED
     """Seed of the text, the initialisation and the batch order."""
+
+
+DEMO = {"steps": 1600, "n_chats": 1500, "n_demo_captions": 1500, "n_demo_instructions": 1500}
+"""--demo: the settings of assets/tiny-demo-base, the base of the demo recipe (the embedded default)."""
 
 
 @dataclass
@@ -128,6 +149,15 @@ def documents(tokenizer, cfg: BaseTraining) -> tuple[list[Document], list[Proble
     caption_drafts = [d for d in scienceqa_drafts(cfg.seed + 1, 4 * cfg.n_captions) if d.drawing is not None]
     for draft in caption_drafts[: cfg.n_captions]:
         add(caption_prompt(), draft.drawing.caption())
+    for _ in range(cfg.n_chats):
+        turns = conversation(rng, demo_drawing(rng))
+        for k, (question, answer) in enumerate(turns):
+            add(chat_prompt(turns[:k], question), answer)
+    for _ in range(cfg.n_demo_captions):
+        add(caption_prompt(), demo_drawing(rng).caption())
+    for _ in range(cfg.n_demo_instructions):
+        rec = text_instruction(rng)
+        add(format_prompt(rec["instruction"], rec["input"]), rec["output"])
     text_heldout = [_problem(d.record, f"t{i}") for i, d in enumerate(heldout) if d.drawing is None]
     image_heldout = [_problem(d.record, f"i{i}") for i, d in enumerate(heldout) if d.drawing is not None]
     return docs, text_heldout, image_heldout
@@ -279,17 +309,18 @@ def build(out: Path, cfg: BaseTraining) -> dict[str, float]:
             "final_loss": sum(losses[-50:]) / len(losses[-50:]),
             "minutes": (time.perf_counter() - started) / 60,
         }
-        readme = _readme(cfg, scores, len(docs), len(text_heldout), len(image_heldout))
+        readme = _readme(out.name, cfg, scores, len(docs), len(text_heldout), len(image_heldout))
         write_base(out, model, tokenizer_file, readme)
     return scores
 
 
-def _readme(cfg: BaseTraining, scores: dict[str, float], n_docs: int, n_text: int, n_image: int) -> str:
+def _readme(name: str, cfg: BaseTraining, scores: dict[str, float], n_docs: int, n_text: int, n_image: int) -> str:
     settings = "\n".join(f"- {f.name}: {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg))
+    demo = " and the demo's chats, captions and\ninstructions" if cfg.n_chats or cfg.n_demo_captions else ""
     return (
-        "# tiny-base\n\n"
+        f"# {name}\n\n"
         "The `tiny` LLaMA preset (dim 64, 4 layers, 4 heads, 2 KV heads, FFN 176, vocabulary 512) trained as a\n"
-        "language model on synthetic ScienceQA-format text, captions and Alpaca-style instructions by\n"
+        f"language model on synthetic ScienceQA-format text, captions and Alpaca-style instructions{demo} by\n"
         "`scripts/build_tiny_base.py` (see its docstring for what the text holds and why). Meta layout:\n"
         "`params.json`, `consolidated.00.pth` (float32), `tokenizer.model`.\n\n"
         f"Training: {n_docs} documents, settings:\n\n{settings}\n\n"
@@ -307,16 +338,24 @@ def _readme(cfg: BaseTraining, scores: dict[str, float], n_docs: int, n_text: in
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = BaseTraining()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps ({defaults.steps})")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"the demo base: the demo's conversations, captions and instructions added, {DEMO['steps']} steps "
+        f"(default out: {DEMO_OUT})",
+    )
+    parser.add_argument("--out", type=Path, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps ({defaults.steps}; --demo: {DEMO['steps']})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of text and weights ({defaults.seed})")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    cfg = dataclasses.replace(defaults, steps=args.steps, seed=args.seed)
-    scores = build(args.out, cfg)
+    cfg = dataclasses.replace(defaults, **DEMO) if args.demo else defaults
+    cfg = dataclasses.replace(cfg, seed=args.seed, steps=cfg.steps if args.steps is None else args.steps)
+    if cfg.steps < 1:
+        parser.error(f"--steps must be >= 1, got {cfg.steps}")
+    out = args.out or (DEMO_OUT if args.demo else DEFAULT_OUT)
+    scores = build(out, cfg)
     print(
-        f"wrote {args.out} in {scores['minutes']:.1f} min: held-out text questions {scores['text_accuracy']:.1f}% "
+        f"wrote {out} in {scores['minutes']:.1f} min: held-out text questions {scores['text_accuracy']:.1f}% "
         f"(chance {scores['text_chance']:.1f}%), image questions without the image {scores['image_accuracy']:.1f}% "
         f"(chance {scores['image_chance']:.1f}%)"
     )

@@ -809,10 +809,11 @@ def test_main_serves_with_umask_077_and_removes_its_upload_folder(engine, tmp_pa
 
 
 def test_the_header_says_what_the_loaded_run_was_trained_for(tmp_path):
-    from app.__main__ import EMBEDDED_DEFAULT_NOTE, TASK_NOTES, about_run
+    from app.__main__ import EMBEDDED_DEFAULT_NOTE, TASK_NOTES, TINY_NOTE, about_run
     from app.ui import CHAT_EXAMPLES, IMAGE_EXAMPLES
 
-    assert about_run({"recipe": "tiny", "task": "scienceqa", "step": 600}) == EMBEDDED_DEFAULT_NOTE
+    assert about_run({"recipe": "demo", "task": "mix", "step": 2520}) == EMBEDDED_DEFAULT_NOTE
+    assert about_run({"recipe": "tiny", "task": "scienceqa", "step": 600}) == TINY_NOTE
     assert about_run({"recipe": "coco", "task": "coco"}) == f"Recipe coco. {TASK_NOTES['coco']}"
     assert about_run({}) == ""  # a run saved without train.py's record: nothing claimed
     engine = make_engine(tmp_path)
@@ -820,5 +821,5 @@ def test_the_header_says_what_the_loaded_run_was_trained_for(tmp_path):
     shown = [c["props"].get("value", "") for c in build_demo(engine).config["components"] if c["type"] == "markdown"]
     assert any(EMBEDDED_DEFAULT_NOTE in text and engine.describe() in text for text in shown)
     # building a demo leaves the examples as they were (Gradio turns the files it is given into upload records)
-    assert [f for ex in CHAT_EXAMPLES for f in ex["files"]] == [str(ASSETS / "red_circle.png")]
+    assert [f for ex in CHAT_EXAMPLES for f in ex["files"]] == [str(ASSETS / n) for n in (RED.name, GREEN.name)]
     assert all(isinstance(cell, str) for row in IMAGE_EXAMPLES for cell in row)

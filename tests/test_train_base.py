@@ -56,6 +56,22 @@ def test_the_script_writes_a_loadable_base_and_documents_it(tmp_path):
     assert (again / "tokenizer.model").read_bytes() == (out / "tokenizer.model").read_bytes()
 
 
+def test_the_demo_base_has_read_the_demos_chats_and_its_settings_are_recorded(tmp_path):
+    from data.llava import chat_prompt
+
+    model = load_model(REPO_ROOT / "assets" / "tiny-demo-base")
+    assert model.config.llama == PRESETS["tiny"]
+    # It writes the demo's answer template (the colour is the picture's, which it never sees: the adapter's job).
+    assert model.generate(chat_prompt([], "What color is the shape in the picture?"), max_new_tokens=8,
+                          temperature=0).startswith("The shape is ")  # fmt: skip
+    out = tmp_path / "demo-base"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--demo", "--out", str(out), "--steps", "2"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("# demo-base\n") and "the demo's chats" in readme and "- n_chats: 1500" in readme
+
+
 def test_bad_arguments_are_refused(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--steps", "0", "--out", str(tmp_path / "b")],
                           capture_output=True, text=True)  # fmt: skip

@@ -1,5 +1,6 @@
-"""The embedded default (`python train.py`, `make train`) genuinely learns: the image decides the answer; and the
-demo serving it answers its own examples right."""
+"""The tiny recipe (`python train.py` with no arguments: synthetic ScienceQA) genuinely learns: the image decides the
+answer; and the demo serving it answers the Image tab's examples right. The embedded default of `make train` (the
+demo recipe) is tests/test_demo_default.py."""
 
 import json
 
@@ -11,7 +12,7 @@ from data.synthetic import ensure_scienceqa
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The embedded default trained (with its evaluation) on its synthetic data, generated in a temporary folder
+    """The tiny recipe trained (with its evaluation) on its synthetic data, generated in a temporary folder
     (train.py generates it only at its own place)."""
     tmp = tmp_path_factory.mktemp("default")
     ensure_scienceqa(tmp / "sqa")
@@ -33,16 +34,14 @@ def test_default_run_learns_image_questions_and_fails_without_images(default_run
 
 
 @pytest.mark.slow
-def test_the_demos_examples_are_answered_right_by_the_embedded_default(default_run):
-    """What the app shows a new user after `make train`: its note, and right answers to its examples."""
-    from app.__main__ import EMBEDDED_DEFAULT_NOTE, build_parser, load_engine
-    from app.ui import CHAT_EXAMPLES, IMAGE_EXAMPLES
+def test_the_image_tabs_examples_are_answered_right_by_the_tiny_recipe(default_run):
+    """The header says what the run is, and the Image tab's problems with choices are answered right."""
+    from app.__main__ import TINY_NOTE, build_parser, load_engine
+    from app.ui import IMAGE_EXAMPLES
 
     engine = load_engine(build_parser().parse_args(["--checkpoint", str(default_run / "with"), "--device", "cpu"]))
-    assert engine.about == EMBEDDED_DEFAULT_NOTE
+    assert engine.about == TINY_NOTE
     greedy = {"temperature": 0.0, "max_new_tokens": 16}
     answers = ["".join(engine.answer(q, image, context, choices.split("\n"), **greedy))
                for image, q, context, choices in IMAGE_EXAMPLES]  # fmt: skip
     assert answers == ["The answer is (A) red", "The answer is (B) small"]  # a big red circle, a small green square
-    chat = CHAT_EXAMPLES[0]
-    assert "".join(engine.chat([], chat["text"], chat["files"][0], **greedy)).startswith("The answer is (A)")

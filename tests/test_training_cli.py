@@ -31,7 +31,7 @@ def write_run_config(run_dir, cfg: TrainConfig) -> None:
 
 
 def test_the_recipes_are_the_shipped_files_the_default_first():
-    assert recipe_names() == ["tiny", "alpaca", "coco", "scienceqa"]
+    assert recipe_names() == ["tiny", "alpaca", "coco", "demo", "scienceqa"]
     for name in recipe_names():
         assert load_recipe(name).recipe == name
 
@@ -43,6 +43,14 @@ def test_no_arguments_is_the_tiny_recipe():
     assert cfg.model.visual.clip_model == "tiny" and cfg.run.device == "cpu"
     assert cfg.model.base == str(settings.TINY_BASE)
     assert cfg.data.path == str(settings.REPO_ROOT / ".data" / "scienceqa-synthetic")
+
+
+def test_the_demo_recipe_is_what_make_train_runs_the_mix_on_the_demo_base():
+    cfg = resolved("--recipe", "demo")
+    assert cfg.data.task == "mix" and cfg.data.synthetic and not cfg.data.group_by_length and cfg.uses_images
+    assert cfg.model.base == str(settings.REPO_ROOT / "assets" / "tiny-demo-base")
+    assert cfg.data.path == str(settings.REPO_ROOT / ".data" / "demo-mix")
+    assert "train.py --recipe demo" in (settings.REPO_ROOT / "Makefile").read_text()
 
 
 def test_paper_recipes_keep_the_official_defaults():

@@ -30,7 +30,7 @@ CHROMIUM_ARGS = (
     "--disable-sync",
 )
 VIEWPORT = {"width": 1100, "height": 900}
-# The README picture asks what the embedded default (trained on ScienceQA-format problems) answers: such problems.
+# The README picture asks the embedded default (the demo recipe) what it was trained to answer about a picture.
 DEFAULT_MESSAGES = ("What color is the shape in the picture?",)
 
 # Records every text the last bot message shows, in order: a streamed reply shows growing prefixes of its answer.

@@ -7,9 +7,10 @@ Gradio app (app/ui.py) only converts its message format, accumulates the pieces 
 Prompts:
 
 - Chat: one Alpaca prompt per answer (``data.alpaca.format_prompt``, the template the instruction-tuned adapter was
-  trained on). The new message is the instruction; the earlier turns ride in the template's "Input" field as
-  "User: ... / Assistant: ..." lines, since an Alpaca adapter has only ever seen a single instruction with optional
-  context (``data.llava`` trains image conversations in exactly this prompt). The image that conditions the answer
+  trained on). A first message is the instruction; after earlier turns the instruction asks for a reply to the
+  conversation, which rides in the template's "Input" field as "User: ... / Assistant: ..." lines ending with the new
+  message, since an Alpaca adapter has only ever seen a single instruction with optional context (``data.llava``
+  trains image conversations in exactly this prompt). The image that conditions the answer
   is the one attached to the message, else the latest image of the conversation (the talk is usually about it).
 - Caption: the COCO captioning prompt (``data.coco.caption_prompt``, LLaMA-Adapter V2's instruction).
 - Question with choices: a ScienceQA problem in the run's prompt format (``data.scienceqa.build_prompt``, by default
@@ -43,6 +44,7 @@ from PIL import Image
 
 from data.alpaca import format_prompt
 from data.coco import caption_prompt
+from data.llava import CHAT_INSTRUCTION
 from data.llava import chat_prompt as llava_chat_prompt
 from data.scienceqa import FORMATS, Problem, build_prompt
 from model.generate import stream
@@ -96,8 +98,8 @@ class Reply:
 
 
 def chat_prompt(history: Sequence[Turn], message: str) -> str:
-    """The Alpaca prompt answering ``message`` after the turns of ``history`` (carried in the Input field): the
-    prompt LLaVA-format conversations train (``data.llava.chat_prompt``)."""
+    """The Alpaca prompt answering ``message`` after the turns of ``history`` (carried in the Input field before
+    it): the prompt LLaVA-format conversations train (``data.llava.chat_prompt``)."""
     return llava_chat_prompt([(turn.user, turn.assistant) for turn in history], message)
 
 
@@ -324,7 +326,7 @@ class Engine:
         is the end of the conversation. A turn is tokenized only when it stays within the history's character
         allowance (``HISTORY_CHARS_PER_TOKEN`` per token of ``budget``): the work does not grow with the turns."""
         chars_left = HISTORY_CHARS_PER_TOKEN * budget
-        tokens_left = budget - self._n_tokens(format_prompt(message, "\n"))  # the template that carries turns
+        tokens_left = budget - self._n_tokens(format_prompt(CHAT_INSTRUCTION, f"User: {message}"))  # without turns
         kept: list[Turn] = []
         for turn in reversed(turns):
             n_chars = len("User: \nAssistant: \n") + len(turn.user) + len(turn.assistant)

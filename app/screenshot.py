@@ -30,8 +30,9 @@ CHROMIUM_ARGS = (
     "--disable-sync",
 )
 VIEWPORT = {"width": 1100, "height": 900}
-# The README picture asks the embedded default (the demo recipe) what it was trained to answer about a picture.
-DEFAULT_MESSAGES = ("What color is the shape in the picture?",)
+# The README picture asks the embedded default (the demo recipe) what it was trained to answer about a picture,
+# then a follow-up about the same picture.
+DEFAULT_MESSAGES = ("What color is the shape in the picture?", "Is the shape big or small?")
 
 # Records every text the last bot message shows, in order: a streamed reply shows growing prefixes of its answer.
 WATCH_REPLY = """() => {

@@ -5,11 +5,14 @@ The file is a JSON list of {"id", "image", "conversations": [{"from": "human", "
 "000000215677.jpg"). The first human turn carries the tag "<image>" before or after its text; the image enters the
 model through the visual prompt, never as text, so the tag (and the newline joining it) is removed.
 
-Each gpt turn is one training ``Example`` in the demo's chat prompt (``chat_prompt``, also used by app/engine.py): the
-Alpaca template with the human turn as the instruction and the earlier turns of the conversation as "User: ... /
-Assistant: ..." lines in its Input field, so the model learns exactly the prompt the demo's chat sends it. (The
-official LLaMA-Adapter V2 fine-tuning keeps only the first human / gpt pair of each conversation, "<image>" tag
-included.)
+Each gpt turn is one training ``Example`` in the demo's chat prompt (``chat_prompt``, also used by app/engine.py), so
+the model learns exactly the prompt the demo's chat sends it. A first turn is the plain Alpaca instruction. A later
+turn is the Alpaca template with a fixed instruction (``CHAT_INSTRUCTION``) and the conversation in its Input field
+as "User: ... / Assistant: ..." lines ending with the new message, so the question to answer is the last line before
+the response, as in a first turn. (With the new message as the instruction and the earlier turns after it, the tiny
+demo model answered the earlier question again: 12 of 24 size follow-ups after a colour answer were right, 3 of 24
+colour follow-ups after a size answer.) The official LLaMA-Adapter V2 fine-tuning keeps only the first human / gpt
+pair of each conversation, "<image>" tag included.
 
 Checks: a malformed record (not an object, no image or conversations, turns not alternating human / gpt from a
 human one, a non-string or blank value) raises DataError naming the file and record index, or is skipped and counted
@@ -31,12 +34,19 @@ IMAGE_TAG = re.compile(r"\A\s*<image>\s*|\s*<image>\s*\Z")
 """LLaVA's placeholder for the image, at the start or the end of the first human turn."""
 
 
+CHAT_INSTRUCTION = "Reply to the last message of this conversation."
+"""The instruction of a chat prompt with earlier turns; the conversation is its Input."""
+
+
 def chat_prompt(history: Sequence[tuple[str, str]], message: str) -> str:
-    """The Alpaca prompt answering ``message`` after the (user, assistant) turns of ``history``, which ride in the
-    template's Input field as "User: ... / Assistant: ..." lines (an Alpaca adapter has only ever seen a single
+    """The Alpaca prompt answering ``message`` after the (user, assistant) turns of ``history``: the message alone
+    is the instruction; after earlier turns the instruction is ``CHAT_INSTRUCTION`` and the Input holds the turns as
+    "User: ... / Assistant: ..." lines, then "User: {message}" (an Alpaca adapter has only ever seen a single
     instruction with optional context)."""
-    context = "\n".join(f"User: {user}\nAssistant: {assistant}" for user, assistant in history)
-    return format_prompt(message, context)
+    if not history:
+        return format_prompt(message)
+    lines = [f"User: {user}\nAssistant: {assistant}" for user, assistant in history]
+    return format_prompt(CHAT_INSTRUCTION, "\n".join([*lines, f"User: {message}"]))
 
 
 @dataclass

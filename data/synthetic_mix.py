@@ -15,7 +15,8 @@ on the way (2026-12-02, 2-core CPU): on the plain tiny base, which never read th
 learns neither the formats nor the pictures (the loss with the images shuffled within a batch is the loss with
 them in place). On assets/tiny-demo-base, which read the conversations, captions and instructions as text with
 random colours, it learns every format and the sizes; with length-grouped batches (one format per batch) it reads
-the colour of only 12 of 24 new pictures, with random batches 23 of 24, in Chat and Caption alike. One phrasing
+the colour of only 12 of 24 new pictures, with random batches 23 of 24, in Chat and Caption alike (on the base
+built before the chat prompt put the new message last; the current one reads 21 and 23 of 24). One phrasing
 per kind of question matters: five caption phrasings per image left the model hedging between them without
 reading the colour (4 of 16 against 14 of 16).
 

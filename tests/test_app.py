@@ -141,12 +141,14 @@ def bad_files(folder: Path) -> dict[str, Path]:
 
 
 # ---- engine: prompts ----------------------------------------------------------------------------------------------
-def test_chat_prompt_carries_the_conversation_in_the_alpaca_input():
+def test_chat_prompt_carries_the_conversation_in_the_alpaca_input_ending_with_the_new_message():
     history = [Turn("hi there", "hello"), Turn("what is red", "a color")]
     assert chat_prompt([], "the cat") == format_prompt("the cat")
     assert chat_prompt(history, "and blue?") == format_prompt(
-        "and blue?", "User: hi there\nAssistant: hello\nUser: what is red\nAssistant: a color"
+        "Reply to the last message of this conversation.",
+        "User: hi there\nAssistant: hello\nUser: what is red\nAssistant: a color\nUser: and blue?",
     )
+    assert chat_prompt(history, "and blue?").endswith("User: and blue?\n\n### Response:")
 
 
 def test_question_prompt_with_choices_is_scienceqa_without_is_alpaca():
@@ -178,7 +180,7 @@ def test_chat_keeps_the_conversation_image_and_drops_unanswered_turns(engine):
     message = "what color is the ball"
     history = [Turn("look at this", "a picture", image=RED), Turn("failed request", "")]
     follow_up = engine.chat(history, message, None, *GREEDY)
-    assert follow_up.prompt == format_prompt(message, "User: look at this\nAssistant: a picture")
+    assert follow_up.prompt == chat_prompt([Turn("look at this", "a picture")], message)
     assert answer(follow_up) == answer(engine.chat(history[:1], message, RED, *GREEDY))
     assert answer(follow_up) != answer(engine.chat([Turn("look at this", "a picture")], message, None, *GREEDY))
     new_image = engine.chat(history, message, GREEN, *GREEDY)  # an image on the new message wins
@@ -266,7 +268,8 @@ def test_long_conversation_loses_its_oldest_turns_first(engine):
     assert n_tokens(engine, reply.prompt) <= 192
     kept = reply.prompt.split("### Input:\n")[1]
     assert "first question" not in kept and kept.count("User: the cat") < 5 and "User: last question" in kept
-    dropped = 7 - kept.count("User: ")
+    assert kept.endswith("User: what now\n\n### Response:")
+    dropped = 7 - kept.count("Assistant: ")
     assert reply.notes == [f"The {dropped} oldest turns were left out to fit the model's context (256 tokens)."]
 
 

@@ -10,8 +10,8 @@ Prompts:
   trained on). A first message is the instruction; after earlier turns the instruction asks for a reply to the
   conversation, which rides in the template's "Input" field as "User: ... / Assistant: ..." lines ending with the new
   message, since an Alpaca adapter has only ever seen a single instruction with optional context (``data.llava``
-  trains image conversations in exactly this prompt). The image that conditions the answer
-  is the one attached to the message, else the latest image of the conversation (the talk is usually about it).
+  trains image conversations in exactly this prompt). The image that conditions the answer is the one attached to
+  the message, else the latest image of the conversation (the talk is usually about it).
 - Caption: the COCO captioning prompt (``data.coco.caption_prompt``, LLaMA-Adapter V2's instruction).
 - Question with choices: a ScienceQA problem in the run's prompt format (``data.scienceqa.build_prompt``, by default
   LLaMA-Adapter V1's "Question / Context / Choices / Answer:"). Without choices the question is an open instruction

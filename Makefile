@@ -16,10 +16,10 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-# The suite runs on TEST_WORKERS processes (pytest-xdist), one test module at a time each, one thread each: most
-# tests are single-threaded Python, so two workers on two cores took 8 min 38 s where one process took 16 min 56 s
-# (2026-12-02), and one thread per worker keeps them from fighting over the cores (and the sums the same on every
-# machine). tests/conftest.py starts the module that trains for minutes first.
+# The suite runs on TEST_WORKERS processes (pytest-xdist), one test module at a time each, one thread each. Most
+# tests are single-threaded Python: two workers on two cores took 8 min 38 s and 11 min 16 s where one process took
+# 16 min 56 s (2026-12-02). One thread per worker keeps them from fighting over the cores, and the sums the same on
+# every machine. tests/conftest.py starts the module that trains for minutes first.
 TEST_WORKERS ?= 2
 
 test: venv

@@ -1,11 +1,14 @@
-"""Serve the demo: ``python -m app [--checkpoint RUN_DIR] [--base DIR] [--clip-weights FILE] [--port 7860]``.
+"""Serve the demo: ``python -m app [--checkpoint RUN_DIR|FILE] [--base DIR] [--clip-weights FILE] [--port 7860]``.
 
-Without --checkpoint the newest run under runs/ is served (``make train`` writes one); without any run the command
-says to train one first. --base / --clip-weights point a run at weights that moved (they default to what the run's
-adapter.json records); --base alone serves that base model with a zero-init adapter (text only). The server binds
-127.0.0.1; --host 0.0.0.0 exposes it on the network and --share asks Gradio for a public link: both are opt-in.
-The server's files are its user's alone (umask 077; uploads in a private folder, removed when it stops).
---compile decodes with the torch.compile'd step (model.generate): the same replies, faster on a GPU.
+--checkpoint takes a train.py run directory or an adapter file from elsewhere with --base (an official LLaMA-Adapter
+V1 or V2 release ``.pth``, e.g. BIAS-7B.pth with --base <llama_dir>/7B --clip-weights <OpenAI CLIP state dict>; a
+PEFT directory; our ``.safetensors``). Without --checkpoint the newest run under runs/ is served (``make train``
+writes one); without any run the command says to train one first. --base / --clip-weights point a run at weights
+that moved (they default to what the run's adapter.json records); --base alone serves that base model with a zero-
+init adapter (text only). The server binds 127.0.0.1; --host 0.0.0.0 exposes it on the network and --share asks
+Gradio for a public link: both are opt-in. The server's files are its user's alone (umask 077; uploads in a private
+folder, removed when it stops). --compile decodes with the torch.compile'd step (model.generate): the same replies,
+faster on a GPU.
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m app", description="Serve the LLaMA-Adapter demo: multimodal chat and image questions."
     )
     parser.add_argument(
-        "--checkpoint", type=Path, metavar="RUN_DIR", help=f"run directory of train.py (default: newest in {RUNS_DIR})"
+        "--checkpoint",
+        type=Path,
+        metavar="RUN_DIR|FILE",
+        help=f"run directory of train.py (default: newest in {RUNS_DIR}), or an adapter file (official V1 / V2 "
+        "release .pth, PEFT directory) with --base",
     )
     parser.add_argument(
         "--base", metavar="DIR", help="LLaMA base (Meta / Hugging Face directory or preset name); default: the run's"
@@ -66,8 +73,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
     torch, the model and gradio are imported here and in ``main``, not at the top: ``--help`` answers at once."""
 
     from app.engine import Engine
-    from model import load_model, load_run
-    from model.checkpoint import read_json
+    from model import load_checkpoint, load_model
     from model.devices import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -81,8 +87,12 @@ def load_engine(args: argparse.Namespace) -> Engine:
             f"no trained run found under {RUNS_DIR}: run `make train` first (it trains the tiny default in minutes), "
             "or pass --checkpoint RUN_DIR"
         )
-    model = load_run(run_dir, base=args.base, clip_weights=args.clip_weights, dtype=dtype, device=device)
-    sidecar = read_json(Path(run_dir) / "adapter.json")
+    model, sidecar = load_checkpoint(
+        run_dir, base=args.base, clip_weights=args.clip_weights, dtype=dtype, device=device
+    )
+    if sidecar is None:  # an adapter file from elsewhere (official V1 / V2 release, PEFT)
+        kind = model.method.name if model.config.visual is None else f"{model.method.name}, {model.config.visual.kind}"
+        return Engine(model, name=f"adapter {Path(run_dir).name} ({kind}) on {args.base}", compile=args.compile)
     return Engine(
         model,
         question_format=_question_format(sidecar.get("prompt_format")),

@@ -170,21 +170,29 @@ def load_run_for_eval(
     device: str = "auto",
     dtype: str = "auto",
 ) -> LoadedRun:
-    """Load a train.py run directory for evaluation with the device / dtype resolved (model.devices: auto is CUDA
-    in bfloat16 / float16 when present, else CPU in float32); load_run applies the seed the run recorded."""
-    from model import load_run
-    from model.checkpoint import adapter_paths, read_json
+    """Load a train.py run directory, or an adapter file from elsewhere with ``base`` (an official V1 / V2 release
+    ``.pth``, a PEFT directory: ``model.load_checkpoint``), for evaluation with the device / dtype resolved
+    (model.devices: auto is CUDA in bfloat16 / float16 when present, else CPU in float32); load_run applies the seed
+    the run recorded. The sidecar of a file from elsewhere is empty; its sha256 is that of the file itself."""
+    from model import load_checkpoint
+    from model.checkpoint import adapter_paths
     from model.devices import resolve_device, resolve_dtype
 
     run_dir = Path(run_dir)
     tensors_path, sidecar_path = adapter_paths(run_dir)
-    if not sidecar_path.is_file() or not tensors_path.is_file():
-        raise EvalError(f"{run_dir}: not a run directory (needs adapter.safetensors and adapter.json from train.py)")
-    sidecar = read_json(sidecar_path)
+    is_run = sidecar_path.is_file() and tensors_path.is_file()
+    if not is_run and (base is None or not run_dir.exists()):
+        raise EvalError(
+            f"{run_dir}: not a run directory (needs adapter.safetensors and adapter.json from train.py); an adapter "
+            "file from elsewhere (official release .pth, PEFT directory) needs --base"
+        )
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    model = load_run(run_dir, base=base, clip_weights=clip_weights, dtype=torch_dtype, device=torch_device)
-    return LoadedRun(model=model, sidecar=sidecar, adapter_sha256=file_sha256(tensors_path))
+    model, sidecar = load_checkpoint(
+        run_dir, base=base, clip_weights=clip_weights, dtype=torch_dtype, device=torch_device
+    )
+    digest = file_sha256(tensors_path) if is_run else file_sha256(run_dir) if run_dir.is_file() else ""
+    return LoadedRun(model=model, sidecar=sidecar or {}, adapter_sha256=digest)
 
 
 def positive_int(text: str) -> int:
@@ -197,7 +205,11 @@ def positive_int(text: str) -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, default_max_new_tokens: int) -> None:
     """The options every generating evaluation takes (run directory, overrides, decoding, output)."""
-    parser.add_argument("--checkpoint", metavar="RUN_DIR", help="run directory written by train.py")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="RUN_DIR|FILE",
+        help="run directory written by train.py, or an adapter file with --base (official V1 / V2 release .pth)",
+    )
     parser.add_argument("--base", help="override the base model recorded in adapter.json (the run moved machines)")
     parser.add_argument("--clip-weights", help="override the CLIP weights file recorded in adapter.json")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")

@@ -55,6 +55,7 @@ __all__ = [
     "find_tokenizer",
     "is_trainable",
     "load_adapter",
+    "load_checkpoint",
     "load_model",
     "load_run",
     "load_tokenizer",
@@ -180,7 +181,8 @@ def load_model(
             except (ValueError, FileNotFoundError) as e:
                 if weights is None or weights.visual is None:
                     raise
-                raise CheckpointError(f"{adapter_paths(weights.source)[1]}: visual path: {e}") from e
+                where = adapter_paths(weights.source)[1] if weights.sidecar is not None else weights.source
+                raise CheckpointError(f"{where}: visual path: {e}") from e
         if dtype is not None:
             visual.clip.to(dtype)  # the frozen tower in the base dtype, as train.py runs it; adapter_proj stays fp32
     with torch.device("meta"):  # no memory for weights that are about to be replaced
@@ -263,3 +265,33 @@ def load_run(
             f"{run_dir}: no tokenizer: the sidecar records {sidecar.get('tokenizer')!r} and base {base} holds none"
         )
     return model
+
+
+def load_checkpoint(
+    checkpoint: str | Path,
+    *,
+    base: str | Path | None = None,
+    clip_weights: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[Transformer, dict[str, Any] | None]:
+    """What the demo, the evaluations and training's continuation take: a train.py run directory (``load_run``; base
+    and CLIP weights default to what it recorded) or any adapter ``load_model`` reads (our ``.safetensors``, an
+    official V1 or V2 release ``.pth``, a PEFT directory), which needs ``base``. Returns the model and the run's
+    sidecar (None for a file from elsewhere)."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "adapter.json").is_file():
+        model = load_run(checkpoint, base=base, clip_weights=clip_weights, dtype=dtype, device=device)
+        return model, read_json(checkpoint / "adapter.json")
+    if not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint}: no such run directory or adapter file")
+    if base is None:
+        raise CheckpointError(
+            f"{checkpoint} is an adapter file, not a train.py run directory: give the base model it belongs to "
+            "(--base DIR; for the official V2 release LLaMA-1 7B in Meta's layout, <llama_dir>/7B)"
+        )
+    model = load_model(base, adapter=checkpoint, clip_weights=clip_weights, dtype=dtype, device=device)
+    if model.tokenizer is None:
+        raise CheckpointError(f"{base}: no tokenizer.model or tokenizer.json in the base directory or its parent")
+    sidecar = adapter_paths(checkpoint)[1]
+    return model, read_json(sidecar) if checkpoint.suffix == ".safetensors" and sidecar.is_file() else None

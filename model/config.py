@@ -12,7 +12,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from model.methods import AdapterConfig, MethodConfig, config_from_dict, config_to_dict, method_of
 
@@ -220,16 +220,38 @@ _HF_LLAMA3_KEYS = {
 
 @dataclass
 class VisualConfig:
-    """Frozen CLIP image tower and the trainable projection of its global features (paper V1, Sec. 3.3)."""
+    """Frozen CLIP image tower and the trainable path from its features to visual tokens (B, Q, LLaMA dim).
+
+    Two kinds: ``global`` (paper V1, Sec. 3.3: pooled + class-token features -> MLP -> one token, Q = 1) and
+    ``query`` (the released LLaMA-Adapter V2 multimodal model: every CLIP token -> clip_proj + LayerNorm -> Q learned
+    queries joined to them through ``query_blocks`` ViT blocks -> the Q query outputs -> visual_proj + LayerNorm).
+    """
 
     clip_model: str = "ViT-L-14-quickgelu"
-    """open_clip model name (weights from a local file only), or 'tiny' for the download-free test tower."""
+    """open_clip model name (weights from a local file only), 'tiny' for the download-free test tower, or 'openai':
+    the tower's shape read from an OpenAI-layout CLIP state dict (``visual.*`` keys; QuickGELU, as OpenAI's CLIP)."""
+    kind: Literal["global", "query"] = "global"
+    """global: one visual token from pooled + class-token features (V1); query: ``query_len`` tokens from learned
+    queries over every CLIP token (the V2 multimodal release)."""
     feature_layers: tuple[int, ...] | None = None
-    """0-based ViT blocks whose class token joins the pooled output (multi-scale global features); None: the blocks
-    at one and two thirds of the depth (ViT-L/14: 7, 15); (): the pooled output only (needed for non-ViT towers)."""
+    """global: 0-based ViT blocks whose class token joins the pooled output (multi-scale global features); None: the
+    blocks at one and two thirds of the depth (ViT-L/14: 7, 15); (): the pooled output only (non-ViT towers)."""
     proj_hidden: int = 80
-    """Hidden width of the trainable MLP mapping CLIP features to one LLaMA-width vector (80: the paper's ~0.6M
-    projection for 7B + ViT-L/14, 1.79M trainable values in all)."""
+    """global: hidden width of the trainable MLP mapping CLIP features to one LLaMA-width vector (80: the paper's
+    ~0.6M projection for 7B + ViT-L/14, 1.79M trainable values in all)."""
+    query_len: int = 10
+    """query: Q, learned queries and so visual tokens (release: 10, one per adaption prompt)."""
+    query_width: int = 768
+    """query: width of the query blocks (release: 768)."""
+    query_blocks: int = 8
+    """query: ViT blocks over [queries ; CLIP tokens] (release: 8)."""
+    query_heads: int = 16
+    """query: attention heads of those blocks (release: 16)."""
+    query_mlp_ratio: float = 4.0
+    """query: MLP width of those blocks over query_width (release: 4)."""
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+    """Channel order the tower sees. bgr reproduces the official V2 release, whose demo, evaluation and training
+    read images with cv2.imread and hand them on unconverted: its weights were trained on B and R swapped."""
 
     def __post_init__(self) -> None:
         if self.feature_layers is not None:
@@ -238,10 +260,33 @@ class VisualConfig:
                 raise ValueError(f"VisualConfig.feature_layers must be block indices >= 0, got {self.feature_layers}")
             if len(set(self.feature_layers)) != len(self.feature_layers):
                 raise ValueError(f"VisualConfig.feature_layers has repeated blocks: {self.feature_layers}")
-        if not self.clip_model:
-            raise ValueError("VisualConfig.clip_model must name an open_clip model or be 'tiny'")
-        if self.proj_hidden <= 0:
-            raise ValueError(f"VisualConfig.proj_hidden must be positive, got {self.proj_hidden}")
+        if not self.clip_model or not isinstance(self.clip_model, str):
+            raise ValueError("VisualConfig.clip_model must name an open_clip model or be 'tiny' or 'openai'")
+        if self.kind not in ("global", "query"):
+            raise ValueError(f"VisualConfig.kind must be 'global' or 'query', got {self.kind!r}")
+        if self.channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"VisualConfig.channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
+        for name, limit in _VISUAL_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+                raise ValueError(f"VisualConfig.{name} must be an integer in 1..{limit:,}, got {value!r}")
+        if self.query_width % self.query_heads:
+            raise ValueError(
+                f"VisualConfig.query_width={self.query_width} is not divisible by query_heads={self.query_heads}"
+            )
+        ratio = self.query_mlp_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 64:
+            raise ValueError(f"VisualConfig.query_mlp_ratio must be a number in (0, 64], got {ratio!r}")
+
+    @property
+    def n_tokens(self) -> int:
+        """Q: visual tokens per image."""
+        return self.query_len if self.kind == "query" else 1
+
+
+_VISUAL_LIMITS = {"proj_hidden": 2**16, "query_len": 2**12, "query_width": 2**15, "query_blocks": 2**7,
+                  "query_heads": 2**10}  # fmt: skip
+"""Bounds that refuse absurd visual configs (e.g. from a hostile sidecar) before anything is allocated."""
 
 
 @dataclass

@@ -198,9 +198,9 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """The frozen LLaMA with the PEFT method of ``config.method`` attached as ``self.method``.
 
-    ``visual``, if given, maps preprocessed images (B, 3, H, W) to one LLaMA-width vector per image, which the
+    ``visual``, if given, maps preprocessed images (B, 3, H, W) to Q LLaMA-width visual tokens per image, which the
     method receives once per sequence (``Method.sequence_state`` / ``soft_tokens``; adaption prompts and soft
-    tokens: added to every one).
+    tokens: token i added to prompt i, or one token to every one).
     """
 
     def __init__(self, config: ModelConfig, visual: nn.Module | None = None) -> None:
@@ -215,6 +215,8 @@ class Transformer(nn.Module):
         self.method = build_method(config.method, cfg)
         if visual is not None and not self.method.takes_visual:
             raise ValueError(f"the PEFT method {self.method.name!r} takes no visual vector; build it without clip")
+        if visual is not None and config.method is not None:
+            config.method.check_visual_tokens(visual.n_tokens)
         self.method.attach(self)
         if not self.tok_embeddings.weight.is_meta:  # on the meta device load_model materializes and inits later
             self.method.reset_parameters(self, None)
@@ -265,15 +267,15 @@ class Transformer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def visual_prompt(self, images: Tensor | None, image_mask: Tensor | None = None) -> Tensor | None:
-        """(B, dim) visual vector, zero rows for items without an image; None if there are no images at all."""
+        """(B, Q, dim) visual tokens, zero rows for items without an image; None if there are no images at all."""
         if images is None:
             return None
         if self.visual is None:
             raise ValueError("images were given but this model has no visual path (load_model(..., clip=NAME))")
-        feats = self.visual(images)  # (B, dim)
+        tokens = self.visual(images)  # (B, Q, dim)
         if image_mask is not None:
-            feats = feats * image_mask.to(feats.dtype)[:, None]  # text-only items: no addition
-        return feats
+            tokens = tokens * image_mask.to(tokens.dtype)[:, None, None]  # text-only items: no addition
+        return tokens
 
     def forward(
         self,

@@ -768,7 +768,7 @@ def test_main_without_a_run_says_to_train_first(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "no trained run found under" in err and "run `make train` first" in err and "--checkpoint RUN_DIR" in err
     assert main(["--checkpoint", str(tmp_path / "nowhere")]) == 2
-    assert "nowhere: no adapter.json" in capsys.readouterr().err
+    assert "nowhere: no such run directory or adapter file" in capsys.readouterr().err
 
 
 def test_load_engine_serves_the_newest_run_with_its_prompt_format(tmp_path, monkeypatch):

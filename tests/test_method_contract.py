@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, load_model, save_adapter
+from model import ModelConfig, VisualConfig, load_model, save_adapter
 from model.checkpoint import open_base
 from model.llama import Transformer, is_trainable
 from model.methods import Method, method_class, method_names
@@ -38,10 +38,16 @@ PROMPTS = ["Question: What color is the ball?\nAnswer:", "Tell me", "Question: W
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make(name: str, *, images: bool = False, seed: int = 0) -> Transformer:
-    """The tiny base with a fresh ``name`` adapter (and the tiny CLIP path when ``images``), in eval mode."""
+QUERY_PATH = VisualConfig(clip_model="tiny", kind="query", query_len=4, query_width=32, query_blocks=1, query_heads=4)
+"""The V2 release's visual path at tiny size: 4 visual tokens, one per prompt / prefix / soft token of TINY_SETTINGS."""
+
+
+def make(name: str, *, images: bool = False, seed: int = 0, visual: VisualConfig | None = None) -> Transformer:
+    """The tiny base with a fresh ``name`` adapter (and the tiny CLIP path when ``images``: V1's global one, or
+    ``visual``), in eval mode."""
     config = method_class(name).config_class(**TINY_SETTINGS[name])
-    return load_model(TINY_BASE, adapter_config=config, clip="tiny" if images else None, seed=seed).eval()
+    clip = (visual or "tiny") if images else None
+    return load_model(TINY_BASE, adapter_config=config, clip=clip, seed=seed).eval()
 
 
 def perturb(model: Transformer, seed: int = 1) -> None:
@@ -167,3 +173,33 @@ def test_the_image_changes_the_output_after_a_few_steps(name):
     with torch.no_grad():
         logits = model(tokens, pixels)[:, -1]
     assert (logits[0] - logits[1]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if method_class(n).takes_visual])
+def test_the_query_paths_visual_tokens_enter_every_method(name):
+    """Q = 4 visual tokens (the release's query path): identity at init where defined, the image counts once the
+    method trained, a text-only row of a mixed batch is the text-only model's, and the cache equals recompute."""
+    model = make(name, images=True, visual=QUERY_PATH)
+    tokens = tokens_of(model, PROMPTS[0]).expand(2, -1)
+    pixels = images(2)
+    with torch.no_grad():
+        if name in IDENTITY_AT_INIT:
+            assert torch.equal(model(tokens, pixels), model(tokens))
+        perturb(model)
+        mixed = model(tokens, pixels, image_mask=torch.tensor([True, False]))
+        assert (mixed[0] - model(tokens)[0]).abs().max().item() > 1e-3
+        assert (mixed[1] - model(tokens)[1]).abs().max().item() <= 1e-5
+        cache = model.new_cache(2)
+        head = model(tokens[:, :-1], pixels, cache=cache)
+        last = model(tokens[:, -1:], cache=cache)
+        full = model(tokens, pixels)
+    assert (torch.cat([head, last], 1) - full).abs().max().item() <= 1e-4
+
+
+def test_visual_tokens_that_fit_no_prompt_count_name_both_fields():
+    with pytest.raises(ValueError, match=r"AdapterConfig\.prompt_len=4 does not fit 3 visual tokens .*query_len"):
+        load_model(
+            TINY_BASE,
+            adapter_config=method_class("llama_adapter").config_class(prompt_len=4, n_layers=2),
+            clip=VisualConfig(clip_model="tiny", kind="query", query_len=3, query_width=32, query_heads=4),
+        )

@@ -8,7 +8,7 @@ import torch
 from model import ModelConfig, load_model, save_adapter
 from model.checkpoint import open_base
 from model.llama import Transformer
-from model.methods.llama_adapter_v2 import AdapterV2Config, BiasScaleLinear
+from model.methods.llama_adapter_v2 import AdapterV2Config, V2Linear
 from tests.test_method_contract import TINY_BASE, images, perturb, tokens_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,7 +72,7 @@ def test_a_linear_follows_the_official_code_scale_before_bias_after():
     linear = torch.nn.Linear(3, 2, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]]))
-    tuned = BiasScaleLinear(linear)
+    tuned = V2Linear(linear, bias=True, scale=True, lora_rank=0)
     assert tuned.weight is linear.weight
     with torch.no_grad():
         tuned.adapter_scale.copy_(torch.tensor([2.0, 0.5, -1.0]))
@@ -97,9 +97,9 @@ def test_prompt_keys_and_values_go_through_the_tuned_wk_and_wv():
     """As chat65b: the prompts (plus the image) pass the same scale and bias as the tokens."""
     model = make()
     perturb(model)
-    attention, visual = model.layers[3].attention, torch.randn(2, 64)
+    attention, visual = model.layers[3].attention, torch.randn(2, 1, 64)
     k, v = model.method.prompt_kv(attention, visual)  # (2, nkv, K, hd)
-    prompts = attention.adapter_prompt[None] + visual[:, None]  # (2, K, dim)
+    prompts = attention.adapter_prompt[None] + visual  # (2, K, dim)
     for got, linear in ((k, attention.wk), (v, attention.wv)):
         expected = (prompts * linear.adapter_scale) @ linear.weight.T + linear.adapter_bias  # (2, K, nkv * hd)
         assert torch.allclose(got.transpose(1, 2).flatten(2), expected, atol=1e-6)

@@ -81,10 +81,10 @@ def test_random_and_text_inits():
 def test_the_image_is_added_to_every_soft_token_and_text_only_rows_add_nothing():
     model = load_model(TINY_BASE, adapter_config=PromptConfig(n_tokens=4), clip="tiny")
     pixels = images(2)
-    visual = model.visual_prompt(pixels)  # (2, dim)
+    visual = model.visual_prompt(pixels)  # (2, 1, dim): one visual token per image
     soft = model.method.soft_tokens(model, visual)
     assert soft.shape == (2, 4, 64)
-    assert torch.equal(soft, model.method.adapter_soft_tokens[None] + visual[:, None])
+    assert torch.equal(soft, model.method.adapter_soft_tokens[None] + visual)
     tokens = TOKENS[:, :5]
     with torch.no_grad():
         mixed = model(tokens, pixels, image_mask=torch.tensor([True, False]))

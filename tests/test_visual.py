@@ -84,7 +84,7 @@ def test_features_are_pooled_output_and_normalised_class_tokens():
         for i, block in enumerate(clip.transformer.resblocks[:2]):
             x = block(x)
             torch.testing.assert_close(feats[:, 64 * (i + 1) : 64 * (i + 2)], F.layer_norm(x[:, 0], (64,)))
-    assert visual(images).shape == (3, 64)
+    assert visual(images).shape == (3, 1, 64)  # one visual token per image (kind global)
 
 
 def test_default_feature_layers():
@@ -143,7 +143,7 @@ def test_open_clip_tower_loads_local_weights(test_clip, tmp_path, suffix):
     loaded = visual.clip.state_dict()
     assert loaded.keys() == {k.removeprefix("visual.") for k in state if k.startswith("visual.")}
     assert all(torch.equal(loaded[k], state[f"visual.{k}"]) for k in loaded)
-    assert visual.feature_dim == 32 + 64 and visual(random_images(2)).shape == (2, 48)
+    assert visual.feature_dim == 32 + 64 and visual(random_images(2)).shape == (2, 1, 48)
 
 
 def test_open_clip_tower_errors(test_clip, tmp_path):
@@ -175,7 +175,7 @@ def test_clip_tower_without_weights_is_refused_unless_random_is_asked_for(test_c
         "CLIP model 'test-tiny-clip' needs its weights: pass a local weights file (clip_weights=, --clip-weights); "
         "random_clip=True builds a randomly initialised tower instead, which only benchmarks want"
     )
-    assert build_visual(cfg, 48, random_clip=True)(random_images(2)).shape == (2, 48)
+    assert build_visual(cfg, 48, random_clip=True)(random_images(2)).shape == (2, 1, 48)
     with torch.device("meta"):  # shapes only: allowed without weights, nothing is allocated
         assert build_visual(cfg, 48).feature_dim == 32 + 64
 

@@ -53,17 +53,24 @@ def read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def torch_load(path: Path) -> dict[str, Tensor]:
-    """A flat state dict from a PyTorch file: ``weights_only=True`` always, memory-mapped when the file allows it."""
+def torch_load_object(path: Path) -> Any:
+    """Whatever a PyTorch file holds, read with ``weights_only=True`` always (tensors, dicts, lists, numbers),
+    memory-mapped when the file allows it."""
     # mmap needs the zip format (torch >= 1.6); the legacy pickle format is read into memory.
     mmap = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises OSError, RuntimeError or UnpicklingError depending on the damage
         refusal = weights_only_refusal(e)
         if refusal is not None:
             raise CheckpointError(f"{path}: {refusal}") from None
         raise CheckpointError(f"{path}: cannot read PyTorch weights, file truncated or corrupt? ({e})") from e
+
+
+def torch_load(path: Path, obj: Any = None) -> dict[str, Tensor]:
+    """A flat state dict from a PyTorch file (``torch_load_object``; ``obj``: what it already read)."""
+    if obj is None:
+        obj = torch_load_object(path)
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a flat state dict of name -> tensor, got {type(obj).__name__}")
     return obj

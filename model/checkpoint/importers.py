@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from model.checkpoint.adapter import ADAPTER_FILE, AdapterWeights, read_adapter
-from model.checkpoint.files import CheckpointError, load_safetensors, read_json, torch_load
+from model.checkpoint.files import CheckpointError, load_safetensors, read_json, torch_load, torch_load_object
 from model.checkpoint.keys import listing
+from model.checkpoint.release_v2 import is_release_v2, read_release_v2
 from model.config import LlamaConfig
 from model.methods import AdapterConfig, method_class, method_names
 
@@ -20,6 +21,7 @@ def read_official_v1(
     *,
     prompt_len: int = 10,
     gate_fn: Literal["tanh", "raw"] = "tanh",
+    obj: Any = None,
 ) -> AdapterWeights:
     """The official LLaMA-Adapter V1 release file (``llama_adapter_len10_layer30_release.pth``) as our tensors.
 
@@ -30,10 +32,10 @@ def read_official_v1(
 
     gate_fn: the official training code scales by tanh(gate) while its released inference code (llama/model.py)
     multiplies by the raw gate (issue #39). We default to "tanh", the semantics the weights were trained under;
-    pass "raw" to reproduce the released inference code.
+    pass "raw" to reproduce the released inference code. ``obj``: the file's content when already read.
     """
     path = Path(path)
-    state = {k: v.float() for k, v in torch_load(path).items()}
+    state = {k: v.float() for k, v in torch_load(path, obj).items()}
     if "adapter_query.weight" not in state:
         raise CheckpointError(f"{path}: no 'adapter_query.weight'; not an official LLaMA-Adapter V1 file")
     query = state.pop("adapter_query.weight")
@@ -100,7 +102,8 @@ def open_adapter(
     path: str | Path, llama: LlamaConfig, *, official_gate_fn: Literal["tanh", "raw"] = "tanh"
 ) -> AdapterWeights:
     """Detect and read an adapter: ours (``.safetensors`` file or directory with ``adapter.safetensors``), a PEFT
-    directory (``adapter_config.json``) or an official V1 file (``.pth``)."""
+    directory (``adapter_config.json``), an official V2 multimodal release file (``.pth`` holding ``{'model',
+    'config'}``) or an official V1 file (``.pth`` holding a flat state dict)."""
     path = Path(path)
     if path.is_dir():
         if (path / ADAPTER_FILE).is_file():
@@ -115,5 +118,8 @@ def open_adapter(
     if path.suffix == ".safetensors":
         return read_adapter(path)
     if path.suffix in (".pth", ".pt", ".bin"):
-        return read_official_v1(path, llama, gate_fn=official_gate_fn)
+        obj = torch_load_object(path)
+        if is_release_v2(obj):
+            return read_release_v2(path, llama, obj)
+        return read_official_v1(path, llama, gate_fn=official_gate_fn, obj=obj)
     raise CheckpointError(f"{path}: unknown adapter format (expected .safetensors, .pth or a directory)")

@@ -30,6 +30,20 @@ class MethodConfig:
     def check(self, llama: LlamaConfig) -> None:
         """Raise ValueError naming the field when these settings do not fit the architecture ``llama``."""
 
+    def check_visual_tokens(self, n_tokens: int) -> None:
+        """Raise ValueError naming the field when Q = ``n_tokens`` visual tokens per image cannot enter this method
+        (default: any number can)."""
+
+
+def check_tokens_fit(config: MethodConfig, field: str, n_tokens: int) -> None:
+    """For methods that add visual token i to their vector i: Q must be 1 (added to every one) or their count."""
+    count = getattr(config, field)
+    if n_tokens not in (1, count):
+        raise ValueError(
+            f"{type(config).__name__}.{field}={count} does not fit {n_tokens} visual tokens per image: token i is "
+            f"added to vector i, so the visual path must give 1 token or {count} (VisualConfig.query_len)"
+        )
+
 
 class Method(nn.Module):
     """A PEFT method attached to the Transformer (``model.method``); every hook is a no-op here.
@@ -46,8 +60,9 @@ class Method(nn.Module):
       device, so a seed gives the same adapter on every device.
     - ``sequence_state(model, visual)``: computed once per sequence (the first forward of a KV cache, or every
       forward without one) and kept in ``cache.method_state``; the layer hooks read it as ``ctx.state``.
-      ``visual`` (B, dim) is where the visual vector enters every method (zero rows: items without an image;
-      None: no images at all). Only methods with ``takes_visual`` may be built with a visual path.
+      ``visual`` (B, Q, dim) is where the visual tokens enter every method (zero rows: items without an image;
+      None: no images at all; Q = 1 for the V1 global path, ``VisualConfig.query_len`` for the query path, checked
+      by ``MethodConfig.check_visual_tokens``). Only methods with ``takes_visual`` may be built with a visual path.
     - ``soft_tokens(model, visual)``: with ``n_soft_tokens`` = P > 0, the P soft input vectors (1 or B, P, dim)
       of a new sequence (prompt tuning, P-tuning). The backbone puts them before the caller's tokens at cache
       slots and RoPE positions 0..P-1, before any left padding (PEFT's layout: [soft, pad, tokens]); the caller's
@@ -99,7 +114,7 @@ class Method(nn.Module):
         """Give every tensor this method added its fresh value (see the class docstring)."""
 
     def sequence_state(self, model: Transformer, visual: Tensor | None) -> Any:
-        """Per-sequence state kept in the KV cache; ``visual`` (B, dim) or None."""
+        """Per-sequence state kept in the KV cache; ``visual`` (B, Q, dim) or None."""
         return None
 
     @property

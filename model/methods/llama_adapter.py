@@ -6,8 +6,9 @@ position) and the query attends to them with a separate softmax, scaled per head
     out = softmax(q K_tok^T / sqrt(hd)) V_tok + gate(g_h) * softmax(q K_p^T / sqrt(hd)) V_p,   then wo
 
 gate(g) = tanh(g) as in the official training code (or g, as PEFT and the official inference code do). With every
-gate at zero the model is exactly the base model. The visual vector I_p (B, dim) is added to every prompt of every
-adapted layer (paper Sec. 3.3: P_l + Repeat(I_p)). Prompt K/V are computed once per sequence and kept in the cache.
+gate at zero the model is exactly the base model. The visual tokens I_p (B, Q, dim) are added to the prompts of every
+adapted layer: Q = 1 to every prompt (paper Sec. 3.3: P_l + Repeat(I_p)), Q = K token i to prompt i (the V2
+release). Prompt K/V are computed once per sequence and kept in the cache.
 
 Tensor names are those of the official layout ported to our modules: ``layers.N.attention.adapter_prompt`` (K, dim)
 and ``layers.N.attention.adapter_gate`` (n_heads,), so every adapter file ever saved keeps loading.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import Method, MethodConfig, register_method
+from model.methods.base import Method, MethodConfig, check_tokens_fit, register_method
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig
@@ -56,6 +57,9 @@ class AdapterConfig(MethodConfig):
         if self.n_layers > llama.n_layers:
             name = type(self).__name__
             raise ValueError(f"{name}.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
+
+    def check_visual_tokens(self, n_tokens: int) -> None:
+        check_tokens_fit(self, "prompt_len", n_tokens)
 
 
 _PEFT_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gate)")
@@ -105,16 +109,20 @@ class LlamaAdapter(Method):
         return visual
 
     def prompt_kv(self, attention: Attention, visual: Tensor | None) -> tuple[Tensor, Tensor]:
-        """One layer's prompt keys/values through its frozen wk / wv, no RoPE. visual: (B, dim) or None."""
+        """One layer's prompt keys/values through its frozen wk / wv, no RoPE. visual: (B, 1 or K, dim) or None."""
         prompts = attention.adapter_prompt[None]  # (1, K, dim)
         if visual is not None:
-            prompts = prompts + visual[:, None, :].to(prompts.dtype)  # (B, K, dim): P_l + Repeat(I_p)
+            prompts = prompts + visual.to(prompts.dtype)  # (B, K, dim): P_l + I_p
         prompts = prompts.to(attention.wk.weight.dtype)
         b, k_len = prompts.shape[:2]
         shape = (b, k_len, attention.n_kv_heads, attention.head_dim)
-        k = attention.wk(prompts).view(shape).transpose(1, 2)  # (b, nkv, K, hd)
-        v = attention.wv(prompts).view(shape).transpose(1, 2)  # (b, nkv, K, hd)
+        k = self.prompt_projection(attention.wk, prompts).view(shape).transpose(1, 2)  # (b, nkv, K, hd)
+        v = self.prompt_projection(attention.wv, prompts).view(shape).transpose(1, 2)  # (b, nkv, K, hd)
         return k, v
+
+    def prompt_projection(self, linear: nn.Module, prompts: Tensor) -> Tensor:
+        """The frozen wk / wv applied to the prompts (V2 leaves out its LoRA here, as the release does)."""
+        return linear(prompts)
 
     def attention_output(self, attention: Attention, q: Tensor, y: Tensor, ctx: AttentionContext) -> Tensor:
         """y + gate(g_h) * softmax(q K_p^T / sqrt(hd)) V_p: a separate softmax over the K prompts, visible to every
@@ -126,9 +134,12 @@ class LlamaAdapter(Method):
         ak, av = (t.expand(B, -1, -1, -1) for t in kv)  # (B, nkv, K, hd)
         gqa = attention.n_kv_heads != attention.n_heads
         y_prompts = F.scaled_dot_product_attention(q, ak, av, enable_gqa=gqa)  # (B, nh, T, hd)
+        return y + self.prompt_gate(attention).to(y.dtype).view(1, -1, 1, 1) * y_prompts
+
+    def prompt_gate(self, attention: Attention) -> Tensor:
+        """The per-head factor (nh,) of this layer's prompt term: tanh(g) or g."""
         g = attention.adapter_gate
-        gate = g.tanh() if self.config.gate_fn == "tanh" else g
-        return y + gate.to(y.dtype).view(1, -1, 1, 1) * y_prompts
+        return g.tanh() if self.config.gate_fn == "tanh" else g
 
     @classmethod
     def from_peft(

@@ -16,10 +16,11 @@ Two forms, one per value of ``PrefixConfig.reparameterize``:
 Positions as PEFT's: PEFT passes the prefixes as past key values, so the tokens' RoPE positions start at P and the
 prefix keys are not rotated; here too (``position_offset`` = P, the keys joined without RoPE).
 
-The image: the visual vector I_p (B, dim) goes through each adapted layer's frozen wk / wv and is added to every
-prefix key / value of that layer (the analogue of LLaMA-Adapter's P_l + Repeat(I_p), applied after the projection).
-It enters after the MLP, so the merged form takes images exactly as the training form does; items without an image
-(zero rows) add exactly nothing, since wk(0) = wv(0) = 0.
+The image: the visual tokens I_p (B, Q, dim) go through each adapted layer's frozen wk / wv and are added to the
+prefix keys / values of that layer (Q = 1: to every prefix; Q = P: token i to prefix i), the analogue of
+LLaMA-Adapter's P_l + Repeat(I_p), applied after the projection. It enters after the MLP, so the merged form takes
+images exactly as the training form does; items without an image (zero rows) add exactly nothing, since
+wk(0) = wv(0) = 0.
 
 Init (not identity: a prefix always takes a share of the softmax): E ~ N(0, 1) like nn.Embedding, each MLP linear
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)) like nn.Linear (PEFT's defaults); fresh inference-form prefixes N(0, 1) (PEFT
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from model.methods.base import Method, MethodConfig, register_method
+from model.methods.base import Method, MethodConfig, check_tokens_fit, register_method
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig
@@ -73,6 +74,9 @@ class PrefixConfig(MethodConfig):
             raise ValueError(f"PrefixConfig.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
         if self.prefix_len >= llama.max_seq_len:
             raise ValueError(f"PrefixConfig.prefix_len={self.prefix_len} must be below max_seq_len={llama.max_seq_len}")
+
+    def check_visual_tokens(self, n_tokens: int) -> None:
+        check_tokens_fit(self, "prefix_len", n_tokens)
 
 
 _PEFT_KEY = re.compile(r"(?:.*\.)?prompt_embeddings")
@@ -155,8 +159,8 @@ class PrefixTuning(Method):
             k, v = k[None], v[None]  # (1, P, kv_dim)
             if visual is not None:  # I_p through the layer's frozen wk / wv, added to every prefix
                 x = visual.to(attention.wk.weight.dtype)
-                k = k + attention.wk(x)[:, None].to(k.dtype)  # (B, P, kv_dim)
-                v = v + attention.wv(x)[:, None].to(v.dtype)
+                k = k + attention.wk(x).to(k.dtype)  # (B, P, kv_dim): (1, P) + (B, 1 or P)
+                v = v + attention.wv(x).to(v.dtype)
             state.append((k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)))  # (b, nkv, P, hd) each
         return state
 

@@ -9,7 +9,8 @@ Init (``PromptConfig.init``, PEFT's ``prompt_tuning_init``): ``random`` N(0, 1) 
 ``text`` the embeddings of ``init_text``'s tokens (no BOS), repeated / cut to P as PEFT does. Random draws come
 from the seed's generator (``load_model(..., seed=)``), so a seed gives the same soft tokens on every device.
 
-With images: the visual vector (B, dim) is added to every soft token (as LLaMA-Adapter adds it to every prompt);
+With images: the visual tokens (B, Q, dim) are added to the soft tokens (as LLaMA-Adapter adds them to its prompts:
+Q = 1 to every one, Q = P token i to soft token i);
 text-only items (zero rows) add nothing, so P stays fixed and a batch mixes both.
 
 Tensor: ``method.adapter_soft_tokens`` (P, dim), the same values PEFT saves as ``prompt_embeddings``.
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from model.methods.base import Method, MethodConfig, register_method
+from model.methods.base import Method, MethodConfig, check_tokens_fit, register_method
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig
@@ -58,6 +59,9 @@ class PromptConfig(MethodConfig):
     def check(self, llama: LlamaConfig) -> None:
         """The soft tokens must leave room for tokens in max_seq_len."""
         check_soft_tokens("PromptConfig", self.n_tokens, llama)
+
+    def check_visual_tokens(self, n_tokens: int) -> None:
+        check_tokens_fit(self, "n_tokens", n_tokens)
 
 
 def check_soft_tokens(config_name: str, n_tokens: int, llama: LlamaConfig) -> None:
@@ -96,9 +100,9 @@ def soft_tokens_from_peft(
 
 
 def add_visual(soft: Tensor, visual: Tensor | None) -> Tensor:
-    """Soft tokens (P, dim) -> (1, P, dim), or (B, P, dim) with the visual vector (B, dim) added to each."""
+    """Soft tokens (P, dim) -> (1, P, dim), or (B, P, dim) with the visual tokens (B, 1 or P, dim) added."""
     soft = soft[None]  # (1, P, dim)
-    return soft if visual is None else soft + visual[:, None, :].to(soft.dtype)  # (B, P, dim)
+    return soft if visual is None else soft + visual.to(soft.dtype)  # (B, P, dim)
 
 
 @register_method("prompt")

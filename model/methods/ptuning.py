@@ -17,8 +17,8 @@ switches the config to ``encoder="none"``: an adapter saved after it holds only 
 as PEFT saves ``prompt_embeddings``. ``save_adapter`` always writes that form (``exported``); a run resumes
 from the encoder's tensors in its state.pt.
 
-With images: the visual vector (B, dim) is added to every soft token after the encoder (so it works the same
-before and after ``merge()``); text-only items (zero rows) add nothing.
+With images: the visual tokens (B, Q, dim) are added to the soft tokens after the encoder, Q = 1 or P (so it works
+the same before and after ``merge()``); text-only items (zero rows) add nothing.
 
 Tensors: ``method.adapter_encoder_input`` (P, dim), ``method.adapter_lstm.*``, ``method.adapter_mlp.*``; after
 ``merge()``: ``method.adapter_soft_tokens`` (P, dim).
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from model.methods.base import Method, MethodConfig, register_method
+from model.methods.base import Method, MethodConfig, check_tokens_fit, register_method
 from model.methods.prompt import add_visual, check_soft_tokens, soft_tokens_from_peft
 
 if TYPE_CHECKING:
@@ -67,6 +67,9 @@ class PTuningConfig(MethodConfig):
     def check(self, llama: LlamaConfig) -> None:
         """The soft tokens must leave room for tokens in max_seq_len."""
         check_soft_tokens("PTuningConfig", self.n_tokens, llama)
+
+    def check_visual_tokens(self, n_tokens: int) -> None:
+        check_tokens_fit(self, "n_tokens", n_tokens)
 
 
 @register_method("ptuning")

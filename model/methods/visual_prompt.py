@@ -1,17 +1,18 @@
 """A small gated visual prompt: how the image enters methods that have no prompts of their own (LoRA, Houlsby,
 AdaMix). Not a registered method: a ``Method`` base class the owning method subclasses.
 
-In each of the top ``visual_layers`` layers, the visual vector I_p (B, dim) is ONE extra key / value through that
-layer's frozen wk / wv (no RoPE: it has no position), attended in a separate softmax and scaled per head by a
+In each of the top ``visual_layers`` layers, the visual tokens I_p (B, Q, dim) are Q extra keys / values through that
+layer's frozen wk / wv (no RoPE: they have no position), attended in a separate softmax and scaled per head by a
 zero-initialised gate, added to the head outputs before wo: LLaMA-Adapter's mechanism (arXiv 2303.16199, Sec. 3)
-with K = 1 and the image itself as the prompt:
+with the image tokens themselves as the prompts:
 
-    out = softmax(q K_tok^T / sqrt(hd)) V_tok + tanh(g_h) * softmax(q k_I^T / sqrt(hd)) v_I,   then wo
+    out = softmax(q K_tok^T / sqrt(hd)) V_tok + tanh(g_h) * softmax(q K_I^T / sqrt(hd)) V_I,   then wo
 
-A softmax over a single key is exactly 1 for every query, so the term is tanh(g_h) * v_I with v_I = wv(I_p): the
-key drops out and is not computed. With every gate at zero the model is exactly the base model; items without an
-image (zero rows of I_p) add exactly nothing, since wv(0) = 0; a model without a visual path gets no gates at all
-(a text-only adapter holds only its method's own tensors, and DDP sees no unused parameter).
+With one token (the V1 global path) a softmax over a single key is exactly 1 for every query, so the term is
+tanh(g_h) * v_I with v_I = wv(I_p): the key drops out and is not computed. With every gate at zero the model is
+exactly the base model; items without an image (zero rows of I_p) add exactly nothing, since wv(0) = 0 (with Q
+keys: a uniform softmax over zero values); a model without a visual path gets no gates at all (a text-only adapter
+holds only its method's own tensors, and DDP sees no unused parameter).
 
 Tensors: ``layers.N.attention.adapter_visual_gate`` (n_heads,), created only when the model has a visual path.
 
@@ -25,7 +26,7 @@ method overrides among ``attach``, ``reset_parameters``, ``attention_output`` an
             super().attach(model)  # the visual gates
             ...  # the method's own tensors
 
-The base class owns ``sequence_state`` (the per-layer v_I); a method with per-sequence state of its own overrides
+The base class owns ``sequence_state`` (the per-layer K_I / V_I); a method with per-sequence state of its own overrides
 it and keeps the base's value for ``attention_output`` to read as ``ctx.state``.
 """
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.methods.base import Method, MethodConfig
@@ -77,26 +79,38 @@ class GatedVisualPrompt(Method):
             for attention in self.visual_prompted(model):
                 attention.adapter_visual_gate.zero_()
 
-    def sequence_state(self, model: Transformer, visual: Tensor | None) -> list[Tensor | None] | None:
-        """Per layer: the image's value v_I = wv(I_p) (B, nkv, hd), None for layers without a gate; None without
-        images."""
+    def sequence_state(
+        self, model: Transformer, visual: Tensor | None
+    ) -> list[tuple[Tensor | None, Tensor] | None] | None:
+        """Per layer: the image's keys and values (B, nkv, Q, hd) through wk / wv, the keys None for Q = 1 (not
+        needed); None for layers without a gate; None without images."""
         if visual is None:
             return None
-        values: list[Tensor | None] = [None] * self.llama.n_layers
+        state: list[tuple[Tensor | None, Tensor] | None] = [None] * self.llama.n_layers
         for attention in self.visual_prompted(model):
-            v = attention.wv(visual.to(attention.wv.weight.dtype))  # (B, nkv * hd)
-            values[attention.layer_idx] = v.view(-1, attention.n_kv_heads, attention.head_dim)  # (B, nkv, hd)
-        return values
+            x = visual.to(attention.wv.weight.dtype)  # (B, Q, dim)
+            shape = (x.shape[0], x.shape[1], attention.n_kv_heads, attention.head_dim)
+            v = attention.wv(x).view(shape).transpose(1, 2)  # (B, nkv, Q, hd)
+            k = attention.wk(x).view(shape).transpose(1, 2) if x.shape[1] > 1 else None
+            state[attention.layer_idx] = (k, v)
+        return state
 
     def attention_output(self, attention: Attention, q: Tensor, y: Tensor, ctx: AttentionContext) -> Tensor:
-        """y + tanh(g_h) * v_I: the separate softmax over the one visual key, which is 1 for every query."""
+        """y + tanh(g_h) * softmax(q K_I^T / sqrt(hd)) V_I: a separate softmax over the visual keys (over one key it
+        is 1 for every query: the value itself)."""
         y = super().attention_output(attention, q, y, ctx)
-        v = ctx.state[attention.layer_idx] if ctx.state is not None else None
-        if v is None:
+        kv = ctx.state[attention.layer_idx] if ctx.state is not None else None
+        if kv is None:
             return y
-        v = v.repeat_interleave(attention.n_heads // attention.n_kv_heads, dim=1)  # (B, nh, hd): GQA groups
+        k, v = kv
+        v = v.repeat_interleave(attention.n_heads // attention.n_kv_heads, dim=1).to(y.dtype)  # (B, nh, Q, hd)
+        if k is None:
+            y_visual = v  # (B, nh, 1, hd), broadcast over T
+        else:
+            k = k.repeat_interleave(attention.n_heads // attention.n_kv_heads, dim=1).to(q.dtype)
+            y_visual = F.scaled_dot_product_attention(q, k, v.to(q.dtype)).to(y.dtype)  # (B, nh, T, hd)
         gate = attention.adapter_visual_gate.tanh().to(y.dtype)  # (nh,)
-        return y + (gate[:, None] * v.to(y.dtype))[:, :, None, :]  # (B, nh, 1, hd) broadcast over T
+        return y + gate.view(1, -1, 1, 1) * y_visual
 
     def group(self, name: str) -> str:
         return "visual gates" if name.endswith(".adapter_visual_gate") else super().group(name)

@@ -216,7 +216,7 @@ class Transformer(nn.Module):
         if visual is not None and not self.method.takes_visual:
             raise ValueError(f"the PEFT method {self.method.name!r} takes no visual vector; build it without clip")
         if visual is not None and config.method is not None:
-            config.method.check_visual_tokens(visual.n_tokens)
+            config.method.check_visual_tokens(getattr(visual, "n_tokens", 1))
         self.method.attach(self)
         if not self.tok_embeddings.weight.is_meta:  # on the meta device load_model materializes and inits later
             self.method.reset_parameters(self, None)

@@ -342,6 +342,7 @@ def test_our_v2_adapter_exports_to_the_release_format_the_official_loader_reads(
         (lambda r: r["model"].update({"llama.layers.0.attention.lora_wq_l1.weight": torch.zeros(RANK, DIM)}),
          r"unexpected keys .*lora_wq_l1\.weight"),
         (lambda r: r["config"].update(lora_rank="16"), r"config lora_rank must be an integer"),
+        (lambda r: r["config"].update(w_lora=True, lora_rank=10_000), r"lora_wq_l1\.weight is \(4, 64\); rank 10000"),
         (lambda r: r["model"].update({"visual_query.weight": torch.zeros(Q, WIDTH, dtype=torch.int64)}),
          r"'visual_query\.weight' is not a floating-point tensor"),
         (lambda r: r["model"].pop("llama.layers.2.attention.gate"), r"layers\.2\.attention\.gate is None"),
@@ -350,7 +351,7 @@ def test_our_v2_adapter_exports_to_the_release_format_the_official_loader_reads(
     ],
 )  # fmt: skip
 def test_a_damaged_release_file_names_what_is_wrong(world, tmp_path, damage, message):
-    release = release_tensors("BIAS-7B")
+    release = release_tensors("LORA-BIAS-7B" if "rank 10000" in message else "BIAS-7B")
     damage(release)
     torch.save(release, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=message):

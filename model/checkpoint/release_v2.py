@@ -162,6 +162,11 @@ def read_release_v2(path: str | Path, llama: LlamaConfig, obj: dict[str, Any]) -
                 continue
             if any(t is None for t in pair):
                 raise CheckpointError(f"{path}: llama.layers.{i}.{owner}.lora_{target}_l1/_l2 missing (config w_lora)")
+            if pair[0].ndim != 2 or pair[0].shape[0] != rank:  # before any tensor of that rank is allocated
+                shape = tuple(pair[0].shape)
+                raise CheckpointError(
+                    f"{path}: llama.layers.{i}.{owner}.lora_{target}_l1.weight is {shape}; rank {rank}"
+                )
             tensors[f"{prefix}{owner}.{target}.adapter_lora_a"], tensors[f"{prefix}{owner}.{target}.adapter_lora_b"] = (
                 pair
             )

@@ -9,6 +9,8 @@
     python train.py --resume runs/tiny-20250101-120000  # continue a stopped or killed run, as recorded
     python train.py --resume runs/x --epochs 10 --allow-changes  # continue it with a changed setting
     python train.py --recipe coco --help              # every setting, its meaning and the recipe's value
+    python train.py --recipe v2 --base /llama/7B --clip-weights clip.pt --data /data/mix  # the V2 release's two
+                                                      # phases: captions, then instructions (train.py --resume OUT)
 
 Settings live in four typed dataclasses (model, data, optim, run) filled by a named recipe; every field can be
 overridden as ``--section.field VALUE`` (nested: ``--model.adapter.prompt_len 10``), and a few common ones have a
@@ -26,6 +28,7 @@ import sys
 from training import TrainingError
 from training.cli import parse_args
 from training.config import config_to_dict
+from training.phases import is_phased, run_phases
 from training.run import run
 
 
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None, *, handle_signals: bool = False) -> int:
         print(json.dumps(config_to_dict(invocation.config), indent=2))
         return 0
     try:
+        if is_phased(invocation.config):  # --recipe v2: pretrain, then finetune, each a run of its own
+            return run_phases(invocation.config, invocation.resume, handle_signals=handle_signals)
         return run(invocation.config, invocation.resume, handle_signals=handle_signals)
     except TrainingError as e:
         rank = os.environ.get("RANK")

@@ -422,3 +422,34 @@ def test_the_export_command_writes_the_release_file_and_refuses_what_it_cannot_e
     assert export.main([str(v1), "--to", "release", str(tmp_path / "no.pth"), "--base", str(world["base"])]) == 2
     assert "only llama_adapter_v2 adapters have the release format" in capsys.readouterr().err
     assert not (tmp_path / "no.pth").exists()
+
+
+def test_training_continues_from_a_release_file(world, tmp_path):
+    """train.py --model.init_from BIAS-7B.pth: the run starts from the release's tensors (here only the biases
+    train, so every other tensor is still the file's at the end)."""
+    from safetensors.torch import load_file
+
+    import train
+    from data.synthetic_mix import ensure_mix
+
+    release = release_tensors("BIAS-7B")
+    torch.save(release, tmp_path / "BIAS-7B.pth")
+    v2 = "--model.llama_adapter_v2."
+    argv = [
+        "--recipe", "demo", "--method", "llama_adapter_v2", "--base", str(world["base"]),
+        "--clip-weights", str(world["clip"]), "--data", str(ensure_mix(tmp_path / "mix")),
+        f"{v2}prompt_len", str(Q), f"{v2}n_layers", str(LAYERS - 1), f"{v2}input_scales", "false",
+        f"{v2}norm_tuning", "weight", "--model.visual.clip_model", "openai", "--model.visual.kind", "query",
+        "--model.visual.query_len", str(Q), "--model.visual.query_width", str(WIDTH),
+        "--model.visual.query_blocks", str(BLOCKS), "--model.visual.channel_order", "bgr",
+        "--model.init_from", str(tmp_path / "BIAS-7B.pth"), "--optim.trainable", "adapter_bias",
+        "--optim.max_steps", "2", "--optim.batch_size", "2", "--data.max_len", "96", "--run.eval", "false",
+        "--run.progress", "false", "--run.out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert train.main(argv) == 0
+    saved = load_file(tmp_path / "run" / "adapter.safetensors")
+    m = release["model"]
+    assert torch.equal(saved["visual.adapter_query.visual_query.weight"], m["visual_query.weight"])
+    assert torch.equal(saved["layers.2.attention.adapter_gate"], m["llama.layers.2.attention.gate"].float().flatten())
+    assert torch.equal(saved["norm.adapter_norm_weight"], m["llama.norm.weight"])
+    assert not torch.equal(saved["layers.1.attention.wq.adapter_bias"], m["llama.layers.1.attention.wq.bias"])

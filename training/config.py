@@ -58,6 +58,11 @@ class BaseModelArgs:
     below (llama_adapter's: model.adapter)."""
     visual: VisualConfig = field(default_factory=VisualConfig)
     """The visual path: CLIP tower and the trainable projection to the LLaMA width."""
+    init_from: str | None = None
+    """Start the trainable tensors from an adapter instead of their fresh init: a run directory, our
+    .safetensors, or an official LLaMA-Adapter V1 / V2 release .pth (e.g. BIAS-7B.pth). Every tensor it holds must
+    exist in this run's model with the same shape; the model's others keep their fresh init (e.g. biases 0 after a
+    caption-phase file). None: all fresh."""
 
 
 SETTINGS_SECTION = {"llama_adapter": "adapter"}
@@ -153,6 +158,9 @@ class OptimArgs:
     """Clip the global gradient norm of the trainable tensors to this value; None: no clipping (official V1)."""
     max_steps: int | None = None
     """Cap on optimizer steps; the schedule is laid out over the capped length (smoke tests, quick trials)."""
+    trainable: tuple[str, ...] = ()
+    """Update only the trainable tensors whose names contain one of these strings (e.g. adapter_bias, visual.); the
+    others keep their values and are saved as they are. (): all of them. The v2 recipe's phases set it."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum"):
@@ -170,6 +178,9 @@ class OptimArgs:
             raise ValueError(f"optim.max_steps must be >= 1 (or none), got {self.max_steps}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must be in [0, 1), got {self.betas}")
+        self.trainable = tuple(self.trainable)
+        if not all(isinstance(s, str) and s for s in self.trainable):
+            raise ValueError(f"optim.trainable must be non-empty name parts, got {list(self.trainable)}")
 
 
 @dataclass

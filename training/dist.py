@@ -95,7 +95,8 @@ def shard_frozen_base(model: nn.Module, d: Dist) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    trainable = [p for p in model.parameters() if p.requires_grad]  # a list: the same order on every process
+    # By name, not requires_grad: tensors a v2 phase holds still (optim.trainable) stay whole and unsharded too.
+    trainable = [p for _, p in model.trainable_parameters()]  # a list: the same order on every process
     quantized = [(n, type(p.data)) for n, p in model.named_parameters() if type(p.data) is not Tensor]
     if quantized:  # torchao 0.18: Int8Tensor has no aten.split; NF4 needs block scales that divide by the world
         name, kind = quantized[0]

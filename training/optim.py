@@ -17,7 +17,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     in the official code. (The official 4-D gate (1, H, 1, 1) did get decay; ours is (H,) and does not.)"""
     decay, no_decay = [], []
     for _, p in model.trainable_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        if p.requires_grad:  # optim.trainable may hold some of them still (a phase of the v2 recipe)
+            (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

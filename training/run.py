@@ -71,11 +71,38 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> n
         )
         if cfg.model.tokenizer is not None:
             attach_tokenizer(model, Path(cfg.model.tokenizer))
+        if cfg.model.init_from is not None:
+            start_from(model, Path(cfg.model.init_from))
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(with_flag_names(str(e))) from e
     if model.tokenizer is None:
         raise TrainingError(f"no tokenizer found for base {cfg.model.base}; pass --tokenizer PATH")
+    hold_still(model, cfg.optim.trainable)
     return model
+
+
+def start_from(model: nn.Module, source: Path) -> None:
+    """--model.init_from: the trainable tensors an adapter file or run holds (any format load_model reads)."""
+    from model.checkpoint import init_trainable, open_adapter
+
+    if not source.exists():
+        raise TrainingError(f"--model.init_from {source}: no such adapter file or run directory")
+    fresh = init_trainable(model, open_adapter(source, model.config.llama))
+    if fresh:
+        print(f"started from {source}; {len(fresh)} tensors it does not hold keep their fresh init ({fresh[0]} ...)")
+
+
+def hold_still(model: nn.Module, parts: tuple[str, ...]) -> None:
+    """--optim.trainable: only the trainable tensors whose names contain one of ``parts`` get gradients (all when
+    empty); the others keep their values and are still saved."""
+    if not parts:
+        return
+    updated = 0
+    for name, p in model.trainable_parameters():
+        p.requires_grad_(any(part in name for part in parts))
+        updated += p.requires_grad
+    if not updated:
+        raise TrainingError(f"--optim.trainable {list(parts)}: no trainable tensor's name contains any of them")
 
 
 def method_config(cfg: TrainConfig) -> MethodConfig:
@@ -109,6 +136,11 @@ def run(cfg: TrainConfig, resume: Resume | None = None, *, handle_signals: bool 
     handle_signals: SIGINT / SIGTERM save the state and stop the run at the next step (train.py as a program);
     otherwise the process's signal handlers are left alone.
     """
+    return train_run(cfg, resume, handle_signals=handle_signals)[0]
+
+
+def train_run(cfg: TrainConfig, resume: Resume | None = None, *, handle_signals: bool = False) -> tuple[int, str]:
+    """``run``, also returning how training ended: done, stopped (run.stop_after), SIGINT or SIGTERM."""
     from model.checkpoint import WriteError
 
     run_dir = prepare_run_dir(cfg, resume)
@@ -128,7 +160,7 @@ def run(cfg: TrainConfig, resume: Resume | None = None, *, handle_signals: bool 
         close_distributed(d)
 
 
-def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle_signals: bool) -> int:
+def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle_signals: bool) -> tuple[int, str]:
     started = time.perf_counter()
     dtype = resolve_dtype(cfg.model.dtype, d.device)
     if cfg.data.synthetic:
@@ -155,10 +187,12 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle
     images = "on" if cfg.uses_images else "off"
     quantized = "" if cfg.model.quantize == "none" else f", block linears {cfg.model.quantize}"
     strategy = " (fsdp)" if sharded else ""
+    updated = sum(p.numel() for _, p in model.trainable_parameters() if p.requires_grad)
+    held = f", {updated:,} updated (optim.trainable)" if cfg.optim.trainable else ""
     d.say(
         f"run {run_dir}\n"
         f"{cfg.data.task}: {plan.examples:,} {cfg.data.train_split} examples, images {images}"
-        f" | {model.describe_trainable()} | base {dtype}{quantized} on {d.device} x {d.world}{strategy}\n"
+        f" | {model.describe_trainable()}{held} | base {dtype}{quantized} on {d.device} x {d.world}{strategy}\n"
         f"effective batch {plan.effective_batch} | peak lr {schedule.peak_lr:.3g} | {plan.steps_per_epoch} "
         f"steps/epoch x {o.epochs} epochs -> {schedule.total_steps} steps ({schedule.warmup_steps} warmup)"
     )
@@ -185,7 +219,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle
         what = {"stopped": "run.stop_after reached", "SIGINT": "interrupted", "SIGTERM": "terminated"}[outcome]
         d.say(f"{what} at step {pos.step}/{total_steps} after {minutes:.1f} min; state saved in {run_dir}")
         d.say(f"continue with: python train.py --resume {run_dir}")
-        return 0 if outcome == "stopped" else 128 + getattr(signal, outcome).value
+        return (0 if outcome == "stopped" else 128 + getattr(signal, outcome).value), outcome
     d.say(f"trained {total_steps} steps in {minutes:.1f} min; adapter: {run_dir / 'adapter.safetensors'}")
     task = TASKS[cfg.data.task]
     if cfg.run.eval and task.evaluator is None:
@@ -195,7 +229,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: Resume | None, d: Dist, handle
         # evaluation would outlast the NCCL timeout).
         evaluate(cfg, unsharded_copy(cfg, model, d, dtype) if sharded else model, run_dir, fresh=pos.step > start_step)
     d.say(next_steps(cfg, run_dir))
-    return 0
+    return 0, outcome
 
 
 def unsharded_copy(cfg: TrainConfig, model: nn.Module, d: Dist, dtype: torch.dtype) -> nn.Module:

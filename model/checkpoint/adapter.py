@@ -196,6 +196,27 @@ def load_trainable(model: Transformer, weights: AdapterWeights) -> None:
                 params[name].copy_(tensor)
 
 
+def init_trainable(model: Transformer, weights: AdapterWeights) -> list[str]:
+    """Start ``model``'s trainable tensors from ``weights`` (training's ``--model.init_from``): every tensor of the
+    file must exist in the model with the same shape (CheckpointError naming them otherwise); the model's others
+    keep their values. The method settings may differ (a caption-phase file starts a run that also tunes biases).
+    Returns the names of the model's trainable tensors the file did not have."""
+    check_fingerprint(weights, model.config.llama, "the model")
+    params = dict(model.trainable_parameters())
+    absent = sorted(set(params) - set(weights.tensors))
+    known = {n: tuple(params[n].shape) for n in weights.tensors if n in params}
+    check_keys(
+        {**known, **{n: tuple(params[n].shape) for n in absent}},
+        {**{n: tuple(t.shape) for n, t in weights.tensors.items()}, **{n: tuple(params[n].shape) for n in absent}},
+        weights.source,
+        "adapter tensors to start from",
+    )
+    with torch.no_grad():
+        for name, tensor in weights.tensors.items():
+            params[name].copy_(tensor)
+    return absent
+
+
 def _method_text(config: MethodConfig | None) -> str:
     name, values = config_to_dict(config)
     return f"{name} {values}" if name is not None else "none (the base model)"

@@ -28,7 +28,8 @@ class DataError(ValueError):
 def read_json(path: Path) -> Any:
     """Parse a JSON file; errors name the file (and line / column for invalid JSON).
 
-    Refused with a DataError as well: nesting deeper than Python's recursion limit (``json`` raises RecursionError)
+    Refused with a DataError as well: a key twice in one object (``json`` would keep the last copy silently),
+    nesting deeper than Python's recursion limit (``json`` raises RecursionError)
     and a string or key holding a lone surrogate (JSON allows the escape ``"\\ud800"``; it is not Unicode text and
     would fail later in the tokenizer or when the text is written out); that error gives the value's place in the
     file, e.g. ``[17]["output"]``.
@@ -37,7 +38,9 @@ def read_json(path: Path) -> Any:
         raise FileNotFoundError(f"{path}: no such file")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKeyError as e:
+        raise DataError(f"{path}: key {e.key!r} appears twice in one object; which copy is meant is unknown") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
@@ -47,6 +50,23 @@ def read_json(path: Path) -> Any:
     if _SURROGATE_ESCAPE.search(text):  # the only way a surrogate gets in: strict UTF-8 decoding refuses raw ones
         _refuse_lone_surrogates(path, data)
     return data
+
+
+class DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: refuse a key given twice in one object (json.loads would silently keep the last), e.g. a
+    ScienceQA pid listed twice in problems.json or a pid answered twice in a predictions file."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKeyError(key)
+        obj[key] = value
+    return obj
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")

@@ -294,6 +294,9 @@ def read_predictions(path: str | Path) -> tuple[dict[str, Any], dict[str, str] |
     outputs = data.get("outputs")
     if outputs is not None and not isinstance(outputs, dict):
         raise EvalError(f'{path}: "outputs" must be an object {{pid: generated text}}')
+    wrong = next((pid for pid, text in (outputs or {}).items() if not isinstance(text, str)), None)
+    if wrong is not None:
+        raise EvalError(f'{path}: outputs[{wrong!r}] = {outputs[wrong]!r}; expected the generated text (a string)')
     return data["results"], outputs
 
 

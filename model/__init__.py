@@ -21,6 +21,7 @@ from model.checkpoint import (
     adapter_paths,
     check_base_weights,
     check_fingerprint,
+    check_keys,
     check_materialized,
     init_fresh_adapter,
     init_random_base,
@@ -167,6 +168,8 @@ def load_model(
         method=weights.method if weights is not None else (adapter_config or fresh_adapter),
         visual=visual_cfg,
     )
+    if weights is not None:
+        _check_shapes_first(config, weights, clip_weights)
 
     visual = None
     if visual_cfg is not None:
@@ -204,6 +207,28 @@ def load_model(
         check_base_weights(weights, fingerprint, str(base), strict=strict_base)
         load_trainable(model, weights)
     return model.eval()
+
+
+def _check_shapes_first(config: ModelConfig, weights: AdapterWeights, clip_weights: str | Path | None) -> None:
+    """The file's tensors against the model its settings describe, built on the meta device (nothing allocated):
+    sizes from a config file (a rank or a prompt count of 10**9) are refused, naming the keys, before any memory
+    is taken for them."""
+    from model.visual import build_visual
+
+    with torch.device("meta"):
+        visual = None
+        if config.visual is not None:
+            name = config.visual.clip_model
+            if name not in ("tiny", "openai") and clip_weights is None:
+                return  # load_model's own build refuses it, naming the adapter (no tower is built for nothing)
+            weights_file = clip_weights if name == "openai" else None  # the openai tower's shape is in the file
+            try:
+                visual = build_visual(config.visual, config.llama.dim, weights_file, random_clip=True)
+            except (ValueError, FileNotFoundError):
+                return  # load_model's own build reports it, naming the adapter
+        model = Transformer(config, visual=visual)
+    expected = {n: tuple(p.shape) for n, p in model.trainable_parameters()}
+    check_keys(expected, {n: tuple(t.shape) for n, t in weights.tensors.items()}, weights.source, "adapter tensors")
 
 
 def _visual_config(clip: str | VisualConfig | None, weights: AdapterWeights | None) -> VisualConfig | None:

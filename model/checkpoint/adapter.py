@@ -119,6 +119,12 @@ def read_sidecar(sidecar_path: Path) -> dict[str, Any]:
     if not sidecar_path.is_file():
         raise CheckpointError(f"{sidecar_path}: adapter sidecar not found (written by save_adapter beside the tensors)")
     sidecar = read_json(sidecar_path)
+    version = sidecar.get("version")
+    if isinstance(version, bool) or version not in (None, 1, SIDECAR_VERSION):
+        raise CheckpointError(
+            f"{sidecar_path}: field version is {version!r}; this code reads sidecar versions 1 and {SIDECAR_VERSION} "
+            "(a newer release of this project wrote it?)"
+        )
     for key in ("model_config", "base_fingerprint"):
         if not isinstance(sidecar.get(key), dict):
             raise CheckpointError(f"{sidecar_path}: field {key!r} is missing or not an object")

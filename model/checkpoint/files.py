@@ -43,11 +43,14 @@ class WriteError(OSError):
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``, or CheckpointError naming the file."""
+    """A JSON object from ``path``, or CheckpointError naming the file (also for nesting deeper than Python's
+    recursion limit, where ``json`` raises RecursionError)."""
     try:
         obj = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read JSON ({e})") from e
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply to read (lists / objects inside each other)") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj

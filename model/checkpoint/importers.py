@@ -78,7 +78,8 @@ def read_peft(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
     config_file = path / "adapter_config.json"
     cfg = read_json(config_file)
     by_type = {method_class(n).peft_type: method_class(n) for n in method_names() if method_class(n).peft_type}
-    method = by_type.get(cfg.get("peft_type"))
+    peft_type = cfg.get("peft_type")
+    method = by_type.get(peft_type) if isinstance(peft_type, str) else None
     if method is None:
         raise CheckpointError(
             f"{config_file}: peft_type={cfg.get('peft_type')!r}; supported: {', '.join(sorted(by_type))}"

@@ -9,6 +9,8 @@ model/llama.py) is the one rule that makes it trainable, optimized and saved; ev
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,13 +217,48 @@ def build_method(config: MethodConfig | None, llama: LlamaConfig) -> Method:
 
 
 def config_from_dict(name: str | None, values: dict[str, Any] | None) -> MethodConfig | None:
-    """A method config from the name and field values recorded by ``config_to_dict``."""
+    """A method config from the name and field values recorded by ``config_to_dict``; a value of the wrong type
+    (``prompt_len: 10.0`` or ``true``, a list for a name) is refused naming the field, before the config is built."""
     if name is None:
         return None
+    if not isinstance(name, str) or not isinstance(values or {}, dict):
+        raise ValueError(f"PEFT method {name!r} with settings {values!r}: expected a name and an object of settings")
+    cls = method_class(name).config_class
+    hints = typing.get_type_hints(cls)
+    for field, value in (values or {}).items():
+        if field in hints and not _fits(value, hints[field]):
+            tp = hints[field]
+            kind = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+            raise ValueError(f"settings of PEFT method {name!r}: {cls.__name__}.{field} = {value!r} is not {kind}")
     try:
-        return method_class(name).config_class(**(values or {}))
+        return cls(**(values or {}))
     except TypeError as e:  # a field this method does not have
         raise ValueError(f"settings of PEFT method {name!r}: {e}") from None
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits a config field's type (bool is no int; an int is a float; a list is a tuple)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(value == arg and type(value) is type(arg) for arg in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return len(items) == len(value) and all(_fits(v, t) for v, t in zip(value, items))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # other types: the config's own checks
 
 
 def config_to_dict(config: MethodConfig | None) -> tuple[str | None, dict[str, Any] | None]:

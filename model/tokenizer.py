@@ -20,6 +20,7 @@ O(n) per token, microseconds at generation lengths, and is what makes the equali
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,10 @@ REPLACEMENT_CHAR = "\ufffd"
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 _EOS_NAMES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
 _SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "config.json")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+"""Halves of a UTF-16 pair alone in a str: Python allows them, no tokenizer can encode them."""
 
 
 class TokenizerError(ValueError):
@@ -80,6 +85,12 @@ class Tokenizer(ABC):
         """Token ids of ``text``, with BOS first / EOS last when asked (BOS only if the tokenizer has one)."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        lone = _LONE_SURROGATE.search(text)
+        if lone is not None:  # not Unicode text: sentencepiece would raise a raw RuntimeError from its C++ side
+            raise ValueError(
+                f"text to encode holds a lone surrogate \\u{ord(lone.group()):04x} at character {lone.start()}: "
+                "not Unicode text (a broken escape or a cut UTF-16 pair); remove or replace it"
+            )
         ids = self._encode_text(text)
         if bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]

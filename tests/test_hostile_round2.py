@@ -120,3 +120,56 @@ def test_a_peft_rank_of_a_billion_is_refused_before_it_is_allocated(tmp_path):
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match=r"(?s)mis-shaped keys.*adapter_lora_a: \(4, 64\) vs \(1000000000, 64\)"):
         load_model(TINY_BASE, tmp_path)
+
+
+def test_a_lone_surrogate_is_refused_by_the_tokenizer_naming_where_it_is():
+    from model import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(TINY_BASE) / "tokenizer.model")
+    with pytest.raises(ValueError, match=r"lone surrogate \\ud800 at character 2"):
+        tokenizer.encode("a \ud800 b")
+    assert tokenizer.encode("a \U0001f600 b")  # a real pair (one code point) is text
+
+
+def peft_lora_dir(folder: Path, lora_b: torch.Tensor) -> Path:
+    from safetensors.torch import save_file
+
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    tensors = {}
+    for layer in range(4):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors |= {f"{prefix}.lora_A.weight": torch.zeros(4, 64), f"{prefix}.lora_B.weight": lora_b.clone()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda t: t.fill_(float("nan")), r"layers\.2\.attention\.adapter_prompt holds 256 non-finite values"),
+        (lambda t: t.to(torch.int64), r"layers\.2\.attention\.adapter_prompt is torch\.int64; adapter tensors must be"),
+        (lambda t: t > 0, r"layers\.2\.attention\.adapter_prompt is torch\.bool"),
+    ],
+)
+def test_non_finite_or_non_float_adapter_tensors_are_refused_naming_them(saved, tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    folder = edited(saved, tmp_path, lambda s: None)
+    tensors = load_file(folder / "adapter.safetensors")
+    name = "layers.2.attention.adapter_prompt"
+    tensors[name] = damage(tensors[name].clone())
+    save_file(tensors, str(folder / "adapter.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"adapter\.safetensors: {message}"):
+        load_model(TINY_BASE, folder)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_peft_lora_b_or_a_v1_release_file_that_is_not_finite_is_refused(tmp_path, value):
+    peft = peft_lora_dir(tmp_path, torch.full((64, 4), value))
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: .*lora_B\.weight holds 256 non-finite"):
+        load_model(TINY_BASE, peft)
+    v1 = {"adapter_query.weight": torch.full((20, 64), value), "layers.3.attention.gate": torch.zeros(1)}
+    torch.save(v1 | {"layers.2.attention.gate": torch.zeros(1)}, tmp_path / "v1.pth")
+    with pytest.raises(CheckpointError, match=r"v1\.pth: adapter_query\.weight holds 1,280 non-finite values"):
+        load_model(TINY_BASE, tmp_path / "v1.pth")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from model.checkpoint.files import CheckpointError, atomic_write_files, load_safetensors, read_json
-from model.checkpoint.keys import check_keys
+from model.checkpoint.keys import check_adapter_values, check_keys
 from model.config import ConfigError, LlamaConfig, ModelConfig, VisualConfig
 from model.llama import Transformer
 from model.methods import MethodConfig, config_to_dict
@@ -143,7 +143,9 @@ def read_adapter(path: str | Path) -> AdapterWeights:
         raise CheckpointError(f"{sidecar_path}: field model_config.llama.{e.field}: {e.problem}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{sidecar_path}: invalid model_config ({e!r})") from e
-    return AdapterWeights(load_safetensors(tensor_path), config.method, config.visual, tensor_path, sidecar)
+    tensors = load_safetensors(tensor_path)
+    check_adapter_values(tensors, tensor_path)
+    return AdapterWeights(tensors, config.method, config.visual, tensor_path, sidecar)
 
 
 def check_fingerprint(weights: AdapterWeights, llama: LlamaConfig, base_name: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from model.checkpoint.adapter import ADAPTER_FILE, AdapterWeights, read_adapter
 from model.checkpoint.files import CheckpointError, load_safetensors, read_json, torch_load, torch_load_object
-from model.checkpoint.keys import listing
+from model.checkpoint.keys import check_adapter_values, listing
 from model.checkpoint.release_v2 import is_release_v2, read_release_v2
 from model.config import LlamaConfig
 from model.methods import AdapterConfig, method_class, method_names
@@ -35,7 +35,9 @@ def read_official_v1(
     pass "raw" to reproduce the released inference code. ``obj``: the file's content when already read.
     """
     path = Path(path)
-    state = {k: v.float() for k, v in torch_load(path, obj).items()}
+    raw = torch_load(path, obj)
+    check_adapter_values(raw, path)
+    state = {k: v.float() for k, v in raw.items()}
     if "adapter_query.weight" not in state:
         raise CheckpointError(f"{path}: no 'adapter_query.weight'; not an official LLaMA-Adapter V1 file")
     query = state.pop("adapter_query.weight")
@@ -92,6 +94,7 @@ def read_peft(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
         state = torch_load(weight_file)
     else:
         raise CheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
+    check_adapter_values(state, weight_file)
     try:
         config, tensors = method.from_peft(cfg, state, llama, weight_file)
     except ValueError as e:

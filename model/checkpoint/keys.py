@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import Tensor
+
 from model.checkpoint.files import CheckpointError
 
 MAX_LISTED = 8  # keys listed per category in an error message
@@ -47,3 +49,15 @@ def check_keys(
         lines += ["  mis-shaped keys (file shape vs model shape):"]
         lines += _lines([f"{k}: {tuple(found[k])} vs {tuple(expected[k])}{at[k]}" for k in misshaped])
     raise CheckpointError("\n".join(lines))
+
+
+def check_adapter_values(tensors: dict[str, Tensor], source: str | Path) -> None:
+    """Adapter tensors must be floating point (an int64 or bool tensor would be cast silently) and finite (a NaN
+    prompt makes every answer garbage): CheckpointError naming the file, the tensor and what is wrong."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            kind = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise CheckpointError(f"{source}: {name} is {kind}; adapter tensors must be floating point")
+        if not bool(tensor.isfinite().all()):
+            bad = int((~tensor.isfinite()).sum())
+            raise CheckpointError(f"{source}: {name} holds {bad:,} non-finite values (NaN or inf); the file is damaged")

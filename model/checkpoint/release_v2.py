@@ -30,7 +30,7 @@ from torch import Tensor
 
 from model.checkpoint.adapter import AdapterWeights
 from model.checkpoint.files import CheckpointError, atomic_write
-from model.checkpoint.keys import listing
+from model.checkpoint.keys import check_adapter_values, listing
 from model.config import LlamaConfig, VisualConfig
 from model.llama import Transformer
 from model.methods.llama_adapter_v2 import LINEAR_OWNERS, AdapterV2Config
@@ -93,6 +93,7 @@ def read_release_v2(path: str | Path, llama: LlamaConfig, obj: dict[str, Any]) -
     bad += [k for k, v in state.items() if isinstance(v, Tensor) and not v.is_floating_point()]
     if bad:
         raise CheckpointError(f"{path}: model entry {bad[0]!r} is not a floating-point tensor")
+    check_adapter_values(state, path)
     state = {k: v.float() for k, v in state.items()}
     visual = {k: v for k, v in state.items() if _VISUAL_KEY.fullmatch(k)}
     visual_cfg = _visual_config(path, visual)

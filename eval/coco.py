@@ -86,6 +86,11 @@ def load_split(
     return images
 
 
+MAX_CAPTION_CHARS = 10_000
+"""Longest caption a results file may hold (COCO's reference captions are ~50 characters; ours stop at
+eval_max_new_tokens): a 20 MB one would keep the scorers busy for minutes."""
+
+
 def check_results(results: Any, references: Mapping[int, list[str]], source: str = "results") -> dict[int, str]:
     """{image_id: caption} from a results list [{"image_id": int, "caption": str}]: one caption per image, every
     image_id present in the annotations (what COCO.loadRes asserts), with errors naming the entry."""
@@ -101,6 +106,11 @@ def check_results(results: Any, references: Mapping[int, list[str]], source: str
                             f"({type(image_id).__name__})")  # fmt: skip
         if not isinstance(caption, str):
             raise EvalError(f"{source}: entry {i} (image_id {image_id}): caption must be a string, got {caption!r}")
+        if len(caption) > MAX_CAPTION_CHARS:  # scoring cost grows with its length (CIDEr's n-grams, METEOR's search)
+            raise EvalError(
+                f"{source}: entry {i} (image_id {image_id}): caption of {len(caption):,} characters, over the limit of "
+                f"{MAX_CAPTION_CHARS:,}; a caption is a sentence"
+            )
         if image_id in captions:
             raise EvalError(f"{source}: image_id {image_id} has more than one caption (entry {i}); one per image")
         captions[image_id] = caption

@@ -203,6 +203,8 @@ def test_base_weights_that_do_not_fit_the_config_name_the_keys(tmp_path):
     [
         ({"model_type": "gpt2"}, "model_type='gpt2'; only LLaMA"),
         ({"attention_bias": True}, "attention_bias=true"),
+        ({"architectures": ["GemmaForCausalLM"]}, "field architectures names GemmaForCausalLM although model_type"),
+        ({"architectures": "LlamaForCausalLM"}, "field architectures: 'LlamaForCausalLM'; expected a list"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}, "only default and llama3 RoPE"),
         ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "field rope_parameters.factor: missing"),
     ],

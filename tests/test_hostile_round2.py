@@ -173,3 +173,15 @@ def test_a_peft_lora_b_or_a_v1_release_file_that_is_not_finite_is_refused(tmp_pa
     torch.save(v1 | {"layers.2.attention.gate": torch.zeros(1)}, tmp_path / "v1.pth")
     with pytest.raises(CheckpointError, match=r"v1\.pth: adapter_query\.weight holds 1,280 non-finite values"):
         load_model(TINY_BASE, tmp_path / "v1.pth")
+
+
+def test_a_caption_of_twenty_megabytes_is_refused_at_once(tmp_path, capsys):
+    from data.synthetic import make_coco
+    from eval import coco
+
+    root = make_coco(tmp_path / "coco", n_train=1, n_restval=1, n_val=1, n_test=1, image_size=32)
+    image_id = json.loads((root / "dataset_coco.json").read_text())["images"][-1]["cocoid"]
+    (tmp_path / "r.json").write_text(json.dumps([{"image_id": image_id, "caption": "a " * 10_000_000}]))
+    argv = ["--results", str(tmp_path / "r.json"), "--annotations", str(root / "dataset_coco.json")]
+    assert coco.main(argv) == 2
+    assert "caption of 20,000,000 characters, over the limit of 10,000" in capsys.readouterr().err

@@ -104,6 +104,15 @@ def hf_config_to_llama(cfg: dict[str, Any], source: Path) -> LlamaConfig:
     """LlamaConfig from a HF config.json dict, or CheckpointError naming the file and the field."""
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{source}: model_type={cfg['model_type']!r}; only LLaMA checkpoints are supported")
+    architectures = cfg.get("architectures", ["LlamaForCausalLM"])
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise CheckpointError(f"{source}: field architectures: {architectures!r}; expected a list of class names")
+    other = [a for a in architectures if "llama" not in a.lower()]
+    if other:
+        raise CheckpointError(
+            f"{source}: field architectures names {', '.join(other)} although model_type is llama; this loader reads "
+            "LlamaForCausalLM checkpoints only (another architecture would load with wrong results)"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise CheckpointError(f"{source}: {flag}=true is not part of the LLaMA architecture we implement")

@@ -242,7 +242,7 @@ class Units:
         """The unit's result: read back when done earlier, else ``work(run_dir)`` (output into OUT/logs/<unit>.log)
         on a fresh run directory, written when complete."""
         from bench.measure import run_header
-        from data import read_json
+        from data import DataError, read_json
         from eval.common import write_json
         from model.devices import resolve_device
 
@@ -250,8 +250,15 @@ class Units:
         path = out / "results" / f"{unit}.json"
         self.bar.set_postfix_str(unit)
         if path.is_file():
-            self.bar.update(1)
-            return read_json(path)
+            try:
+                record = read_json(path)
+            except DataError as e:  # truncated or damaged since: the unit is redone, and said so
+                self.bar.write(f"{unit}: its result file cannot be read ({e}); redoing the unit")
+            else:
+                if isinstance(record, dict) and record.get("unit") == unit:
+                    self.bar.update(1)
+                    return record
+                self.bar.write(f"{unit}: {path} is not this unit's result; redoing the unit")
         run_dir, log = out / "runs" / unit, out / "logs" / f"{unit}.log"
         if run_dir.exists():  # a unit interrupted earlier: redone from scratch
             shutil.rmtree(run_dir)

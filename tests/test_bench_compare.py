@@ -117,6 +117,16 @@ def test_a_second_invocation_redoes_only_the_interrupted_unit(first):
     assert scores(first) == expected
 
 
+def test_a_truncated_result_file_is_redone_with_a_note(first, capsys):
+    damaged = first / "results" / "prompt-lr1-noimages.json"
+    expected = scores(first)
+    damaged.write_text(damaged.read_text()[:40])  # cut, as a full disk or a copy gone wrong leaves it
+    assert invoke(*TINY, "--out", str(first)) == 0
+    captured = capsys.readouterr()
+    assert "prompt-lr1-noimages: its result file cannot be read" in captured.err + captured.out
+    assert report(first)["settings"]["trained_by_this_invocation"] == 1 and scores(first) == expected
+
+
 def test_two_invocations_give_identical_scores(first, tmp_path):
     """AdaMix (a random expert per step) alone in a fresh folder repeats what it scored after seven other methods."""
     assert invoke(*TINY, "--methods", "adamix", "--out", str(tmp_path)) == 0

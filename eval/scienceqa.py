@@ -296,7 +296,7 @@ def read_predictions(path: str | Path) -> tuple[dict[str, Any], dict[str, str] |
         raise EvalError(f'{path}: "outputs" must be an object {{pid: generated text}}')
     wrong = next((pid for pid, text in (outputs or {}).items() if not isinstance(text, str)), None)
     if wrong is not None:
-        raise EvalError(f'{path}: outputs[{wrong!r}] = {outputs[wrong]!r}; expected the generated text (a string)')
+        raise EvalError(f"{path}: outputs[{wrong!r}] = {outputs[wrong]!r}; expected the generated text (a string)")
     return data["results"], outputs
 
 

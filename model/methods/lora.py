@@ -40,6 +40,10 @@ _SUBLAYER = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "att
 """Where each linear lives in a TransformerBlock."""
 
 
+MAX_ALPHA = 1e6
+"""Largest LoRA alpha accepted (published adapters use 1..1024)."""
+
+
 @dataclass
 class LoraConfig(MethodConfig):
     """LoRA (arXiv 2106.09685): y = W x + (alpha / rank) * B A x on chosen linears, B zero at init."""
@@ -70,8 +74,8 @@ class LoraConfig(MethodConfig):
             )
         if self.rank <= 0:
             raise ValueError(f"LoraConfig.rank must be positive, got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha must be positive, got {self.alpha}")
+        if not 0 < self.alpha <= MAX_ALPHA:  # also refuses NaN; 1e308 / rank would make every update inf
+            raise ValueError(f"LoraConfig.alpha must be in (0, {MAX_ALPHA:g}], got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.n_layers is not None and self.n_layers <= 0:

@@ -441,7 +441,8 @@ def test_training_continues_from_a_release_file(world, tmp_path):
         f"{v2}prompt_len", str(Q), f"{v2}n_layers", str(LAYERS - 1), f"{v2}input_scales", "false",
         f"{v2}norm_tuning", "weight", "--model.visual.clip_model", "openai", "--model.visual.kind", "query",
         "--model.visual.query_len", str(Q), "--model.visual.query_width", str(WIDTH),
-        "--model.visual.query_blocks", str(BLOCKS), "--model.visual.channel_order", "bgr",
+        "--model.visual.query_blocks", str(BLOCKS), "--model.visual.query_heads", "16",
+        "--model.visual.channel_order", "bgr",
         "--model.init_from", str(tmp_path / "BIAS-7B.pth"), "--optim.trainable", "adapter_bias",
         "--optim.max_steps", "2", "--optim.batch_size", "2", "--data.max_len", "96", "--run.eval", "false",
         "--run.progress", "false", "--run.out", str(tmp_path / "run"),
@@ -453,3 +454,14 @@ def test_training_continues_from_a_release_file(world, tmp_path):
     assert torch.equal(saved["layers.2.attention.adapter_gate"], m["llama.layers.2.attention.gate"].float().flatten())
     assert torch.equal(saved["norm.adapter_norm_weight"], m["llama.norm.weight"])
     assert not torch.equal(saved["layers.1.attention.wq.adapter_bias"], m["llama.layers.1.attention.wq.bias"])
+
+
+def test_openais_torchscript_clip_is_refused_with_the_one_line_conversion(world, tmp_path):
+    import zipfile
+
+    torch.save(release_tensors("BIAS-7B"), tmp_path / "BIAS-7B.pth")
+    with zipfile.ZipFile(tmp_path / "ViT-L-14.pt", "w") as archive:  # the layout of a TorchScript archive
+        archive.writestr("ViT-L-14/constants.pkl", b"")
+        archive.writestr("ViT-L-14/code/__torch__.py", "")
+    with pytest.raises(CheckpointError, match=r"TorchScript archive .*torch\.save\(torch\.jit\.load\(PATH"):
+        load_model(world["base"], adapter=tmp_path / "BIAS-7B.pth", clip_weights=tmp_path / "ViT-L-14.pt")

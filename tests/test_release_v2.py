@@ -465,3 +465,21 @@ def test_openais_torchscript_clip_is_refused_with_the_one_line_conversion(world,
         archive.writestr("ViT-L-14/code/__torch__.py", "")
     with pytest.raises(CheckpointError, match=r"TorchScript archive .*torch\.save\(torch\.jit\.load\(PATH"):
         load_model(world["base"], adapter=tmp_path / "BIAS-7B.pth", clip_weights=tmp_path / "ViT-L-14.pt")
+
+
+def test_the_evaluations_score_a_release_file(world, tmp_path):
+    from data.synthetic import make_coco
+    from eval import coco, scienceqa
+    from tests.test_eval_scienceqa import write_scienceqa
+
+    torch.save(release_tensors("BIAS-7B"), tmp_path / "BIAS-7B.pth")
+    model_args = ["--checkpoint", str(tmp_path / "BIAS-7B.pth"), "--base", str(world["base"]),
+                  "--clip-weights", str(world["clip"]), "--device", "cpu", "--max-new-tokens", "4"]  # fmt: skip
+    sqa = write_scienceqa(tmp_path / "scienceqa")
+    assert scienceqa.main([*model_args, "--data", str(sqa), "--output", str(tmp_path / "sqa")]) == 0
+    metrics = json.loads((tmp_path / "sqa" / "metrics.json").read_text())
+    assert metrics["counts"]["Avg"]["total"] == 8  # the crafted test split, scored (a random model: any accuracy)
+    root = make_coco(tmp_path / "coco", n_train=1, n_restval=1, n_val=1, n_test=2, image_size=32)
+    argv = [*model_args, "--annotations", str(root / "dataset_coco.json"), "--output", str(tmp_path / "cap")]
+    assert coco.main(argv) == 0
+    assert len(json.loads((tmp_path / "cap" / "predictions.json").read_text())) == 2

@@ -44,7 +44,7 @@ from PIL import Image
 
 from data.alpaca import format_prompt
 from data.coco import caption_prompt
-from data.llava import CHAT_INSTRUCTION
+from data.llava import CHAT_INSTRUCTION, CHAT_MAX_TURNS
 from data.llava import chat_prompt as llava_chat_prompt
 from data.scienceqa import FORMATS, Problem, build_prompt
 from model.generate import stream
@@ -58,7 +58,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 MAX_MESSAGE_CHARS = 16_000
 """Characters of one text field kept before tokenizing: bounds the work a pasted megabyte can cause."""
 MAX_CHOICES = 8
-MAX_TURNS = 256
+MAX_TURNS = CHAT_MAX_TURNS
 """Newest turns of a conversation considered for its prompt; older ones are left out (and said to be)."""
 HISTORY_CHARS_PER_TOKEN = 8
 """Characters of earlier turns tokenized per token of the prompt's budget (English runs about 4 per token): a turn

@@ -36,6 +36,9 @@ IMAGE_TAG = re.compile(r"\A\s*<image>\s*|\s*<image>\s*\Z")
 
 CHAT_INSTRUCTION = "Reply to the last message of this conversation."
 """The instruction of a chat prompt with earlier turns; the conversation is its Input."""
+CHAT_MAX_TURNS = 256
+"""Earlier turns a chat prompt holds at most, in training as in the demo's engine: the newest ones. Keeps the cost
+of a conversation linear in its length (a 1,500-exchange record would otherwise repeat every turn 1,500 times)."""
 
 
 def chat_prompt(history: Sequence[tuple[str, str]], message: str) -> str:
@@ -111,11 +114,12 @@ def _turns(rec: object) -> tuple[list[tuple[str, str]], str | None]:
 
 
 def to_examples(conversation: Conversation) -> list[Example]:
-    """One example per answer: the chat prompt of its question after the earlier turns -> the answer."""
+    """One example per answer: the chat prompt of its question after the earlier turns (the newest
+    ``CHAT_MAX_TURNS``) -> the answer."""
     turns = conversation.turns
     return [
         Example(
-            prompt=chat_prompt(turns[:k], user),
+            prompt=chat_prompt(turns[max(0, k - CHAT_MAX_TURNS) : k], user),
             target=assistant,
             image=conversation.image,
             meta={"id": f"{conversation.id}#{k}"},

@@ -185,3 +185,20 @@ def test_a_caption_of_twenty_megabytes_is_refused_at_once(tmp_path, capsys):
     argv = ["--results", str(tmp_path / "r.json"), "--annotations", str(root / "dataset_coco.json")]
     assert coco.main(argv) == 2
     assert "caption of 20,000,000 characters, over the limit of 10,000" in capsys.readouterr().err
+
+
+def test_a_conversation_of_1500_exchanges_costs_linear_time(tmp_path):
+    from PIL import Image
+
+    from data.llava import CHAT_MAX_TURNS, load_examples
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.jpg")
+    turns = [{"from": f, "value": f"{f} message {i}"} for i in range(1500) for f in ("human", "gpt")]
+    record = {"id": "long", "image": "a.jpg", "conversations": turns}
+    (tmp_path / "llava.json").write_text(json.dumps([record]))
+    examples = load_examples(tmp_path / "llava.json")
+    assert len(examples) == 1500
+    last = examples[-1].prompt
+    assert last.count("User: ") == CHAT_MAX_TURNS + 1 and "human message 1243" in last
+    assert "human message 1499" in last and "human message 1242" not in last

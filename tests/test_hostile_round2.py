@@ -202,3 +202,17 @@ def test_a_conversation_of_1500_exchanges_costs_linear_time(tmp_path):
     last = examples[-1].prompt
     assert last.count("User: ") == CHAT_MAX_TURNS + 1 and "human message 1243" in last
     assert "human message 1499" in last and "human message 1242" not in last
+
+
+def test_a_meta_base_of_nan_is_refused_naming_the_tensor(tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY_BASE, base)
+    state = torch.load(base / "consolidated.00.pth", weights_only=True)
+    state["layers.1.feed_forward.w2.weight"] = torch.full_like(state["layers.1.feed_forward.w2.weight"], float("nan"))
+    torch.save(state, base / "consolidated.00.pth")
+    with pytest.raises(
+        CheckpointError, match=r"consolidated\.00\.pth: layers\.1\.feed_forward\.w2\.weight: 4096 of 4096 sampled"
+    ):
+        load_model(base)

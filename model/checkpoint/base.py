@@ -56,6 +56,23 @@ def fingerprint_sample(weight: Tensor) -> Tensor:
     return flat[index].to(device="cpu", dtype=torch.float32)
 
 
+FINITE_SAMPLES = 4096
+
+
+def check_sample_finite(weight: Tensor, where: str) -> None:
+    """CheckpointError unless FINITE_SAMPLES values evenly spread over ``weight`` are finite: a cheap check (no pass
+    over the whole tensor) that catches weights of NaN or inf, as a damaged or hostile file holds them; a single
+    NaN among billions of values is not looked for."""
+    flat = weight.reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, min(FINITE_SAMPLES, flat.numel()), dtype=torch.float64).round().long()
+    sample = flat[index]
+    if not bool(sample.isfinite().all()):
+        bad = int((~sample.isfinite()).sum())
+        raise CheckpointError(
+            f"{where}: {bad} of {sample.numel()} sampled values are NaN or inf; the weights are damaged"
+        )
+
+
 def weights_fingerprint(samples: dict[str, Tensor]) -> str:
     """Content fingerprint of a base: SHA-256 (first 32 hex digits) of the samples of ``fingerprinted_weights``.
 
@@ -116,6 +133,7 @@ class BaseCheckpoint:
                 raise CheckpointError(f"{self.path}: cannot read tensor {entry.origin} ({e})") from e
             if name in sampled:
                 samples[name] = fingerprint_sample(tensor)
+            check_sample_finite(tensor, f"{self.path}: {entry.origin}")
             dtype = dtype or tensor.dtype  # None: every weight takes the dtype of the first one
             # copy=True: a parameter must own its memory, not alias the memory-mapped file (rewriting the file
             # would change or fault the weights); the mapped pages stay reclaimable page cache.

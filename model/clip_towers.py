@@ -99,19 +99,12 @@ def open_clip_tower(name: str, clip_weights: str | os.PathLike | None, random_cl
 
 def _visual_state(path: Path) -> dict[str, Tensor]:
     """The ``visual.*`` tensors of an OpenAI-layout file, prefix stripped; everything else is ignored."""
-    from model.checkpoint.files import CheckpointError, load_safetensors, weights_only_refusal
+    from model.checkpoint.files import CheckpointError, load_safetensors, torch_load_object
 
-    if path.suffix == ".safetensors":
-        try:
-            state: Any = load_safetensors(path)
-        except CheckpointError as e:
-            raise ValueError(str(e)) from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except Exception as e:  # torch raises OSError, RuntimeError or UnpicklingError depending on the damage
-            reason = weights_only_refusal(e) or f"cannot read the file, truncated or corrupt? ({e})"
-            raise ValueError(f"CLIP weights {path}: {reason}") from None
+    try:  # CheckpointError (a ValueError) names the file; weights-only loading as for every checkpoint
+        state: Any = load_safetensors(path) if path.suffix == ".safetensors" else torch_load_object(path)
+    except CheckpointError as e:
+        raise ValueError(f"CLIP weights {e}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # open_clip's training checkpoints wrap it
     if not isinstance(state, dict):

@@ -253,6 +253,15 @@ class VisualConfig:
     """Channel order the tower sees. bgr reproduces the official V2 release, whose demo, evaluation and training
     read images with cv2.imread and hand them on unconverted: its weights were trained on B and R swapped."""
 
+    entry: Literal["native", "shared"] = "native"
+    """How the visual tokens enter the PEFT method. native: the method's own way (added to adaption prompts,
+    prefixes or soft tokens; the gated visual prompt for LoRA, Houlsby, AdaMix). shared: every method runs
+    text-only and the image enters as the gated visual prompt in the top ``shared_layers`` layers (the same for
+    every method: ``python -m bench methods --visual-entry shared``)."""
+    shared_layers: int = 2
+    """shared: the top layers that carry the gated visual prompt (the gated-prompt methods' own visual_layers must
+    equal it)."""
+
     def __post_init__(self) -> None:
         if self.feature_layers is not None:
             self.feature_layers = tuple(self.feature_layers)
@@ -264,6 +273,8 @@ class VisualConfig:
             raise ValueError("VisualConfig.clip_model must name an open_clip model or be 'tiny' or 'openai'")
         if self.kind not in ("global", "query"):
             raise ValueError(f"VisualConfig.kind must be 'global' or 'query', got {self.kind!r}")
+        if self.entry not in ("native", "shared"):
+            raise ValueError(f"VisualConfig.entry must be 'native' or 'shared', got {self.entry!r}")
         if self.channel_order not in ("rgb", "bgr"):
             raise ValueError(f"VisualConfig.channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
         for name, limit in _VISUAL_LIMITS.items():
@@ -285,7 +296,7 @@ class VisualConfig:
 
 
 _VISUAL_LIMITS = {"proj_hidden": 2**16, "query_len": 2**12, "query_width": 2**15, "query_blocks": 2**7,
-                  "query_heads": 2**10}  # fmt: skip
+                  "query_heads": 2**10, "shared_layers": 2**10}  # fmt: skip
 """Bounds that refuse absurd visual configs (e.g. from a hostile sidecar) before anything is allocated."""
 
 

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from model.config import LlamaConfig, ModelConfig
 from model.loss import next_token_loss
 from model.methods import Method, build_method
+from model.methods.visual_prompt import build_shared_visual
 
 ADAPTER_PREFIX = "adapter_"
 
@@ -212,10 +213,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.visual = visual
-        self.method = build_method(config.method, cfg)
+        shared = visual is not None and config.visual is not None and config.visual.entry == "shared"
+        self.method = build_shared_visual(config, cfg) if shared else build_method(config.method, cfg)
         if visual is not None and not self.method.takes_visual:
             raise ValueError(f"the PEFT method {self.method.name!r} takes no visual vector; build it without clip")
-        if visual is not None and config.method is not None:
+        if visual is not None and config.method is not None and not shared:
             config.method.check_visual_tokens(getattr(visual, "n_tokens", 1))
         self.method.attach(self)
         if not self.tok_embeddings.weight.is_meta:  # on the meta device load_model materializes and inits later

@@ -203,3 +203,61 @@ def test_visual_tokens_that_fit_no_prompt_count_name_both_fields():
             adapter_config=method_class("llama_adapter").config_class(prompt_len=4, n_layers=2),
             clip=VisualConfig(clip_model="tiny", kind="query", query_len=3, query_width=32, query_heads=4),
         )
+
+
+SHARED_ENTRY = VisualConfig(clip_model="tiny", entry="shared")
+"""Every method text-only, the image through the gated visual prompt in the top 2 layers."""
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("query", [False, True], ids=["global", "query"])
+def test_the_shared_visual_entry_gives_every_method_the_same_image_path(name, query):
+    """VisualConfig.entry='shared': the method's own tensors are its text-only ones under the same names, plus one
+    gate per head in the top 2 layers; at init the image adds exactly nothing (any method); once trained it counts,
+    a text-only row is the text-only model's and the cache equals recompute; a save keeps the entry. Any number
+    of visual tokens fits (Q = 3 fits no prompt count)."""
+    entry = SHARED_ENTRY
+    if query:
+        entry = VisualConfig(clip_model="tiny", entry="shared", kind="query", query_len=3, query_width=32,
+                             query_blocks=1, query_heads=4)  # fmt: skip
+    model = make(name, images=True, visual=entry)
+    own = {n for n, _ in make(name).trainable_parameters()}
+    names = {n for n, _ in model.trainable_parameters() if not n.startswith("visual.")}
+    assert names - own == {f"layers.{i}.attention.adapter_visual_gate" for i in (2, 3)}
+    assert own <= names
+    tokens, pixels = tokens_of(model, PROMPTS[0]).expand(2, -1), images(2)
+    with torch.no_grad():
+        assert torch.equal(model(tokens, pixels), model(tokens))
+        perturb(model)
+        mixed = model(tokens, pixels, image_mask=torch.tensor([True, False]))
+        assert (mixed[0] - model(tokens)[0]).abs().max().item() > 1e-3
+        assert (mixed[1] - model(tokens)[1]).abs().max().item() <= 1e-5
+        cache = model.new_cache(2)
+        head = model(tokens[:, :-1], pixels, cache=cache)
+        last = model(tokens[:, -1:], cache=cache)
+        assert (torch.cat([head, last], 1) - model(tokens, pixels)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_shared_entry_adapter_saves_and_loads_with_its_entry(name, tmp_path):
+    model = make(name, images=True, visual=SHARED_ENTRY)
+    perturb(model)
+    save_adapter(model, tmp_path, base=TINY_BASE)
+    loaded = load_model(TINY_BASE, tmp_path).eval()
+    assert loaded.config.visual.entry == "shared"
+    tokens, pixels = tokens_of(model, PROMPTS[0]), images(1)
+    with torch.no_grad():
+        assert (model(tokens, pixels) - loaded(tokens, pixels)).abs().max().item() <= 1e-5
+
+
+def test_a_gated_prompt_method_is_its_own_shared_entry_in_the_same_layers():
+    """LoRA's own image path is the gated visual prompt: shared and native are the same model, bit for bit; in
+    other layers than the shared ones it is refused, naming both fields."""
+    shared, native = make("lora", images=True, visual=SHARED_ENTRY), make("lora", images=True)
+    tokens, pixels = tokens_of(shared, PROMPTS[0]), images(1)
+    perturb(shared), perturb(native)
+    with torch.no_grad():
+        assert torch.equal(shared(tokens, pixels), native(tokens, pixels))
+    config = method_class("lora").config_class(**TINY_SETTINGS["lora"], visual_layers=3)
+    with pytest.raises(ValueError, match=r"LoraConfig\.visual_layers=3 differs from VisualConfig\.shared_layers=2"):
+        load_model(TINY_BASE, adapter_config=config, clip=SHARED_ENTRY)

@@ -105,6 +105,10 @@ class DataArgs:
     synthetic: bool = False
     """Generate the task's synthetic dataset (scienceqa: data.synthetic; mix: data.synthetic_mix) at data.path if it
     is absent."""
+    synthetic_kind: str | None = None
+    """Which synthetic dataset data.synthetic generates: scienceqa: shapes (one shape, its colour or size; the
+    default) or scenes (several shapes: counting, the colour of a named shape, positions; harder, for comparing
+    methods); mix: demo. None: the task's default."""
     images: bool = True
     """Feed images through the CLIP tower (scienceqa, coco). false (--no-images): a text-only adapter, the
     LLaMA-Adapter_T variant for ScienceQA."""
@@ -271,6 +275,12 @@ class TrainConfig:
             with_data = ", ".join(name for name, task in TASKS.items() if task.synthetic is not None)
             raise ValueError(
                 f"data.synthetic generates data for {with_data} only; set it false for data.task={self.data.task}"
+            )
+        kinds, kind = TASKS[self.data.task].synthetic_kinds, self.data.synthetic_kind
+        if kind is not None and kind not in kinds:
+            raise ValueError(
+                f"data.synthetic_kind={kind!r}: data.task={self.data.task} generates "
+                + (", ".join(kinds) if kinds else "no synthetic data")
             )
 
     def check_inputs(self) -> None:

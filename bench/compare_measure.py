@@ -203,6 +203,7 @@ def fresh_figures(cfg: TrainConfig) -> dict[str, float]:
     from model.checkpoint import check_materialized, init_random_base, open_base
     from model.config import PRESETS
     from model.devices import resolve_device, resolve_dtype
+    from model.hub import resolve_base
     from model.llama import count_trainable
     from model.quantize import quantize_base
     from training.batching import training_set
@@ -225,7 +226,7 @@ def fresh_figures(cfg: TrainConfig) -> dict[str, float]:
     if cfg.model.base in PRESETS and not Path(cfg.model.base).exists():
         init_random_base(base, seed=cfg.run.seed, dtype=dtype, device=device)
     else:
-        open_base(cfg.model.base).load_into(base, dtype=dtype, device=device)
+        open_base(resolve_base(cfg.model.base)).load_into(base, dtype=dtype, device=device)
     if cfg.model.quantize != "none":  # as build_model stores the frozen base
         quantize_base(base, cfg.model.quantize)
     check_materialized(base)

@@ -33,6 +33,7 @@ from model.checkpoint import (
     save_adapter,
 )
 from model.config import PRESETS, AdapterConfig, ConfigError, LlamaConfig, ModelConfig, VisualConfig, preset
+from model.hub import resolve_base, resolve_clip_weights
 from model.llama import Transformer, count_trainable, is_trainable
 from model.methods import Method, MethodConfig, method_names, register_method
 from model.quantize import check_kind, quantize_base
@@ -147,11 +148,16 @@ def load_model(
     if adapter is not None and adapter_config is not None:
         raise ValueError("adapter_config shapes a fresh adapter only; the adapter file brings its own config")
     is_preset = str(base) in PRESETS and not Path(base).exists()
+    if not is_preset:
+        base = resolve_base(base)  # a hub id: its snapshot in the Hugging Face cache
     if is_preset:
         ckpt, llama = None, preset(str(base)).llama
         fresh_adapter = preset(str(base)).method
     elif not Path(base).exists():
-        raise CheckpointError(f"{base}: no such base directory, and not a preset name ({', '.join(PRESETS)})")
+        raise CheckpointError(
+            f"{base}: no such base directory, not a Hugging Face Hub id (owner/name[@revision]) and not a preset "
+            f"name ({', '.join(PRESETS)})"
+        )
     else:
         ckpt = open_base(base)
         llama, fresh_adapter = ckpt.llama, default_adapter_config(ckpt.llama)
@@ -163,6 +169,8 @@ def load_model(
     visual_cfg = _visual_config(clip, weights)
     if visual_cfg is not None and clip_weights is None and sidecar:
         clip_weights = sidecar.get("clip_weights")
+    if visual_cfg is not None:  # an open_clip pretrained tag or a hub file: its copy in the Hugging Face cache
+        clip_weights = resolve_clip_weights(clip_weights, visual_cfg.clip_model)
     config = ModelConfig(
         llama=llama,
         method=weights.method if weights is not None else (adapter_config or fresh_adapter),

@@ -218,10 +218,11 @@ def data_position_fits(pos: Position, n_examples: int, per_rank: int, cfg: Train
 def tokenizer_source(cfg: TrainConfig) -> Path | None:
     """The tokenizer file the run uses (recorded in the adapter sidecar)."""
     from model import find_tokenizer
+    from model.hub import resolve_base
 
     if cfg.model.tokenizer is not None:
         return Path(cfg.model.tokenizer)
-    base = Path(cfg.model.base)
+    base = Path(resolve_base(cfg.model.base))  # a hub id: its snapshot
     return find_tokenizer(base) if base.is_dir() else None
 
 

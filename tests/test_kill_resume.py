@@ -344,6 +344,7 @@ def test_a_v2_run_killed_between_its_phases_resumes_to_the_same_adapters(v2, tmp
     assert not (out / "phases.json").exists() and not (out / "finetune").exists()
     assert resume(out) == 0
     assert json.loads((out / "phases.json").read_text()) == {"finished": ["pretrain", "finetune"]}
+    assert not list(out.glob(".*.tmp"))
     for phase, tensors in adapters.items():
         found = load_file(out / phase / "adapter.safetensors")
         assert found.keys() == tensors.keys() and all(torch.equal(found[n], tensors[n]) for n in tensors), phase

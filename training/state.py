@@ -4,7 +4,9 @@ A run directory holds config.json (the resolved settings), adapter.safetensors +
 metrics.jsonl, loss_curve.png and TensorBoard events (tb/; training.metrics), state.pt (everything needed to resume:
 adapter tensors, optimizer, step, data position, RNG states) and, after ScienceQA training, predictions.json,
 generations.jsonl and metrics.json from the evaluation split. Every file is replaced atomically; a write that fails
-(a full disk) stops the run with one error naming the file, and --resume continues from the last saved state.
+(a full disk) stops the run with one error naming the file, and --resume continues from the last saved state. A run
+directory that takes no new file (a read-only mount) is refused before any work (``check_run_dir``), and a resume
+first removes the temporary files of writes a killed process never finished.
 """
 
 from __future__ import annotations

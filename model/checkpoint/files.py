@@ -152,13 +152,16 @@ def atomic_write_files(writes: dict[Path, Callable[[Path], None]]) -> None:
 
 
 def check_writable(folder: Path, purpose: str) -> None:
-    """WriteError naming ``folder`` unless a file can be created in it (made if absent): what a read-only mount, a
-    folder without write permission or an immutable one refuses, found before any work is done. A real file is
-    created and removed, since permission bits say nothing for root (``os.access`` answers yes)."""
+    """WriteError naming ``folder`` unless files can be created in it (or, when it does not exist yet, in the nearest
+    folder above it that does, where it would be made): what a read-only mount or a folder without write permission
+    refuses, found before any work is done and leaving nothing behind. A real file is created and removed, since
+    permission bits say nothing for root (``os.access`` answers yes)."""
     folder = Path(folder)
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=existing)
         os.close(fd)
         os.remove(probe)
     except OSError as e:

@@ -33,7 +33,7 @@ _HASH_CHUNK = 1 << 20
 
 def file_md5(path: Path) -> str:
     """Hex md5 of a file, read in 1 MiB chunks (no whole-file buffer)."""
-    digest, chunk = hashlib.md5(), bytearray(_HASH_CHUNK)
+    digest, chunk = hashlib.md5(usedforsecurity=False), bytearray(_HASH_CHUNK)  # an integrity check, not security
     view = memoryview(chunk)
     with open(path, "rb") as f:
         while n := f.readinto(chunk):

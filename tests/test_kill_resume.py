@@ -397,9 +397,17 @@ def test_bench_methods_killed_full_disk_and_sigterm_each_resume_to_the_same_scor
 # ==== a real full disk and read-only folders =========================================================================
 @contextlib.contextmanager
 def mounted(folder: Path, *options: str):
-    """``folder`` as a tmpfs (``mount -t tmpfs -o OPTIONS``) or a read-only bind mount of itself (``bind-ro``);
-    skipped where this process may not mount (not root, or a container without CAP_SYS_ADMIN)."""
+    """``folder`` as a tmpfs (``mount -t tmpfs -o OPTIONS``) or a read-only bind mount of itself (``bind-ro``; for a
+    user other than root, whom permission bits stop, mode 0555 instead); skipped where this process may not mount
+    (not root, or a container without CAP_SYS_ADMIN)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if options == ("bind-ro",) and os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
     if options == ("bind-ro",):
         commands = [["mount", "--bind", str(folder), str(folder)], ["mount", "-o", "remount,ro,bind", str(folder)]]
     else:
@@ -454,21 +462,25 @@ def test_a_read_only_run_folder_is_refused_by_name_before_any_work(data, fresh, 
     for where in ("training.run.build_model", "eval.common.load_run_for_eval", "model.load_checkpoint"):
         monkeypatch.setattr(where, lambda *a, **k: pytest.fail("work started before the folder was checked"))
     capsys.readouterr()
+    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
     with mounted(out, "bind-ro"):
         assert train.main(["--resume", str(out)]) == 1
         assert capsys.readouterr().err == (
-            f"\nerror: {out}: cannot write into this folder (Read-only file system); --resume writes the run's state, "
-            "adapter and logs there: make it writable, or copy the run folder elsewhere and resume the copy\n"
+            f"\nerror: {out}: cannot write into this folder ({reason}); --resume writes the run's state, adapter "
+            "and logs there: make it writable, or copy the run folder elsewhere and resume the copy\n"
         )
         inside = out / "eval-val"
         sqa = ["--checkpoint", str(out), "--data", str(data / "scienceqa"), "--split", "val", "--output", str(inside)]
         assert scienceqa.main(sqa) == 1
         assert capsys.readouterr().err == (
-            f"error: {inside}: cannot write into this folder (Read-only file system); the evaluation writes its files "
-            "there: pick another --output\n"
+            f"error: {inside}: cannot write into this folder ({reason}); the evaluation writes its files there: "
+            "pick another --output\n"
         )
         assert export.main([str(out), "--to", "release", str(out / "release.pth")]) == 2
-        assert capsys.readouterr().err.startswith(f"python -m model.export: {out}: cannot write into this folder (Read")
+        assert capsys.readouterr().err == (
+            f"python -m model.export: {out}: cannot write into this folder ({reason}); {out / 'release.pth'} cannot "
+            "be written there: pick another FILE\n"
+        )
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
         monkeypatch.undo()  # reading a read-only run is fine: evaluated into another folder
         assert scienceqa.main([*sqa[:-1], str(tmp_path / "eval-val")]) == 0

@@ -26,17 +26,22 @@ bench/compare_stats.py):
 Runs execute in this process, one after another (``training.run.run``), seeded by the recipe's run.seed plus the
 seed index, so two invocations give the same tables. Each unit of work writes OUT/results/<unit>.json when complete;
 an interrupted command resumes from those, and a unit without its result file is redone from scratch (its run
-directory is removed first). OUT/settings.json holds what must not change between invocations sharing OUT;
-``--methods`` may (run the methods in several pieces).
+directory is removed first). Every file is written atomically, so a kill -9 leaves no truncated result; SIGTERM
+stops like Ctrl-C (the unit under way is abandoned, exit status 143), and a full disk stops with one error naming
+the file (status 1). OUT/settings.json holds what must not change between invocations sharing OUT; ``--methods``
+may (run the methods in several pieces).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -274,12 +279,31 @@ def settings_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
 
 
 # ==== the command ===================================================================================================
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is as Ctrl-C raises KeyboardInterrupt: a BaseException, so that no
+    ``except Exception`` on the way records the unit under way as failed; its result file is never written."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated while the block runs; the previous handler is restored after it."""
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run (or resume) the comparison and write methods.md, methods.json and methods.png into --out."""
     from bench.measure import run_header
     from data import read_json
     from eval.common import write_json
-    from model.checkpoint import write_text_atomic
+    from model.checkpoint import WriteError, remove_stale_temps, write_text_atomic
     from model.devices import resolve_device
     from training import TrainingError
 
@@ -295,12 +319,21 @@ def main(args: argparse.Namespace) -> int:
         print(f"python -m bench methods: error: {plan.out} holds runs made with other settings ({', '.join(changes)}); "
               "use another --out or delete it", file=sys.stderr)  # fmt: skip
         return 2
-    write_json(recorded, settings)
+    again = f"the same command continues from the finished runs in {plan.out}"
     try:
-        methods, trained = compare(plan)
+        write_json(recorded, settings)
+        remove_stale_temps(plan.out / "results")  # of result writes a kill -9 cut short
+        with sigterm_raises():
+            methods, trained = compare(plan)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the same command continues from the finished runs in {plan.out}", file=sys.stderr)
+        print(f"\ninterrupted: {again}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"\nterminated (SIGTERM): {again}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except WriteError as e:  # a full disk: the message names the file; the unit under way has no result file
+        print(f"python -m bench methods: error: {e}\n(make room, then {again})", file=sys.stderr)
+        return 1
     o = plan.base.optim
     report = {
         "header": run_header(resolve_device(plan.base.run.device)),

@@ -130,6 +130,7 @@ SCORERS: dict[str, Scorer] = {
 def train_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """Train one run in this process; its steps, losses, speed and peak memory, or its error."""
     from bench.measure import current_memory_bytes, peak_memory_bytes, reset_peak_memory
+    from model.checkpoint import WriteError
     from model.devices import resolve_device
     from training import TrainingError
     from training.metrics import METRICS_FILE, read_metrics
@@ -143,6 +144,8 @@ def train_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     try:
         status = run(cfg)
     except TrainingError as e:
+        if isinstance(e.__cause__, WriteError):  # a full disk is no result of the run: the unit stops, unrecorded
+            raise e.__cause__ from None
         return {"error": str(e)}
     if status != 0:
         return {"error": f"the run stopped early (status {status})"}

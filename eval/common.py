@@ -248,6 +248,10 @@ def run_cli(
     if args.checkpoint is not None and args.output is None:
         parser.error("--output DIR is required with --checkpoint")
     try:
+        if args.output is not None:  # before the model is loaded: a read-only folder is refused at once
+            from model.checkpoint import check_writable
+
+            check_writable(Path(args.output), "the evaluation writes its files there: pick another --output")
         return run(args)
     except (ValueError, FileNotFoundError) as e:  # EvalError, DataError, CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 FORMATS = ("release",)
 
@@ -28,9 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from model import load_checkpoint
+    from model.checkpoint import check_writable
     from model.checkpoint.release_v2 import write_release_v2
 
     try:
+        # before the model is loaded: a read-only destination is refused at once
+        check_writable(Path(args.output).resolve().parent, f"{args.output} cannot be written there: pick another FILE")
         model, _ = load_checkpoint(args.checkpoint, base=args.base, clip_weights=args.clip_weights)
         path = write_release_v2(model, args.output)
     except (ValueError, FileNotFoundError, OSError) as e:  # CheckpointError / WriteError name the file

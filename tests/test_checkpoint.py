@@ -158,7 +158,7 @@ def test_directory_in_neither_format_is_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="neither a Meta checkpoint .* nor a Hugging Face one") as e:
         load_model(tmp_path)
     assert str(tmp_path) in str(e.value) and "weights.ckpt" in str(e.value)
-    with pytest.raises(CheckpointError, match="no such base directory, and not a preset name"):
+    with pytest.raises(CheckpointError, match="no such base directory, not a Hugging Face Hub id .* not a preset name"):
         load_model(tmp_path / "missing")
 
 

@@ -358,7 +358,7 @@ def _one_line(message: str, types: dict[str, Any]) -> str:
     key = re.match(r'Parser key "([^"]+)"', message)
     given = re.findall(r"(?:Given|Got) value: (.*)", message)
     if key and key[1] in types and given:
-        return f"argument --{key[1]}: {given[-1].strip()!r}: expected {_expected(types[key[1]])}"
+        return f"argument --{key[1]}: {given[-1]!r}: expected {_expected(types[key[1]])}"
     if message.startswith("unrecognized arguments:"):
         unknown = [arg.split("=")[0] for arg in message.split()[2:] if arg.startswith("--")]
         hints = [f"{flag}: did you mean {' or '.join(near)}?" for flag in unknown if (near := _near(flag, types))]

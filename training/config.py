@@ -333,6 +333,9 @@ def config_from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             value = config_from_dict(tp, value, f"{where}{name}.")
+        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):  # e.g. a hand-edited config.json
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(f"setting {where}{name} = {value!r}; choose one of {choices}")
         elif isinstance(value, list):
             value = tuple(value)  # JSON has no tuples; every list-valued setting is a tuple
         kwargs[name] = value

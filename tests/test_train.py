@@ -257,7 +257,7 @@ class OutputBias(Method):
         with torch.no_grad():
             self.adapter_bias.zero_()
 
-    def after_sublayer(self, block, sublayer, out, ctx):
+    def after_sublayer(self, block, sublayer, x, out, ctx):
         last = block.attention.layer_idx == self.llama.n_layers - 1
         return out + self.adapter_bias.to(out.dtype) if last and sublayer == "feed_forward" else out
 

@@ -27,12 +27,12 @@ method overrides among ``attach``, ``reset_parameters``, ``attention_output`` an
             ...  # the method's own tensors
 
 The base class owns ``sequence_state`` (the per-layer K_I / V_I); a method with per-sequence state of its own overrides
-it and keeps the base's value for ``attention_output`` to read as ``ctx.state``.
+it, keeping the base's value inside its own and overriding ``visual_state`` to pick it out.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +95,17 @@ class GatedVisualPrompt(Method):
             state[attention.layer_idx] = (k, v)
         return state
 
+    def visual_state(self, state: Any) -> list[tuple[Tensor | None, Tensor] | None] | None:
+        """The base's ``sequence_state`` within the method's per-sequence state (a method that keeps more state
+        overrides this to pick it out)."""
+        return state
+
     def attention_output(self, attention: Attention, q: Tensor, y: Tensor, ctx: AttentionContext) -> Tensor:
         """y + tanh(g_h) * softmax(q K_I^T / sqrt(hd)) V_I: a separate softmax over the visual keys (over one key it
         is 1 for every query: the value itself)."""
         y = super().attention_output(attention, q, y, ctx)
-        kv = ctx.state[attention.layer_idx] if ctx.state is not None else None
+        visual = self.visual_state(ctx.state)
+        kv = visual[attention.layer_idx] if visual is not None else None
         if kv is None:
             return y
         k, v = kv

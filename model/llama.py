@@ -366,7 +366,8 @@ class Transformer(nn.Module):
             return h[:, L - T :]  # the caller's tokens only: soft positions dropped
 
         if labels is not None:  # the method's training loss (default: the next-token loss of one pass), () fp32
-            return method.training_loss(self, run_blocks, state, labels, lambda h: self.output(self.norm(h)), loss_chunk)
+            head = lambda hidden: self.output(self.norm(hidden))  # noqa: E731  (N, dim) -> (N, vocab)
+            return method.training_loss(self, run_blocks, state, labels, head, loss_chunk)
         h = run_blocks(state)
         if cache is not None:
             cache.length = start + L

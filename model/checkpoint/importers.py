@@ -81,7 +81,9 @@ def read_peft(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
     cfg = read_json(config_file)
     methods = [method_class(n) for n in method_names() if method_class(n).peft_type]
     peft_type = cfg.get("peft_type")
-    matching = [m for m in methods if m.peft_type == peft_type and all(cfg.get(k) == v for k, v in m.peft_match.items())]
+    matching = [
+        m for m in methods if m.peft_type == peft_type and all(cfg.get(k) == v for k, v in m.peft_match.items())
+    ]
     if not matching:
         supported = sorted({m.peft_type for m in methods})
         raise CheckpointError(f"{config_file}: peft_type={cfg.get('peft_type')!r}; supported: {', '.join(supported)}")

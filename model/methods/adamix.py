@@ -225,9 +225,14 @@ class AdaMix(GatedVisualPrompt):
             weights = (experts.down.mean(0), experts.down_bias.mean(0), experts.up.mean(0), experts.up_bias.mean(0))
         return out + bottleneck(out, *weights, self.config.activation)
 
+    @property
+    def training_passes(self) -> int:
+        """2 with the consistency loss (a weight, and experts that can differ), else 1."""
+        return 2 if self.config.consistency_weight and self.config.n_experts > 1 else 1
+
     def consistency(self, state: Any) -> bool:
-        """Whether a training forward takes the second pass: a weight, a route, and experts that can differ."""
-        return bool(self.config.consistency_weight) and state.route is not None and self.config.n_experts > 1
+        """Whether a training forward takes the second pass: in training (a route) with the consistency loss."""
+        return state.route is not None and self.training_passes == 2
 
     def training_loss(
         self,

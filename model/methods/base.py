@@ -195,6 +195,11 @@ class Method(nn.Module):
         over the targets too (the trainer divides the sum by the global target count)."""
         return next_token_loss(run_blocks(state), labels, head, chunk)
 
+    @property
+    def training_passes(self) -> int:
+        """Passes through the layers that one training forward (``training_loss``) makes: 1 by default."""
+        return 1
+
     def held_in_step(self, model: Transformer) -> list[tuple[nn.Parameter, Tensor]]:
         """(trainable tensor, indices along its first axis) that this optimizer step must leave as they are, values
         and optimizer moments alike (the trainer restores them after the step); default: none."""

@@ -302,12 +302,13 @@ def method_terms(model: Transformer, setup: Setup, e: int) -> dict[str, Any]:
         if e != 4:  # the autocast copies of A and B
             terms["per_layer"] = sum(c.rank * (ins[t][1] + d if t != "w2" else f + d) for t in c.targets) * e
     elif name in ("houlsby", "adamix"):
-        # Bottleneck: its input, W_down's output and the nonlinearity's output.
-        sublayers = ("attention", "feed_forward") if name == "houlsby" else c.sublayers
-        terms.update(extra=len(sublayers) * e * (d + 2 * c.bottleneck), first_layer=n - (c.n_layers or n))
+        # Bottleneck: its input (in series the sublayer's output; in parallel the sublayer's own input, already
+        # saved), W_down's output and the nonlinearity's output. (Trained norms, houlsby's option, are not counted.)
+        sublayers, own_input = c.sublayers, d if getattr(c, "placement", "serial") == "serial" else 0
+        terms.update(extra=len(sublayers) * e * (own_input + 2 * c.bottleneck), first_layer=n - (c.n_layers or n))
         terms["first"] = "after_attention" if "attention" in sublayers else "adapter_only"
         terms["per_layer"] = len(sublayers) * 2 * d * c.bottleneck * e if e != 4 else 0
-    elif name == "prefix":
+    elif name in ("prefix", "ptuning_v2"):
         # P prefix keys / values joined in front of the tokens' in every row; the padded (T, P + T) mask.
         terms.update(first_layer=n - (c.n_layers or n), first="after_attention_norm")
         terms["per_row_per_layer"] = 2 * c.prefix_len * kv * e
@@ -353,7 +354,11 @@ def predict(setup: Setup) -> dict[str, Any]:
     if setup.strategy == "ddp" and setup.gpus > 1:
         trainable += counts["trainable"] * 4  # DDP's gradient buckets
     acts = activation_bytes(model, setup)
-    logits = logits_bytes(setup)
+    # A method whose training forward runs the layers twice (AdaMix's consistency loss) keeps both passes'
+    # activations, and its loss term holds both passes' log-probabilities of a chunk.
+    passes = model.method.training_passes
+    acts = {k: v * passes if k in ("blocks", "rope_and_final_norm") else v for k, v in acts.items()}
+    logits = logits_bytes(setup) * passes
     components = {
         "weights": weights // shards + unsharded + workspace,
         "trainable_optimizer": trainable,

@@ -27,7 +27,8 @@ from bench.memory import (
 from bench.shapes import parameter_count
 from model.llama import count_trainable
 
-METHODS = ("llama_adapter", "llama_adapter_v2", "lora", "houlsby", "adamix", "prefix", "prompt", "ptuning")
+METHODS = ("llama_adapter", "llama_adapter_v2", "lora", "houlsby", "adamix", "prefix", "ptuning_v2", "prompt",
+           "ptuning")  # fmt: skip
 
 
 def gib(setup: Setup, part: str) -> float:

@@ -24,15 +24,27 @@ TINY_SETTINGS: dict[str, dict] = {
     "houlsby": dict(bottleneck=8),
     "adamix": dict(n_experts=3, bottleneck=8),
     "prefix": dict(prefix_len=4, mlp_hidden=16),
+    "ptuning_v2": dict(prefix_len=4),
     "prompt": dict(n_tokens=4),
     "ptuning": dict(n_tokens=4, encoder_hidden=16),
 }
 """Each method's settings on the tiny base (small sizes, every layer count within its 4 layers)."""
 
-IDENTITY_AT_INIT = {"llama_adapter", "llama_adapter_v2", "lora", "houlsby"}
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "houlsby-pfeiffer": ("houlsby", dict(bottleneck=8, sublayers=("feed_forward",), activation="relu")),
+    "houlsby-parallel": ("houlsby", dict(bottleneck=8, placement="parallel")),
+    "houlsby-norms": ("houlsby", dict(bottleneck=8, train_norms=True)),
+    "adamix-unshared": ("adamix", dict(n_experts=3, bottleneck=8, shared="none", freeze_unrouted=True)),
+    "ptuning_v2-mlp": ("ptuning_v2", dict(prefix_len=4, reparameterize=True, mlp_hidden=16)),
+}
+"""Settings of a method that change its computation, run through the contract's identity, save / load, cache and
+gradient checks: case name -> (method, settings)."""
+
+IDENTITY_AT_INIT = {"llama_adapter", "llama_adapter_v2", "lora", "houlsby", *(v for v in VARIANTS if "houlsby" in v)}
 """Methods whose fresh adapter is exactly the base model (the others' init is asserted in their own tests)."""
 
 METHODS = sorted(n for n in method_names() if method_class(n).__module__.startswith("model.methods."))
+CASES = METHODS + sorted(VARIANTS)
 PROMPTS = ["Question: What color is the ball?\nAnswer:", "Tell me", "Question: Which is bigger?\nContext: N/A\nAnswer:"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,10 +54,16 @@ QUERY_PATH = VisualConfig(clip_model="tiny", kind="query", query_len=4, query_wi
 """The V2 release's visual path at tiny size: 4 visual tokens, one per prompt / prefix / soft token of TINY_SETTINGS."""
 
 
+def method_of_case(case: str) -> type[Method]:
+    """The method class a case (a method name, or a key of VARIANTS) runs."""
+    return method_class(VARIANTS[case][0] if case in VARIANTS else case)
+
+
 def make(name: str, *, images: bool = False, seed: int = 0, visual: VisualConfig | None = None) -> Transformer:
-    """The tiny base with a fresh ``name`` adapter (and the tiny CLIP path when ``images``: V1's global one, or
-    ``visual``), in eval mode."""
-    config = method_class(name).config_class(**TINY_SETTINGS[name])
+    """The tiny base with a fresh adapter of case ``name`` (a method with TINY_SETTINGS, or a VARIANTS key) (and
+    the tiny CLIP path when ``images``: V1's global one, or ``visual``), in eval mode."""
+    settings = VARIANTS[name][1] if name in VARIANTS else TINY_SETTINGS[name]
+    config = method_of_case(name).config_class(**settings)
     clip = (visual or "tiny") if images else None
     return load_model(TINY_BASE, adapter_config=config, clip=clip, seed=seed).eval()
 
@@ -72,7 +90,7 @@ def test_the_registry_holds_every_method_of_the_survey():
     assert set(METHODS) <= set(TINY_SETTINGS), "every registered method needs its tiny settings here"
 
 
-@pytest.mark.parametrize("name", sorted(IDENTITY_AT_INIT & set(METHODS)))
+@pytest.mark.parametrize("name", sorted(IDENTITY_AT_INIT & set(CASES)))
 def test_a_fresh_adapter_is_exactly_the_base_model(name):
     model = make(name)
     base = Transformer(ModelConfig(llama=model.config.llama, method=None)).eval()
@@ -82,11 +100,11 @@ def test_a_fresh_adapter_is_exactly_the_base_model(name):
         assert torch.equal(model(tokens), base(tokens))
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_save_and_load_are_bit_exact_and_save_only_the_methods_tensors(name, tmp_path):
     """What is saved is the method's exported form (its trainable tensors, or for a reparameterised method the
     tensors it computes): loaded back, the same tensors and the same logits (exactly when nothing was computed)."""
-    model = make(name, images=method_class(name).takes_visual)
+    model = make(name, images=method_of_case(name).takes_visual)
     perturb(model)
     save_adapter(model, tmp_path, base=TINY_BASE)
     loaded = load_model(TINY_BASE, tmp_path).eval()
@@ -116,9 +134,9 @@ def test_merge_keeps_the_logits(name):
     assert (before - after).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_cached_decoding_equals_recompute(name):
-    model = make(name, images=method_class(name).takes_visual)
+    model = make(name, images=method_of_case(name).takes_visual)
     perturb(model)
     tokens, pixels = tokens_of(model, PROMPTS[2]), images(1) if model.visual is not None else None
     T = tokens.shape[1]
@@ -138,9 +156,9 @@ def test_a_left_padded_batch_equals_each_prompt_alone(name):
     assert batch == [model.generate(p, max_new_tokens=8, temperature=0) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_only_the_methods_tensors_receive_gradients(name):
-    model = make(name, images=method_class(name).takes_visual).train()
+    model = make(name, images=method_of_case(name).takes_visual).train()
     perturb(model)
     tokens = tokens_of(model, PROMPTS[0])
     pixels = images(1) if model.visual is not None else None

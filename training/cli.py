@@ -34,6 +34,7 @@ from training.config import (
     config_to_dict,
     load_recipe,
     recipe_names,
+    with_recorded_method_defaults,
 )
 from training.state import CONFIG_FILE
 
@@ -114,6 +115,7 @@ def read_run_config(run_dir: Path) -> TrainConfig:
         values.pop("changes", None)
         if isinstance(values.get("run"), dict):
             values["run"]["stop_after"] = None
+        with_recorded_method_defaults(values)
     try:
         return config_from_dict(TrainConfig, values)
     except ConfigError as e:

@@ -54,8 +54,8 @@ class BaseModelArgs:
     bfloat16 on GPUs that support it, else float16 (with loss scaling)."""
     method: str = "llama_adapter"
     """The PEFT method trained on the frozen base, a name registered in model.methods (llama_adapter,
-    llama_adapter_v2, lora, houlsby, adamix, prefix, prompt, ptuning). Its settings are the section of the same name
-    below (llama_adapter's: model.adapter)."""
+    llama_adapter_v2, lora, houlsby, adamix, prefix, ptuning_v2, prompt, ptuning). Its settings are the section of
+    the same name below (llama_adapter's: model.adapter)."""
     visual: VisualConfig = field(default_factory=VisualConfig)
     """The visual path: CLIP tower and the trainable projection to the LLaMA width."""
     init_from: str | None = None
@@ -84,6 +84,21 @@ def _method_sections() -> list[tuple[str, type, Any]]:
         (settings_section(n), method_class(n).config_class, field(default_factory=method_class(n).config_class))
         for n in sorted(shipped, key=lambda n: n != "llama_adapter")
     ]
+
+
+def with_recorded_method_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded run's settings (its config.json) with each method section's missing fields filled from the method
+    config's ``recorded_defaults``: a run from before a field existed resumes with the behaviour it trained with."""
+    from model.methods import method_class, method_names
+    from model.methods.base import with_recorded_defaults
+
+    model = values.get("model")
+    if isinstance(model, dict):
+        for name in method_names():
+            section = settings_section(name)
+            if isinstance(model.get(section), dict):
+                model[section] = with_recorded_defaults(method_class(name).config_class, model[section])
+    return values
 
 
 ModelArgs = dataclasses.make_dataclass("ModelArgs", _method_sections(), bases=(BaseModelArgs,))

@@ -79,13 +79,15 @@ def read_peft(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
     path = Path(path)
     config_file = path / "adapter_config.json"
     cfg = read_json(config_file)
-    by_type = {method_class(n).peft_type: method_class(n) for n in method_names() if method_class(n).peft_type}
+    methods = [method_class(n) for n in method_names() if method_class(n).peft_type]
     peft_type = cfg.get("peft_type")
-    method = by_type.get(peft_type) if isinstance(peft_type, str) else None
-    if method is None:
-        raise CheckpointError(
-            f"{config_file}: peft_type={cfg.get('peft_type')!r}; supported: {', '.join(sorted(by_type))}"
-        )
+    matching = [
+        m for m in methods if m.peft_type == peft_type and all(cfg.get(k) == v for k, v in m.peft_match.items())
+    ]
+    if not matching:
+        supported = sorted({m.peft_type for m in methods})
+        raise CheckpointError(f"{config_file}: peft_type={cfg.get('peft_type')!r}; supported: {', '.join(supported)}")
+    method = max(matching, key=lambda m: len(m.peft_match))  # the most specific match
     if (path / "adapter_model.safetensors").is_file():
         weight_file = path / "adapter_model.safetensors"
         state = load_safetensors(weight_file)

@@ -61,19 +61,21 @@ class PrefixConfig(MethodConfig):
     """True: train the prefixes through the MLP; False: the prefixes themselves (what merge() leaves and saves)."""
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
         if self.prefix_len <= 0:
-            raise ValueError(f"PrefixConfig.prefix_len must be positive, got {self.prefix_len}")
+            raise ValueError(f"{name}.prefix_len must be positive, got {self.prefix_len}")
         if self.n_layers is not None and self.n_layers <= 0:
-            raise ValueError(f"PrefixConfig.n_layers must be positive or None (every layer), got {self.n_layers}")
+            raise ValueError(f"{name}.n_layers must be positive or None (every layer), got {self.n_layers}")
         if self.mlp_hidden <= 0:
-            raise ValueError(f"PrefixConfig.mlp_hidden must be positive, got {self.mlp_hidden}")
+            raise ValueError(f"{name}.mlp_hidden must be positive, got {self.mlp_hidden}")
 
     def check(self, llama: LlamaConfig) -> None:
         """The adapted layers must exist; the tokens' positions start at P, which must leave room for tokens."""
+        name = type(self).__name__
         if self.n_layers is not None and self.n_layers > llama.n_layers:
-            raise ValueError(f"PrefixConfig.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
+            raise ValueError(f"{name}.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
         if self.prefix_len >= llama.max_seq_len:
-            raise ValueError(f"PrefixConfig.prefix_len={self.prefix_len} must be below max_seq_len={llama.max_seq_len}")
+            raise ValueError(f"{name}.prefix_len={self.prefix_len} must be below max_seq_len={llama.max_seq_len}")
 
     def check_visual_tokens(self, n_tokens: int) -> None:
         check_tokens_fit(self, "prefix_len", n_tokens)
@@ -210,7 +212,7 @@ class PrefixTuning(Method):
             if peft_config.get(field, value) != value:
                 raise ValueError(f"{field}={peft_config[field]!r}; this base needs {value}")
         try:
-            config = PrefixConfig(prefix_len=int(peft_config["num_virtual_tokens"]), reparameterize=False)
+            config = cls.config_class(prefix_len=int(peft_config["num_virtual_tokens"]), reparameterize=False)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"invalid prefix-tuning config ({e!r})") from e
         keys = [k for k in state if _PEFT_KEY.fullmatch(k)]

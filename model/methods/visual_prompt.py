@@ -27,7 +27,7 @@ method overrides among ``attach``, ``reset_parameters``, ``attention_output`` an
             ...  # the method's own tensors
 
 The base class owns ``sequence_state`` (the per-layer K_I / V_I); a method with per-sequence state of its own overrides
-it and keeps the base's value for ``attention_output`` to read as ``ctx.state``.
+it, keeping the base's value inside its own and overriding ``visual_state`` to pick it out.
 """
 
 from __future__ import annotations
@@ -123,9 +123,14 @@ class GatedVisualPrompt(Method):
     def sequence_state(self, model: Transformer, visual: Tensor | None) -> VisualKV:
         return visual_kv(self.visual_prompted(model), visual, self.llama.n_layers)
 
+    def visual_state(self, state: Any) -> list[tuple[Tensor | None, Tensor] | None] | None:
+        """The base's ``sequence_state`` within the method's per-sequence state (a method that keeps more state
+        overrides this to pick it out)."""
+        return state
+
     def attention_output(self, attention: Attention, q: Tensor, y: Tensor, ctx: AttentionContext) -> Tensor:
         y = super().attention_output(attention, q, y, ctx)
-        term = gated_visual_term(attention, q, ctx.state, y.dtype)
+        term = gated_visual_term(attention, q, self.visual_state(ctx.state), y.dtype)
         return y if term is None else y + term
 
     def group(self, name: str) -> str:
@@ -189,8 +194,10 @@ class SharedVisualEntry(Method):
         term = gated_visual_term(attention, q, ctx.state.visual if ctx.state is not None else None, y.dtype)
         return y if term is None else y + term
 
-    def after_sublayer(self, block: TransformerBlock, sublayer: str, out: Tensor, ctx: AttentionContext) -> Tensor:
-        return super().after_sublayer(block, sublayer, out, _method_context(ctx))
+    def after_sublayer(
+        self, block: TransformerBlock, sublayer: str, x: Tensor, out: Tensor, ctx: AttentionContext
+    ) -> Tensor:
+        return super().after_sublayer(block, sublayer, x, out, _method_context(ctx))
 
     def group(self, name: str) -> str:
         return "visual gates" if name.endswith(".adapter_visual_gate") else super().group(name)

@@ -14,7 +14,7 @@ from bench import compare
 from eval.scienceqa import CATEGORIES
 
 TINY = ["--steps", "2", "--lr-sweep", "1", "--eval-limit", "4"]
-STARTS_AS_BASE = {"llama_adapter", "llama_adapter_v2", "lora", "houlsby"}
+STARTS_AS_BASE = {"llama_adapter", "llama_adapter_v2", "lora", "dora", "ia3", "houlsby"}
 """tests/test_method_contract.py's IDENTITY_AT_INIT: the methods whose fresh adapter is exactly the base model."""
 FIGURES = ("trainable_values", "saved_values", "trainable_values_7b", "trainable_values_7b_clip", "adapter_bytes",
            "chosen_lr", "steps", "final_loss", "tokens_per_s", "peak_memory_mib", "decode_tokens_per_s", "step0_loss",
@@ -61,7 +61,7 @@ def first(tmp_path_factory) -> Path:
 
 def test_every_method_appears_with_every_figure_in_the_json(first):
     r = report(first)
-    assert list(r["methods"]) == compare.shipped_methods() and len(r["methods"]) == 8
+    assert list(r["methods"]) == compare.shipped_methods() and len(r["methods"]) == 10
     assert r["header"]["date"] and r["header"]["device"]["cpu_cores"] >= 1 and "git_commit" in r["header"]
     assert r["settings"]["steps"] == 2 and r["settings"]["lr_multipliers"] == [1.0]
     for name, m in r["methods"].items():

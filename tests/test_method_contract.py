@@ -21,6 +21,8 @@ TINY_SETTINGS: dict[str, dict] = {
     "llama_adapter": dict(prompt_len=4, n_layers=2),
     "llama_adapter_v2": dict(prompt_len=4, n_layers=2, bias_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")),
     "lora": dict(rank=4, alpha=8),
+    "dora": dict(rank=4, alpha=8),
+    "ia3": dict(),
     "houlsby": dict(bottleneck=8),
     "adamix": dict(n_experts=3, bottleneck=8),
     "prefix": dict(prefix_len=4, mlp_hidden=16),
@@ -29,7 +31,7 @@ TINY_SETTINGS: dict[str, dict] = {
 }
 """Each method's settings on the tiny base (small sizes, every layer count within its 4 layers)."""
 
-IDENTITY_AT_INIT = {"llama_adapter", "llama_adapter_v2", "lora", "houlsby"}
+IDENTITY_AT_INIT = {"llama_adapter", "llama_adapter_v2", "lora", "dora", "ia3", "houlsby"}
 """Methods whose fresh adapter is exactly the base model (the others' init is asserted in their own tests)."""
 
 METHODS = sorted(n for n in method_names() if method_class(n).__module__.startswith("model.methods."))

@@ -101,6 +101,12 @@ class Method(nn.Module):
         self.config, self.llama = config, llama
 
     @classmethod
+    def imports_peft(cls, peft_config: dict[str, Any]) -> bool:
+        """Whether ``from_peft`` reads this PEFT adapter_config.json: its ``peft_type`` is ours (a method sharing
+        a ``peft_type`` with another, as DoRA does LoRA's, narrows it by a setting, e.g. ``use_dora``)."""
+        return cls.peft_type is not None and peft_config.get("peft_type") == cls.peft_type
+
+    @classmethod
     def from_peft(
         cls, peft_config: dict[str, Any], state: dict[str, Tensor], llama: LlamaConfig, source: Path
     ) -> tuple[MethodConfig, dict[str, Tensor]]:

@@ -29,9 +29,10 @@ TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def make_training_model(name: str) -> Transformer:
-    """The tiny base with a moved ``name`` adapter in training mode (LoRA with dropout, so the recomputed blocks must
-    draw the same masks; AdaMix on the route of a fixed step), with the image path where the method takes one."""
-    settings = {**TINY_SETTINGS[name], **({"dropout": 0.2} if name == "lora" else {})}
+    """The tiny base with a moved ``name`` adapter in training mode (LoRA and DoRA with dropout, so the recomputed
+    blocks must draw the same masks; AdaMix on the route of a fixed step), with the image path where the method takes
+    one."""
+    settings = {**TINY_SETTINGS[name], **({"dropout": 0.2} if name in ("lora", "dora") else {})}
     config = method_class(name).config_class(**settings)
     visual = "tiny" if method_class(name).takes_visual else None
     model = load_model(TINY_BASE, adapter_config=config, clip=visual)

@@ -138,7 +138,7 @@ def test_a_plain_lora_directory_stays_lora_and_use_dora_without_magnitudes_is_na
     "change, message",
     [
         ({"rank_pattern": {"q_proj": 2}}, r"rank_pattern=\{'q_proj': 2\} \(ranks that differ per module\) is not "
-                                          r"supported; only DoRA is"),
+                                          r"supported; only plain DoRA is"),
         ({"fan_in_fan_out": True}, r"fan_in_fan_out=True \(transposed"),
         ({"lora_alpha": None}, r"invalid DoRA config"),
     ],

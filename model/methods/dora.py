@@ -101,6 +101,7 @@ class Dora(Lora):
     config_class = DoraConfig
     linear_class = DoraLinear
     label = "DoRA"
+    peft_kinds = ("A.weight", "B.weight", "magnitude_vector")
 
     @classmethod
     def imports_peft(cls, peft_config: dict[str, Any]) -> bool:

@@ -13,6 +13,9 @@ by a zero-init tanh gate, added to the attention heads before wo. It does not fo
 
 Tensor names: ``layers.N.attention.wq.adapter_lora_a`` / ``adapter_lora_b`` (the frozen weight keeps its Meta
 name ``layers.N.attention.wq.weight``), and ``layers.N.attention.adapter_visual_gate``.
+
+DoRA (model/methods/dora.py) subclasses LoraLinear and Lora; (IA)^3 (model/methods/ia3.py) shares the PEFT import of
+wrapped linears (``read_peft_linears``, ``meta_rows``) and ``check_mergeable``.
 """
 
 from __future__ import annotations
@@ -241,6 +244,8 @@ class Lora(GatedVisualPrompt):
     """The wrapped linear ``attach`` puts in place of each target."""
     label = "LoRA"
     """The method's name for people (messages, ``describe``)."""
+    peft_kinds: tuple[str, ...] = ("A.weight", "B.weight")
+    """PEFT's tensors of each linear ``from_peft`` reads (after ``lora_``)."""
 
     @classmethod
     def imports_peft(cls, peft_config: dict[str, Any]) -> bool:
@@ -288,14 +293,12 @@ class Lora(GatedVisualPrompt):
         """PEFT's LORA: which linears of which layers carry lora_A / lora_B is read from the weights; they must be
         the same linears in each of the top layers. lora_B rows of q_proj / k_proj are un-permuted to Meta's order
         like the base weights (HF rows [evens, odds] per head); so is DoRA's lora_magnitude_vector (one per row)."""
-        dora = bool(peft_config.get("use_dora"))
-        _check_peft_settings(peft_config, "DoRA" if dora else "plain LoRA")
+        _check_peft_settings(peft_config, f"plain {cls.label}")
 
         def convert(kind: str, target: str, value: Tensor) -> tuple[str, Tensor]:
             return _PEFT_NAMES[kind], value if kind == "A.weight" else meta_rows(value, target, llama)
 
-        kinds = ("A.weight", "B.weight", "magnitude_vector") if dora else ("A.weight", "B.weight")
-        what = "DoRA" if dora else "LoRA"
+        what, kinds = cls.label, cls.peft_kinds
         tensors, n_layers, targets = read_peft_linears(state, llama, source, peft_config, what, "lora_", kinds, convert)
         try:
             config = cls.config_class(

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.methods.base import MethodConfig, register_method
-from model.methods.lora import LINEAR_SUBLAYER, check_mergeable, meta_rows, read_peft_linears
-from model.methods.visual_prompt import GatedVisualPrompt, check_visual_layers
-from model.quantize import refuse_quantized_merge
+from model.methods.lora import LINEAR_SUBLAYER, WrappedLinears, check_mergeable, meta_rows, read_peft_linears
+from model.methods.visual_prompt import check_visual_layers
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig
@@ -125,27 +124,16 @@ _PEFT_REFUSED = {
 
 
 @register_method("ia3")
-class IA3(GatedVisualPrompt):
+class IA3(WrappedLinears):
     """Learned scales on ``config.targets`` of the top ``config.n_layers`` layers (all by default)."""
 
     config: IA3Config
     config_class = IA3Config
     peft_type = "IA3"
+    label = "(IA)^3"
 
-    def adapted(self, model: Transformer) -> list[IA3Linear]:
-        """The wrapped linears, bottom layer first, in the order of ``config.targets`` within a layer."""
-        first = self.llama.n_layers - (self.config.n_layers or self.llama.n_layers)
-        targets = self.config.targets
-        return [getattr(getattr(block, LINEAR_SUBLAYER[t]), t) for block in model.layers[first:] for t in targets]
-
-    def attach(self, model: Transformer) -> None:
-        super().attach(model)
-        c = self.config
-        first = self.llama.n_layers - (c.n_layers or self.llama.n_layers)
-        for block in model.layers[first:]:
-            for target in c.targets:
-                sublayer = getattr(block, LINEAR_SUBLAYER[target])
-                setattr(sublayer, target, IA3Linear(getattr(sublayer, target), on_input=target in c.feedforward))
+    def wrap(self, linear: nn.Linear, target: str) -> IA3Linear:
+        return IA3Linear(linear, on_input=target in self.config.feedforward)
 
     def reset_parameters(self, model: Transformer, generator: torch.Generator | None) -> None:
         """Every vector 1 (PEFT's init; nothing drawn): exactly the base model."""
@@ -153,13 +141,6 @@ class IA3(GatedVisualPrompt):
         with torch.no_grad():
             for linear in self.adapted(model):
                 linear.adapter_ia3_scale.fill_(1.0)
-
-    def merge(self, model: Transformer) -> None:
-        """Fold every vector into its frozen weight (vectors 1 after); the gated visual prompt stays. Refuses a
-        quantized base (ValueError) before changing anything."""
-        refuse_quantized_merge("(IA)^3", (linear.weight for linear in self.adapted(model)))
-        for linear in self.adapted(model):
-            linear.merge()
 
     @classmethod
     def from_peft(

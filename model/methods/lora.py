@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -233,17 +233,51 @@ def read_peft_linears(
     return tensors, None if len(layers) == llama.n_layers else len(layers), targets
 
 
+class WrappedLinears(GatedVisualPrompt):
+    """A method that wraps ``config.targets`` of the top ``config.n_layers`` layers (all when None) in linears of
+    its own that keep the frozen weight and fold into it with ``merge()`` (LoRA, DoRA, (IA)^3); the image enters
+    through the gated visual prompt. Subclasses give ``wrap`` and ``label``."""
+
+    label: ClassVar[str]
+    """The method's name for people (messages, ``describe``)."""
+
+    def wrap(self, linear: nn.Linear, target: str) -> nn.Linear:
+        """The wrapped linear put in place of ``linear`` (the target named ``target``)."""
+        raise NotImplementedError
+
+    def adapted(self, model: Transformer) -> list[Any]:
+        """The wrapped linears, bottom layer first, in the order of ``config.targets`` within a layer."""
+        first = self.llama.n_layers - (self.config.n_layers or self.llama.n_layers)
+        targets = self.config.targets
+        return [getattr(getattr(block, LINEAR_SUBLAYER[t]), t) for block in model.layers[first:] for t in targets]
+
+    def attach(self, model: Transformer) -> None:
+        super().attach(model)
+        first = self.llama.n_layers - (self.config.n_layers or self.llama.n_layers)
+        for block in model.layers[first:]:
+            for target in self.config.targets:
+                sublayer = getattr(block, LINEAR_SUBLAYER[target])
+                setattr(sublayer, target, self.wrap(getattr(sublayer, target), target))
+
+    def merge(self, model: Transformer) -> None:
+        """Fold every wrapped linear into its frozen weight (its tensors at their identity values after). Exact up to
+        rounding in the weights' dtype; the gated visual prompt depends on the image and stays as it is. Refuses a
+        quantized base (ValueError) before changing anything."""
+        refuse_quantized_merge(self.label, (linear.weight for linear in self.adapted(model)))
+        for linear in self.adapted(model):
+            linear.merge()
+
+
 @register_method("lora")
-class Lora(GatedVisualPrompt):
+class Lora(WrappedLinears):
     """Low-rank updates on ``config.targets`` of the top ``config.n_layers`` layers (all by default)."""
 
     config: LoraConfig
     config_class = LoraConfig
     peft_type = "LORA"
     linear_class: type[LoraLinear] = LoraLinear
-    """The wrapped linear ``attach`` puts in place of each target."""
+    """The wrapped linear put in place of each target."""
     label = "LoRA"
-    """The method's name for people (messages, ``describe``)."""
     peft_kinds: tuple[str, ...] = ("A.weight", "B.weight")
     """PEFT's tensors of each linear ``from_peft`` reads (after ``lora_``)."""
 
@@ -252,20 +286,9 @@ class Lora(GatedVisualPrompt):
         """PEFT's LORA without ``use_dora`` (DoRA directories are model/methods/dora.py's)."""
         return super().imports_peft(peft_config) and not peft_config.get("use_dora")
 
-    def adapted(self, model: Transformer) -> list[LoraLinear]:
-        """The wrapped linears, bottom layer first, in the order of ``config.targets`` within a layer."""
-        first = self.llama.n_layers - (self.config.n_layers or self.llama.n_layers)
-        targets = self.config.targets
-        return [getattr(getattr(block, LINEAR_SUBLAYER[t]), t) for block in model.layers[first:] for t in targets]
-
-    def attach(self, model: Transformer) -> None:
-        super().attach(model)
+    def wrap(self, linear: nn.Linear, target: str) -> LoraLinear:
         c = self.config
-        first = self.llama.n_layers - (c.n_layers or self.llama.n_layers)
-        for block in model.layers[first:]:
-            for target in c.targets:
-                sublayer = getattr(block, LINEAR_SUBLAYER[target])
-                setattr(sublayer, target, self.linear_class(getattr(sublayer, target), c.rank, c.scale, c.dropout))
+        return self.linear_class(linear, c.rank, c.scale, c.dropout)
 
     def reset_parameters(self, model: Transformer, generator: torch.Generator | None) -> None:
         """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform_(a=sqrt(5))), B = 0: exactly the base model.
@@ -277,14 +300,6 @@ class Lora(GatedVisualPrompt):
                 bound = 1 / math.sqrt(a.shape[1])
                 a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=generator))
                 linear.adapter_lora_b.zero_()
-
-    def merge(self, model: Transformer) -> None:
-        """Fold every update into its frozen weight (B = 0 after). Exact up to rounding in the weights' dtype;
-        the gated visual prompt depends on the image and stays as it is. Refuses a quantized base (ValueError)
-        before changing anything."""
-        refuse_quantized_merge(self.label, (linear.weight for linear in self.adapted(model)))
-        for linear in self.adapted(model):
-            linear.merge()
 
     @classmethod
     def from_peft(

@@ -78,6 +78,8 @@ def refuse_quantized_merge(what: str, weights: Iterable[Tensor]) -> None:
 def dequantized(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """A plain ``dtype`` tensor of the values a frozen weight stands for, quantized by quantize_base or not (DoRA's
     row norms need the values themselves, not a matmul with them)."""
+    if type(weight) in (Tensor, nn.Parameter):  # a plain weight first: torch.compile traces this, not the MRO walk
+        return weight.to(dtype)
     if quantized_kind(weight) == "int8":
         return weight.dequantize().to(dtype)  # FrozenInt8Tensor: qdata * row scale
     return weight.to(dtype)  # a plain tensor, or an NF4Tensor (whose .to(dtype) dequantizes)

@@ -18,11 +18,12 @@ from bench.shapes import BenchShape
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
 
-METHODS = ("llama_adapter", "lora", "prefix", "ptuning_v2", "prompt", "ptuning")
+METHODS = ("llama_adapter", "lora", "dora", "ia3", "prefix", "ptuning_v2", "prompt", "ptuning")
 """``--method`` choices, named as ``train.py --method`` names them."""
 
 GATE_RANGE = (0.05, 0.25)  # PEFT gates (raw, one per layer) drawn uniformly from here: a clearly non-zero adapter
 LORA_B_STD = 0.1  # LoRA's B (zero at init) drawn from N(0, LORA_B_STD^2): a clearly non-zero update
+IA3_RANGE = (0.5, 1.5)  # (IA)^3 vectors (ones at init) drawn uniformly from here
 LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ["q_proj", "v_proj"]
 PREFIX_TOKENS = 10
 PREFIX_MLP_HIDDEN = 128  # PEFT's prefix projection width for prefix (ours' default; PEFT's own is the model width)
@@ -40,6 +41,7 @@ def peft_config(method: str, shape: BenchShape) -> PeftConfig:
     """PEFT's config of ``method`` on ``shape`` (the adapter both sides load)."""
     from peft import (
         AdaptionPromptConfig,
+        IA3Config,
         LoraConfig,
         PrefixTuningConfig,
         PromptEncoderConfig,
@@ -50,8 +52,13 @@ def peft_config(method: str, shape: BenchShape) -> PeftConfig:
         return AdaptionPromptConfig(
             adapter_len=shape.adapter_len, adapter_layers=shape.adapter_layers, task_type="CAUSAL_LM"
         )
-    if method == "lora":
-        return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    if method in ("lora", "dora"):
+        return LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, use_dora=method == "dora",
+            task_type="CAUSAL_LM",
+        )  # fmt: skip
+    if method == "ia3":
+        return IA3Config(task_type="CAUSAL_LM")  # PEFT's LLaMA default: k_proj, v_proj, down_proj (its input)
     if method == "prefix":  # PEFT runs its projection MLP at every forward; ours imports the prefixes it saves
         return PrefixTuningConfig(
             num_virtual_tokens=PREFIX_TOKENS,
@@ -71,7 +78,8 @@ def peft_config(method: str, shape: BenchShape) -> PeftConfig:
 
 
 def perturb_zero_init(peft_model: PeftModel, seed: int) -> None:
-    """Draw PEFT's zero-initialised tensors away from zero: adaption-prompt gates, LoRA's B (others are random)."""
+    """Draw PEFT's identity-initialised tensors away from it: adaption-prompt gates, LoRA's (and DoRA's) B, the
+    (IA)^3 vectors (others are random)."""
     gen = torch.Generator().manual_seed(seed)
     low, high = GATE_RANGE
     with torch.no_grad():
@@ -80,6 +88,8 @@ def perturb_zero_init(peft_model: PeftModel, seed: int) -> None:
                 p.fill_(low + (high - low) * torch.rand((), generator=gen).item())
             elif ".lora_B." in name:
                 p.copy_(LORA_B_STD * torch.randn(p.shape, generator=gen))
+            elif ".ia3_l." in name:
+                p.uniform_(*IA3_RANGE, generator=gen)
 
 
 @dataclass(frozen=True)

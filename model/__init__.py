@@ -135,9 +135,10 @@ def load_model(
         ``save_adapter``; adapters saved before it was recorded load silently).
 
     quantize: ``nf4`` or ``int8`` stores the frozen block linears quantized (``model.quantize.quantize_base``), after
-        the base weights are loaded and the method attached (its wrapped linears keep the quantized weight); every
-        method trains and runs on it; merges that fold into it (LoRA, V2's scales) are refused. None: the weights as
-        ``dtype``. Ignored on the meta device (shapes only).
+        the base weights are loaded and the method attached (its wrapped linears keep the quantized weight), before
+        the fresh adapter's init (DoRA's magnitudes: the quantized weights' row norms, so it starts as that base);
+        every method trains and runs on it; merges that fold into it (LoRA, DoRA, (IA)^3, V2's scales) are refused.
+        None: the weights as ``dtype``. Ignored on the meta device (shapes only).
 
     verify_checksums: a Meta base directory holding Meta's ``checklist.chk`` has the md5 of every file it lists
         checked first (about 1.5 s per GB on a 2-core CPU VM); a file that differs is refused by name. False skips
@@ -211,11 +212,11 @@ def load_model(
     tokenizer_path = _tokenizer_source(None if is_preset else Path(base), sidecar)
     if tokenizer_path is not None:  # before the adapter's init: prompt tuning may start from a text's tokens
         attach_tokenizer(model, tokenizer_path)
+    if quantize_kind is not None and device.type != "meta":  # before the adapter's init: DoRA's reads the weights
+        quantize_base(model, quantize_kind)
     init_fresh_adapter(model, seed=seed, device=device)
     if device.type != "meta":
         check_materialized(model)
-        if quantize_kind is not None:
-            quantize_base(model, quantize_kind)
     if weights is not None:
         check_base_weights(weights, fingerprint, str(base), strict=strict_base)
         load_trainable(model, weights)

@@ -16,7 +16,7 @@ from eval.scienceqa import CATEGORIES
 
 TINY = ["--steps", "2", "--lr-sweep", "1", "--lr-widen", "0", "--seeds", "1", "--visual-entry", "native",
         "--eval-limit", "4"]  # fmt: skip
-STARTS_AS_BASE = {"llama_adapter", "llama_adapter_v2", "lora", "houlsby"}
+STARTS_AS_BASE = {"llama_adapter", "llama_adapter_v2", "lora", "dora", "ia3", "houlsby"}
 """tests/test_method_contract.py's IDENTITY_AT_INIT: the methods whose fresh adapter is exactly the base model."""
 FIGURES = ("trainable_values", "saved_values", "trainable_values_7b", "trainable_values_7b_clip", "adapter_bytes",
            "chosen_lr", "steps", "final_loss", "tokens_per_s", "peak_memory_mib", "decode_tokens_per_s", "step0_loss",
@@ -69,7 +69,7 @@ def first(tmp_path_factory) -> Path:
 
 def test_every_method_appears_with_every_figure_in_the_json(first):
     r = report(first)
-    assert list(r["methods"]) == compare.shipped_methods() and len(r["methods"]) == 9
+    assert list(r["methods"]) == compare.shipped_methods() and len(r["methods"]) == 11  # eleven shipped methods
     assert r["header"]["date"] and r["header"]["device"]["cpu_cores"] >= 1 and "git_commit" in r["header"]
     assert r["settings"]["steps"] == 2 and r["settings"]["lr_multipliers"] == [1.0]
     for name, m in native(first).items():
@@ -115,7 +115,8 @@ def test_the_markdown_has_every_method_in_every_table_and_the_picture_exists(fir
 
 def test_a_second_invocation_redoes_only_the_interrupted_unit(first):
     results = sorted((first / "results").glob("*.json"))
-    assert len(results) == 9 * 3  # one learning rate, the chosen run's test scoring, the control
+    # per method: one learning rate, the chosen run's test scoring, the control
+    assert len(results) == len(compare.shipped_methods()) * 3
     expected = scores(first)
     interrupted = first / "results" / "prompt-noimages-lr1-seed0.json"
     interrupted.unlink()  # its run directory stays, as a killed run leaves it

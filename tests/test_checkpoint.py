@@ -394,9 +394,9 @@ def test_official_v1_rejects_trained_gates_below_the_prompts_and_odd_shapes(tmp_
 
 
 def test_peft_directory_of_another_method_or_size_is_refused(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
     llama = LlamaConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS, vocab_size=VOCAB, ffn_dim=FFN)
-    with pytest.raises(CheckpointError, match=r"peft_type='IA3'; supported: ADAPTION_PROMPT"):
+    with pytest.raises(CheckpointError, match=r"peft_type='LOHA'; supported: ADAPTION_PROMPT, IA3, LORA"):
         open_adapter(tmp_path, llama)
     save_file({}, str(tmp_path / "adapter_model.safetensors"))
     peft_config = {"peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": 5, "target_modules": "self_attn"}

@@ -21,6 +21,8 @@ TINY_SETTINGS: dict[str, dict] = {
     "llama_adapter": dict(prompt_len=4, n_layers=2),
     "llama_adapter_v2": dict(prompt_len=4, n_layers=2, bias_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")),
     "lora": dict(rank=4, alpha=8),
+    "dora": dict(rank=4, alpha=8),
+    "ia3": dict(),
     "houlsby": dict(bottleneck=8),
     "adamix": dict(n_experts=3, bottleneck=8),
     "prefix": dict(prefix_len=4, mlp_hidden=16),
@@ -40,7 +42,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 """Settings of a method that change its computation, run through the contract's identity, save / load, cache and
 gradient checks: case name -> (method, settings)."""
 
-IDENTITY_AT_INIT = {"llama_adapter", "llama_adapter_v2", "lora", "houlsby", *(v for v in VARIANTS if "houlsby" in v)}
+IDENTITY_AT_INIT = {
+    "llama_adapter",
+    "llama_adapter_v2",
+    "lora",
+    "dora",
+    "ia3",
+    "houlsby",
+    *(v for v in VARIANTS if "houlsby" in v),
+}
 """Methods whose fresh adapter is exactly the base model (the others' init is asserted in their own tests)."""
 
 METHODS = sorted(n for n in method_names() if method_class(n).__module__.startswith("model.methods."))

@@ -54,8 +54,8 @@ class BaseModelArgs:
     bfloat16 on GPUs that support it, else float16 (with loss scaling)."""
     method: str = "llama_adapter"
     """The PEFT method trained on the frozen base, a name registered in model.methods (llama_adapter,
-    llama_adapter_v2, lora, houlsby, adamix, prefix, ptuning_v2, prompt, ptuning). Its settings are the section of
-    the same name below (llama_adapter's: model.adapter)."""
+    llama_adapter_v2, lora, dora, ia3, houlsby, adamix, prefix, ptuning_v2, prompt, ptuning). Its settings are the
+    section of the same name below (llama_adapter's: model.adapter)."""
     visual: VisualConfig = field(default_factory=VisualConfig)
     """The visual path: CLIP tower and the trainable projection to the LLaMA width."""
     init_from: str | None = None

@@ -107,14 +107,16 @@ class Method(nn.Module):
     peft_type: ClassVar[str | None] = None
     """PEFT's ``peft_type`` of the same method (e.g. "LORA"), when PEFT has it: ``from_peft`` then imports PEFT
     directories (``load_model(base, adapter=peft_dir)``)."""
-    peft_match: ClassVar[dict[str, Any]] = {}
-    """Values a PEFT adapter_config.json must hold besides ``peft_type`` for this method to import it: of the
-    methods sharing a ``peft_type`` whose values all match, the one naming most imports it (PREFIX_TUNING with
-    ``prefix_projection: false`` is P-tuning v2)."""
 
     def __init__(self, config: MethodConfig | None, llama: LlamaConfig) -> None:
         super().__init__()
         self.config, self.llama = config, llama
+
+    @classmethod
+    def imports_peft(cls, peft_config: dict[str, Any]) -> bool:
+        """Whether ``from_peft`` reads this PEFT adapter_config.json: its ``peft_type`` is ours (a method sharing
+        a ``peft_type`` with another, as DoRA does LoRA's, narrows it by a setting, e.g. ``use_dora``)."""
+        return cls.peft_type is not None and peft_config.get("peft_type") == cls.peft_type
 
     @classmethod
     def from_peft(

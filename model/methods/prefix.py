@@ -93,6 +93,11 @@ class PrefixTuning(Method):
     takes_visual = True
     peft_type = "PREFIX_TUNING"
 
+    @classmethod
+    def imports_peft(cls, peft_config: dict[str, Any]) -> bool:
+        """PEFT's PREFIX_TUNING with its projection (without it: ``ptuning_v2``, the same computation)."""
+        return peft_config.get("peft_type") == cls.peft_type and peft_config.get("prefix_projection") is True
+
     @property
     def first_layer(self) -> int:
         """Index of the lowest adapted layer."""

@@ -9,7 +9,7 @@ them through prefix tuning's MLP instead (THUDM/P-tuning-v2's ``prefix_projectio
 method's config with P-tuning v2's default, registered under its own name.
 
 PEFT has no P-tuning v2 type, but its PREFIX_TUNING with ``prefix_projection=False`` (PEFT's default) is the same
-computation: such a PEFT directory imports as ``ptuning_v2`` (``peft_match``), one with ``prefix_projection=True``
+computation: such a PEFT directory imports as ``ptuning_v2`` (``imports_peft``), one with ``prefix_projection=True``
 as ``prefix``. Init as PEFT's without the projection: every prefix N(0, 1), like its ``nn.Embedding``.
 
 Differences from the paper: their classification heads (a linear head on [CLS] instead of verbalizers) belong to
@@ -22,7 +22,7 @@ Tensors: ``layers.N.attention.adapter_prefix_key`` / ``adapter_prefix_value`` (P
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from model.methods.base import register_method
 from model.methods.prefix import PrefixConfig, PrefixTuning
@@ -43,7 +43,11 @@ class PTuningV2(PrefixTuning):
 
     config: PTuningV2Config
     config_class = PTuningV2Config
-    peft_match: ClassVar[dict[str, Any]] = {"prefix_projection": False}
+
+    @classmethod
+    def imports_peft(cls, peft_config: dict[str, Any]) -> bool:
+        """PEFT's PREFIX_TUNING without its projection (PEFT's default)."""
+        return peft_config.get("peft_type") == cls.peft_type and peft_config.get("prefix_projection", False) is False
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

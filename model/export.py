@@ -65,7 +65,7 @@ def load_base_only(path: Path) -> Transformer:
     ckpt = open_base(path)
     with torch.device("meta"):
         model = Transformer(ModelConfig(llama=ckpt.llama, method=None))
-    model.base_weights_fingerprint = ckpt.load_into(model, dtype=None, device=torch.device("cpu"))
+    ckpt.load_into(model, dtype=None, device=torch.device("cpu"))
     tokenizer = find_tokenizer(path)
     if tokenizer is not None:
         attach_tokenizer(model, tokenizer)

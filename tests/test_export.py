@@ -137,6 +137,12 @@ def test_a_multimodal_adapter_exports_its_text_part_only_when_asked(hf_dir, tmp_
     write_peft(model, tmp_path / "text", text_only=True)
     assert not any("visual" in k for k in load_file(tmp_path / "text" / "adapter_model.safetensors"))
     assert (peft_logits(tmp_path / "text")[1] - logits(model)).abs().max().item() <= 1e-4  # = ours without an image
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no image input: pass --text-only"):
+        write_hf(model, tmp_path / "refused")
+    write_hf(model, tmp_path / "merged", text_only=True)
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(TOKENS).logits
+    assert (merged - logits(model)).abs().max().item() <= 1e-4
 
 
 def test_an_output_folder_holding_other_files_is_refused(hf_dir, tmp_path):

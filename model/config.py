@@ -194,6 +194,17 @@ class LlamaConfig:
             raise ConfigError("head_dim", problem, owner)
         return llama
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """The architecture fields of a Hugging Face ``config.json`` (inverse of ``from_hf_config``), RoPE in the
+        top-level ``rope_theta`` / ``rope_scaling`` form that transformers 4 and 5 both read."""
+        cfg: dict[str, Any] = {key: getattr(self, name) for name, key in _HF_KEYS.items()}
+        cfg["head_dim"] = self.head_dim
+        cfg["rope_scaling"] = None
+        if self.rope_scaling_factor is not None:
+            rope = {key: getattr(self, name) for name, key in _HF_LLAMA3_KEYS.items()}
+            cfg["rope_scaling"] = {"rope_type": "llama3", **rope}
+        return cfg
+
 
 _META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta", "max_seq_len")
 """LlamaConfig fields read from params.json under the same name (ffn_dim comes from multiple_of and

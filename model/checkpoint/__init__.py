@@ -9,6 +9,8 @@
 - ``fresh``: weights without a checkpoint (random preset base, zero-init adapter).
 - ``adapter``: our adapter format (safetensors + JSON sidecar): save, read, check against a base, load.
 - ``importers``: the official LLaMA-Adapter V1 release file, PEFT adaption-prompt directories, ``open_adapter``.
+- ``peft_export`` / ``hf_export`` / ``release_v2``: our models written as PEFT directories, merged Hugging Face
+  checkpoints and the official V2 release file (``python -m model.export``).
 """
 
 from model.checkpoint.adapter import (

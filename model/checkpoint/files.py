@@ -18,7 +18,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,17 @@ def remove_stale_temps(folder: Path) -> list[str]:
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
+
+
+def check_output_dir(path: Path, names: Iterable[str]) -> None:
+    """CheckpointError unless ``path`` is absent, empty or holds only files named ``names`` (an earlier export of
+    the same kind): a stale weight file or shard index beside new files could be read in their place."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    names = set(names)
+    others = sorted(p.name for p in path.iterdir() if p.name not in names) if path.is_dir() else []
+    if others:
+        raise CheckpointError(f"{path}: holds other files ({', '.join(others[:8])}); write into a new or empty folder")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -167,6 +167,7 @@ class AdaMix(GatedVisualPrompt):
 
     config: AdaMixConfig
     config_class = AdaMixConfig
+    fold_refusal = "its bottleneck adapters (down-projection, nonlinearity, up-projection) are modules a LLaMA lacks"
 
     def __init__(self, config: AdaMixConfig, llama: LlamaConfig) -> None:
         super().__init__(config, llama)

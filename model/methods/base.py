@@ -87,6 +87,8 @@ class Method(nn.Module):
       ``"feed_forward"`` sublayer, before the residual addition, given the sublayer's input ``x`` (B, T, dim): the
       normalised hidden state it read (Houlsby and AdaMix in series, parallel adapters).
     - ``merge(model)``: fold the method into the frozen weights for inference, outputs unchanged.
+    - ``folded_weights(model)`` / ``to_peft(...)``: the method in other tools' formats (``python -m model.export``):
+      a plain LLaMA's weights with the method folded in (``--to hf``), PEFT's config and tensors (``--to peft``).
     - ``begin_step(step, seed)``: called by the trainer once per optimizer step, before its micro-batches: per-step
       randomness drawn from (seed, step) is the same on every process and in every split of the batch (AdaMix).
     - ``training_loss(model, run_blocks, state, labels, head, chunk)``: the loss of one training forward
@@ -108,6 +110,9 @@ class Method(nn.Module):
     """PEFT's ``peft_type`` of the same method (e.g. "LORA"), when PEFT has it: ``from_peft`` then imports PEFT
     directories (``load_model(base, adapter=peft_dir)``)."""
 
+    fold_refusal: ClassVar[str] = "it adds computation that a plain LLaMA does not have"
+    """Why ``folded_weights`` cannot fold this method into plain LLaMA weights (the ``--to hf`` refusal)."""
+
     def __init__(self, config: MethodConfig | None, llama: LlamaConfig) -> None:
         super().__init__()
         self.config, self.llama = config, llama
@@ -126,6 +131,25 @@ class Method(nn.Module):
         Raise ValueError naming the field or key PEFT wrote that has no equivalent here; ``source`` names the
         weights file in messages. Unknown keys may be passed through: the strict load names them."""
         raise NotImplementedError(f"{cls.name} has no PEFT import")
+
+    @classmethod
+    def to_peft(
+        cls, config: MethodConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Inverse of ``from_peft``: our config and tensors (``exported``'s, the text part) -> (this method's fields of
+        PEFT's adapter_config.json, the state dict PEFT's ``save_pretrained`` writes), PEFT's names and layouts.
+        Raise ValueError naming the setting or tensor PEFT cannot express. ``peft_type`` and the fields every PEFT
+        config has are added by the writer (model/checkpoint/peft_export.py)."""
+        raise NotImplementedError(f"{cls.name} has no PEFT export")
+
+    def folded_weights(self, model: Transformer) -> dict[str, Tensor]:
+        """The weights of a plain LLaMA computing what ``model`` computes on text: Meta names, plus a
+        ``<linear>.bias`` (out,) for linears the method gives a bias. A method that folds merges itself into
+        ``model`` first (``model`` changes); the base model gives its own weights; any other method raises
+        ValueError saying why it cannot fold (``fold_refusal``)."""
+        if self.config is not None:
+            raise ValueError(f"{self.name} cannot be folded into plain LLaMA weights: {self.fold_refusal}")
+        return base_weights(model)
 
     def attach(self, model: Transformer) -> None:
         """Add this method's ``adapter_*`` tensors (empty) and wrapped linears to ``model``."""
@@ -214,6 +238,18 @@ class Method(nn.Module):
     def group(self, name: str) -> str:
         """The kind of the trainable tensor ``name`` for the training log (default: its own name, unprefixed)."""
         return name.rsplit(".", 1)[-1].removeprefix("adapter_")
+
+
+def base_weights(model: Transformer) -> dict[str, Tensor]:
+    """The backbone's frozen tensors under their Meta names: no adapter tensor, no visual tower, nothing of the
+    method's own module."""
+    from model.llama import is_trainable  # on use: model.llama imports this package
+
+    return {
+        name: tensor.detach()
+        for name, tensor in model.state_dict().items()
+        if not is_trainable(name) and not name.startswith(("visual.", "method."))
+    }
 
 
 # ---- registry ---------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from model.methods.lora import Lora, LoraConfig, LoraLinear, check_mergeable
 from model.quantize import dequantized
 
 if TYPE_CHECKING:
+    from model.config import LlamaConfig
     from model.llama import Transformer
 
 
@@ -115,6 +116,23 @@ class Dora(Lora):
         super().reset_parameters(model, generator)
         for linear in self.adapted(model):
             linear.reset_magnitude()
+
+    @classmethod
+    def to_peft(
+        cls, config: LoraConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """PEFT's LORA with ``use_dora`` (inverse of the import): LoRA's tensors plus ``lora_magnitude_vector`` per
+        linear, its q_proj / k_proj values in HF's rotate-half row order like lora_B's rows."""
+        from model.checkpoint.hf import meta_rows_to_hf, meta_to_hf_name, rope_permuted_heads
+
+        magnitudes = {n: t for n, t in tensors.items() if n.endswith(".adapter_dora_magnitude")}
+        fields, state = super().to_peft(config, {n: t for n, t in tensors.items() if n not in magnitudes}, llama)
+        for name, magnitude in magnitudes.items():
+            weight = name.removesuffix("adapter_dora_magnitude") + "weight"  # layers.N.attention.wq.weight
+            heads = rope_permuted_heads(weight, llama)
+            value = meta_rows_to_hf(magnitude[:, None], heads)[:, 0] if heads else magnitude  # (out,)
+            state[f"base_model.model.{meta_to_hf_name(weight).removesuffix('.weight')}.lora_magnitude_vector"] = value
+        return fields | {"use_dora": True}, state
 
     def group(self, name: str) -> str:
         return "dora magnitude" if name.endswith(".adapter_dora_magnitude") else super().group(name)

@@ -192,6 +192,7 @@ class Houlsby(GatedVisualPrompt):
 
     config: HoulsbyConfig
     config_class = HoulsbyConfig
+    fold_refusal = "its bottleneck adapters (down-projection, nonlinearity, up-projection) are modules a LLaMA lacks"
 
     def adapted(self, model: Transformer) -> list[TransformerBlock]:
         """The blocks that carry adapters, bottom to top."""

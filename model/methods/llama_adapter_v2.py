@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import register_method
+from model.methods.base import base_weights, register_method
 from model.methods.llama_adapter import AdapterConfig, LlamaAdapter
 from model.methods.norms import attach_tuned_norms, merge_tuned_norms, reset_tuned_norms
 from model.quantize import refuse_quantized_merge
@@ -262,6 +262,25 @@ class LlamaAdapterV2(LlamaAdapter):
             linear.merge()
         if self.config.norm_tuning != "none":
             merge_tuned_norms(norms, self.config.norm_tuning)
+
+    def folded_weights(self, model: Transformer) -> dict[str, Tensor]:
+        """``merge``d weights plus each target linear's bias as ``<linear>.bias``, when the prompts add nothing
+        (n_layers = 0, or every gate 0); prompts that act are refused: they are extra keys in a separate softmax."""
+        gates = [a.adapter_gate for a in self.adapted(model)]
+        if any(bool(g.any()) for g in gates):
+            raise ValueError(
+                f"{self.name} cannot be folded into plain LLaMA weights: its adaption prompts (n_layers="
+                f"{self.config.n_layers}, gates not all 0) are extra keys and values in a separate gated softmax; "
+                "only its biases, scales, LoRA and norms fold"
+            )
+        self.merge(model)
+        weights = base_weights(model)
+        for i, block in enumerate(model.layers):
+            for target in self.config.bias_targets:
+                linear = getattr(getattr(block, LINEAR_OWNERS[target]), target)
+                name = f"layers.{i}.{LINEAR_OWNERS[target]}.{target}.bias"
+                weights[name] = linear.adapter_bias.detach().to(linear.weight.dtype)  # (out,)
+        return weights
 
     def describe(self) -> str:
         c = self.config

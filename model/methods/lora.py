@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import MethodConfig, register_method
+from model.methods.base import MethodConfig, base_weights, register_method
 from model.methods.visual_prompt import GatedVisualPrompt, check_visual_layers
 from model.quantize import refuse_quantized_merge
 
@@ -328,6 +328,48 @@ class Lora(WrappedLinears):
         except (KeyError, TypeError) as e:
             raise ValueError(f"invalid {what} config ({e!r})") from e
         return config, tensors
+
+    @classmethod
+    def to_peft(
+        cls, config: LoraConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """PEFT's LORA (inverse of ``from_peft``): lora_A / lora_B under transformers' module names, lora_B rows of
+        q_proj / k_proj in HF's rotate-half order; the top layers as ``layers_to_transform``."""
+        from model.checkpoint.hf import meta_rows_to_hf, meta_to_hf_name, rope_permuted_heads
+
+        first = llama.n_layers - (config.n_layers or llama.n_layers)
+        state, rest = {}, dict(tensors)
+        for layer in range(first, llama.n_layers):
+            for target in config.targets:
+                weight = f"layers.{layer}.{LINEAR_SUBLAYER[target]}.{target}.weight"
+                module = meta_to_hf_name(weight).removesuffix(".weight")  # model.layers.N.self_attn.q_proj
+                a = rest.pop(weight.removesuffix("weight") + "adapter_lora_a")  # (r, in)
+                b = rest.pop(weight.removesuffix("weight") + "adapter_lora_b")  # (out, r)
+                heads = rope_permuted_heads(weight, llama)
+                state[f"base_model.model.{module}.lora_A.weight"] = a
+                state[f"base_model.model.{module}.lora_B.weight"] = meta_rows_to_hf(b, heads) if heads else b
+        if rest:
+            raise ValueError(f"tensors PEFT's LoRA has no place for: {', '.join(sorted(rest))}")
+        hf_names = [meta_to_hf_name(f"layers.0.{LINEAR_SUBLAYER[t]}.{t}.weight").split(".")[-2] for t in config.targets]
+        fields = {
+            "r": config.rank,
+            "lora_alpha": int(config.alpha) if float(config.alpha).is_integer() else config.alpha,  # PEFT's int
+            "lora_dropout": config.dropout,
+            "target_modules": hf_names,
+            "layers_to_transform": None if first == 0 else list(range(first, llama.n_layers)),
+            "use_rslora": config.rslora,
+            "bias": "none",
+            "use_dora": False,
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+        }
+        return fields, state
+
+    def folded_weights(self, model: Transformer) -> dict[str, Tensor]:
+        """Every update merged into its frozen weight (``merge``); the gated visual prompt, if any, is left out:
+        the export computes what the model computes on text."""
+        self.merge(model)
+        return base_weights(model)
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

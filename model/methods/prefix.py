@@ -92,6 +92,7 @@ class PrefixTuning(Method):
     config_class = PrefixConfig
     takes_visual = True
     peft_type = "PREFIX_TUNING"
+    fold_refusal = "its prefixes are extra keys and values in every adapted attention"
 
     @classmethod
     def imports_peft(cls, peft_config: dict[str, Any]) -> bool:
@@ -236,6 +237,37 @@ class PrefixTuning(Method):
             tensors[f"layers.{layer}.attention.adapter_prefix_key"] = key.contiguous()
             tensors[f"layers.{layer}.attention.adapter_prefix_value"] = prompt[:, layer, 1].clone()
         return config, tensors
+
+    @classmethod
+    def to_peft(
+        cls, config: PrefixConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """PEFT's PREFIX_TUNING without ``prefix_projection`` (inverse of ``from_peft``): the final prefixes as
+        ``prompt_embeddings`` (P, n_layers * 2 * kv_dim), keys in transformers' per-head order. PEFT puts prefixes
+        on every layer, so an adapter of the top layers only is refused; the inference form is expected
+        (``exported`` gives it)."""
+        from model.checkpoint.hf import meta_rows_to_hf
+
+        if config.n_layers not in (None, llama.n_layers):
+            raise ValueError(
+                f"PrefixConfig.n_layers={config.n_layers}: PEFT's prefix tuning puts prefixes on every one of the "
+                f"{llama.n_layers} layers"
+            )
+        if config.reparameterize:
+            raise ValueError("PrefixConfig.reparameterize=True: export the computed prefixes (Method.exported)")
+        rest, per_layer = dict(tensors), []
+        for layer in range(llama.n_layers):
+            key = rest.pop(f"layers.{layer}.attention.adapter_prefix_key")  # (P, kv_dim), Meta order per head
+            value = rest.pop(f"layers.{layer}.attention.adapter_prefix_value")
+            per_layer.append(torch.stack([meta_rows_to_hf(key.T, llama.n_kv_heads).T, value], dim=1))  # (P, 2, kv)
+        if rest:
+            raise ValueError(f"tensors PEFT's prefix tuning has no place for: {', '.join(sorted(rest))}")
+        prompt = torch.stack(per_layer, dim=1)  # (P, L, [key, value], kv_dim): PEFT's order
+        kv_dim = llama.n_kv_heads * llama.head_dim
+        fields = {"num_virtual_tokens": config.prefix_len, "num_layers": llama.n_layers, "token_dim": kv_dim,
+                  "num_attention_heads": llama.n_kv_heads, "num_transformer_submodules": 1,
+                  "prefix_projection": False}  # fmt: skip
+        return fields, {"prompt_embeddings": prompt.reshape(config.prefix_len, -1).contiguous()}
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

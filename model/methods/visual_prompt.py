@@ -96,6 +96,19 @@ def gated_visual_term(attention: Attention, q: Tensor, state: VisualKV, dtype: t
     return gate.view(1, -1, 1, 1) * y_visual
 
 
+def add_visual_gates(attentions: list[Attention], n_heads: int) -> None:
+    """One gate per head, ``adapter_visual_gate`` (nh,), on each of ``attentions`` (empty: ``reset_visual_gates``)."""
+    for attention in attentions:
+        attention.adapter_visual_gate = nn.Parameter(torch.empty(n_heads))  # (nh,)
+
+
+def reset_visual_gates(attentions: list[Attention]) -> None:
+    """Visual gates 0 (nothing drawn): the image adds nothing at start."""
+    with torch.no_grad():
+        for attention in attentions:
+            attention.adapter_visual_gate.zero_()
+
+
 class GatedVisualPrompt(Method):
     """A Method base whose image enters as one gated visual value per head in the top ``config.visual_layers``
     layers (see the module docstring)."""
@@ -110,15 +123,11 @@ class GatedVisualPrompt(Method):
 
     def attach(self, model: Transformer) -> None:
         super().attach(model)
-        for attention in self.visual_prompted(model):
-            attention.adapter_visual_gate = nn.Parameter(torch.empty(self.llama.n_heads))  # (nh,)
+        add_visual_gates(self.visual_prompted(model), self.llama.n_heads)
 
     def reset_parameters(self, model: Transformer, generator: torch.Generator | None) -> None:
-        """Visual gates 0 (nothing drawn): the image adds nothing at start."""
         super().reset_parameters(model, generator)
-        with torch.no_grad():
-            for attention in self.visual_prompted(model):
-                attention.adapter_visual_gate.zero_()
+        reset_visual_gates(self.visual_prompted(model))
 
     def sequence_state(self, model: Transformer, visual: Tensor | None) -> VisualKV:
         return visual_kv(self.visual_prompted(model), visual, self.llama.n_layers)
@@ -169,15 +178,12 @@ class SharedVisualEntry(Method):
 
     def attach(self, model: Transformer) -> None:
         super().attach(model)
-        for attention in self.visual_prompted(model):
-            attention.adapter_visual_gate = nn.Parameter(torch.empty(self.llama.n_heads))  # (nh,)
+        add_visual_gates(self.visual_prompted(model), self.llama.n_heads)
         self.n_gated = len(self.visual_prompted(model))
 
     def reset_parameters(self, model: Transformer, generator: torch.Generator | None) -> None:
         super().reset_parameters(model, generator)
-        with torch.no_grad():
-            for attention in self.visual_prompted(model):
-                attention.adapter_visual_gate.zero_()
+        reset_visual_gates(self.visual_prompted(model))
 
     def sequence_state(self, model: Transformer, visual: Tensor | None) -> SharedState:
         own = super().sequence_state(model, None)

@@ -93,7 +93,9 @@ def shard_frozen_base(model: nn.Module, d: Dist) -> nn.Module:
     ``fully_shard`` moves each process's shards to its device, and the trainable tensors are moved here.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from model.methods.base import WrappedLinear
 
     # By name, not requires_grad: tensors a v2 phase holds still (optim.trainable) stay whole and unsharded too.
     trainable = [p for _, p in model.trainable_parameters()]  # a list: the same order on every process
@@ -114,6 +116,8 @@ def shard_frozen_base(model: nn.Module, d: Dist) -> nn.Module:
     for block in model.layers:
         for linear in (block.attention.wk, block.attention.wv):
             fully_shard(linear, mesh=mesh, ignored_params=set(trainable))
+            if isinstance(linear, WrappedLinear):  # the visual prompt reads its frozen weight alone: gather for it
+                register_fsdp_forward_method(linear, "frozen")
         fully_shard(block, mesh=mesh, ignored_params=set(trainable))
     fully_shard(model, mesh=mesh, ignored_params=set(trainable))
     return model

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.loss import next_token_loss
@@ -41,6 +42,16 @@ class MethodConfig:
     def check_visual_tokens(self, n_tokens: int) -> None:
         """Raise ValueError naming the field when Q = ``n_tokens`` visual tokens per image cannot enter this method
         (default: any number can)."""
+
+
+class WrappedLinear(nn.Linear):
+    """Base of the linears a method puts in place of a frozen one (LoRA, DoRA, IA3, V2), keeping the frozen weight
+    as ``weight`` under its Meta name. ``frozen(x)`` is that weight's output alone, without the method's update:
+    what the gated visual prompt reads (model/methods/visual_prompt.py). Under FSDP it gathers the shards as the
+    forward does (training/dist.py registers it)."""
+
+    def frozen(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
 
 
 def check_tokens_fit(config: MethodConfig, field: str, n_tokens: int) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import MethodConfig, register_method
+from model.methods.base import MethodConfig, WrappedLinear, register_method
 from model.methods.lora import LINEAR_SUBLAYER, WrappedLinears, check_mergeable, meta_rows, read_peft_linears
 from model.methods.visual_prompt import check_visual_layers
 
@@ -87,7 +87,7 @@ class IA3Config(MethodConfig):
         check_visual_layers(self, llama)
 
 
-class IA3Linear(nn.Linear):
+class IA3Linear(WrappedLinear):
     """A frozen nn.Linear (``weight`` under its Meta name) whose input (``on_input``) or output is scaled
     elementwise by ``adapter_ia3_scale``: (in,) or (out,)."""
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import base_weights, register_method
+from model.methods.base import WrappedLinear, base_weights, register_method
 from model.methods.llama_adapter import AdapterConfig, LlamaAdapter
 from model.methods.norms import attach_tuned_norms, merge_tuned_norms, reset_tuned_norms
 from model.quantize import refuse_quantized_merge
@@ -122,7 +122,7 @@ class AdapterV2Config(AdapterConfig):
         return [t for t in LINEAR_OWNERS if t in self.bias_targets or t in lora]
 
 
-class V2Linear(nn.Linear):
+class V2Linear(WrappedLinear):
     """A frozen bias-free linear with V2's trainable parts: y = W (s ⊙ x) + b + B (A x), each part optional.
 
     ``weight`` is the wrapped linear's own parameter (frozen, under its Meta name); ``adapter_scale`` (in,),

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import MethodConfig, base_weights, register_method
+from model.methods.base import MethodConfig, WrappedLinear, base_weights, register_method
 from model.methods.visual_prompt import GatedVisualPrompt, check_visual_layers
 from model.quantize import refuse_quantized_merge
 
@@ -107,7 +107,7 @@ def check_mergeable(what: str, weight: Tensor) -> None:
         raise ValueError(f"cannot merge {what} into a {weight.dtype} weight: quantized or integer bases keep it apart")
 
 
-class LoraLinear(nn.Linear):
+class LoraLinear(WrappedLinear):
     """A frozen nn.Linear (``weight`` under its Meta name) plus the low-rank update scale * B A."""
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float) -> None:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import Method, MethodConfig, method_of
+from model.methods.base import Method, MethodConfig, WrappedLinear, method_of
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig, ModelConfig
@@ -72,10 +72,15 @@ def visual_kv(attentions: list[Attention], visual: Tensor | None, n_layers: int)
         shape = (x.shape[0], x.shape[1], attention.n_kv_heads, attention.head_dim)
         # The frozen weights alone, whatever a method wraps them with (LoRA's update, V2's bias): the same path for
         # every method, and a zero row (an item without an image) gives exactly zero.
-        v = F.linear(x, attention.wv.weight).view(shape).transpose(1, 2)  # (B, nkv, Q, hd)
-        k = F.linear(x, attention.wk.weight).view(shape).transpose(1, 2) if x.shape[1] > 1 else None
+        v = _frozen(attention.wv, x).view(shape).transpose(1, 2)  # (B, nkv, Q, hd)
+        k = _frozen(attention.wk, x).view(shape).transpose(1, 2) if x.shape[1] > 1 else None
         state[attention.layer_idx] = (k, v)
     return state
+
+
+def _frozen(linear: nn.Linear, x: Tensor) -> Tensor:
+    """The frozen weight's output: a method's wrapped linear without its update, a plain one as it is."""
+    return linear.frozen(x) if isinstance(linear, WrappedLinear) else linear(x)
 
 
 def gated_visual_term(attention: Attention, q: Tensor, state: VisualKV, dtype: torch.dtype) -> Tensor | None:

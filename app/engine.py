@@ -17,6 +17,10 @@ Prompts:
   LLaMA-Adapter V1's "Question / Context / Choices / Answer:"). Without choices the question is an open instruction
   (Alpaca template, the context as input).
 
+A reply ends at the template's markers (``CHAT_STOP``: any "###", the conversation's next "User:"). A model with a
+visual path asked about "the picture" (``refers_to_image``) with no image to look at gets no prompt at all: a
+``NoImageError`` says that no image is attached, rather than an answer about a picture nobody sent.
+
 Context fitting: a prompt may use ``max_seq_len`` minus the tokens kept for the answer (``max_new_tokens``, at most
 half the context). A chat first leaves out its oldest turns, then cuts the message itself; a question cuts its
 context. Every cut is reported in ``Reply.notes`` so the user sees it; nothing is dropped silently.

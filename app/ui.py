@@ -202,8 +202,8 @@ def _message_parts(message: dict[str, Any] | None) -> tuple[str, str | None]:
     path = _file_path(files[-1]) if files else None
     if path is not None and Path(path).suffix.lower() == ".txt":
         raise ValueError(
-            f"{Path(path).name} is a text file: a paste of more than {MAX_PASTE_CHARS:,} characters is attached as "
-            f"one, and the chat reads images only. Remove it and paste less: the model reads the first "
+            f"{Path(path).name} is a text file, and the chat reads images only (the browser attaches a paste of more "
+            f"than {MAX_PASTE_CHARS:,} characters as one): remove it and paste less; the model reads the first "
             f"{MAX_MESSAGE_CHARS:,} characters of a message."
         )
     return (message or {}).get("text", ""), path

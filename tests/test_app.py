@@ -608,7 +608,7 @@ def test_bad_requests_get_readable_errors_and_the_server_keeps_serving(client, e
         client.predict({"text": "   ", "files": []}, *GREEDY, api_name="/chat")
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
-    with pytest.raises(AppError, match=r"^notes\.txt is a text file: a paste of more than 100,000 characters is"):
+    with pytest.raises(AppError, match=r"^notes\.txt is a text file, and the chat reads images only \(the browser"):
         client.predict({"text": "read this", "files": [handle_file(notes)]}, *GREEDY, api_name="/chat")
     with pytest.raises(AppError, match=r"^No image is attached, but the question asks about 'the picture'"):
         client.predict(None, "What is in the picture?", "", "", *GREEDY, api_name="/answer")
@@ -736,8 +736,9 @@ def test_a_long_paste_or_a_question_without_its_image_gets_a_message_and_the_cha
     pasted = tmp_path / "pasted_text.txt"
     pasted.write_text("the cat " * (MAX_PASTE_CHARS // 8 + 1))
     too_long = (
-        "pasted_text.txt is a text file: a paste of more than 100,000 characters is attached as one, and the chat "
-        "reads images only. Remove it and paste less: the model reads the first 16,000 characters of a message."
+        "pasted_text.txt is a text file, and the chat reads images only (the browser attaches a paste of more than "
+        "100,000 characters as one): remove it and paste less; the model reads the first 16,000 characters of a "
+        "message."
     )
     message = {"text": "", "files": [str(pasted)]}
     assert check(message) == gr.validate(False, too_long)

@@ -1,26 +1,35 @@
 """``python -m bench methods``: every PEFT method on the same frozen base, data, optimizer steps and machine, scored
 by the recipe's scorer: OUT/methods.md (tables), OUT/methods.json (every figure, with machine, date, commit) and
-OUT/methods.png (test score against trainable values).
+OUT/methods.png (test score against each method's own trainable values).
 
-The protocol, the same for every method:
+The protocol, the same for every method (the units and their order: bench/compare_units.py; the statistics:
+bench/compare_stats.py):
 
-- Learning rate: the method trains at each multiplier of the recipe's peak learning rate in ``--lr-sweep`` (default
-  0.25, 1, 4: a factor 4 either way, since prompt-style methods usually want more than the adapter's rate and the
-  weight-wrapping ones less) on the ``train`` split, and is scored on ``val``. The best val score (ScienceQA: Avg;
-  COCO: CIDEr) wins; ties go to the multiplier nearest 1 (then the smaller). A run whose loss became non-finite
-  (or that failed otherwise) is recorded with its error and never chosen. The chosen run's adapter, not a
-  retrained one, is then scored on ``test``.
-- Control: the chosen learning rate trained again with ``--no-images`` and scored on test: does the method use the
-  image? (COCO has no control: a captioner without the image has nothing to caption.)
-- Costs, measured alike for every method (bench/compare_measure.py says how): trainable values of the run and at 7B,
-  adapter file size, training tokens/s, peak memory, decode tokens/s, and the loss at step 0 beside the base
-  model's (equal exactly for the methods that start as the base model).
+- Visual entry (``--visual-entry``): native (each method takes the image its own way) and shared (every method
+  runs text-only and the image enters as the same gated visual prompt in the same top layers:
+  ``VisualConfig.entry``), reported side by side, so that the table can tell the method from its image path.
+- Learning rate: per method and entry, the multipliers of the recipe's peak learning rate in ``--lr-sweep``
+  (default 0.25, 1, 4) on the ``train`` split, scored on ``val``; the grid widens by itself while the best is at
+  its edge (``--lr-widen`` more points at most; a best still at the edge is flagged). The best val score
+  (ScienceQA: Avg; COCO: CIDEr) wins; ties go to the multiplier nearest 1 (then the smaller). A run whose loss
+  became non-finite (or that failed otherwise) is recorded with its error and never chosen.
+- Seeds (``--seeds``, default 3): the chosen run's adapter and ``--seeds`` - 1 more seeds at the chosen learning
+  rate are scored on ``test``: mean, sd and a 95% interval per cell, and for each pair of methods whether their
+  difference is significant (a bootstrap over test items and seeds).
+- Control: the native entry's chosen learning rate trained again with ``--no-images``, every seed, scored on test:
+  does the method use the image? (COCO has no control: a captioner without the image has nothing to caption.)
+- Costs, measured alike for every method (bench/compare_measure.py says how): trainable values of the run (the
+  method's own apart from the visual projection) and at 7B, adapter file size, training tokens/s, peak memory,
+  decode tokens/s, and the loss at step 0 beside the base model's (equal exactly for the methods that start as the
+  base model).
 
-Runs execute in this process, one after another (``training.run.run``), seeded by the recipe's run.seed, so two
-invocations give the same scores. Each unit of work (a sweep run, the chosen run's test scoring, the control)
-writes OUT/results/<unit>.json when complete; an interrupted command resumes from those, and a unit without its
-result file is redone from scratch (its run directory is removed first). OUT/settings.json holds what must not
-change between invocations sharing OUT; ``--methods`` may (run the methods in several pieces).
+Runs execute in this process, one after another (``training.run.run``), seeded by the recipe's run.seed plus the
+seed index, so two invocations give the same tables. Each unit of work writes OUT/results/<unit>.json when complete;
+an interrupted command resumes from those, and a unit without its result file is redone from scratch (its run
+directory is removed first). Every file is written atomically, so a kill -9 leaves no truncated result; SIGTERM
+stops like Ctrl-C (the unit under way is abandoned, exit status 143), and a full disk stops with one error naming
+the file (status 1). OUT/settings.json holds what must not change between invocations sharing OUT; ``--methods``
+may (run the methods in several pieces).
 """
 
 from __future__ import annotations
@@ -30,31 +39,26 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
+import signal
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bench.compare_measure import (
-    DECODE_TOKENS,
-    SCORERS,
-    Scorer,
-    decode_tokens_per_s,
-    fresh_figures,
-    load_trained,
-    saved_and_7b_counts,
-    train_run,
-)
+from bench.compare_measure import DECODE_TOKENS, SCORERS, Scorer
 from bench.compare_report import markdown, plot
+from bench.compare_stats import add_statistics
+from bench.compare_units import compare
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
 
 DEFAULT_LR_MULTIPLIERS = (0.25, 1.0, 4.0)
+DEFAULT_LR_WIDEN = 3
+DEFAULT_SEEDS = 3
+ENTRIES = ("native", "shared")
 DEFAULT_OUT = "runs/bench-methods"
 
 
@@ -88,6 +92,19 @@ def _multipliers(text: str) -> list[float]:
     return sorted(set(values))
 
 
+def _entries(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in ENTRIES for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(ENTRIES)}, got {text!r}")
+    return [e for e in ENTRIES if e in names]
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
@@ -111,6 +128,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="X,Y,...",
         help="multipliers of the recipe's peak learning rate tried per method, chosen on val (default 0.25,1,4)",
     )
+    parser.add_argument(
+        "--lr-widen",
+        type=_count,
+        default=DEFAULT_LR_WIDEN,
+        metavar="N",
+        help=f"more multipliers tried beyond the edge while the best is there, per method and entry "
+        f"(default {DEFAULT_LR_WIDEN}; 0: the sweep as given)",
+    )
+    parser.add_argument(
+        "--seeds", type=_positive, default=DEFAULT_SEEDS, help=f"seeds per cell at the chosen rate ({DEFAULT_SEEDS})"
+    )
+    parser.add_argument(
+        "--visual-entry",
+        type=_entries,
+        default=list(ENTRIES),
+        metavar="native,shared",
+        help="how the image enters the methods: native (each its own way), shared (the same gated visual prompt "
+        "for every method), or both (default)",
+    )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT}); resumable")
     parser.add_argument("--eval-limit", type=_positive, help="score only the first N items of val and test")
     parser.add_argument(
@@ -130,6 +166,10 @@ class Plan:
     """The recipe with the flags after ``--``, and what every run shares (steps, no evaluation by train.py)."""
     methods: list[str]
     multipliers: list[float]
+    widen: int
+    seeds: int
+    entries: list[str]
+    """Visual entries compared (without images: the native one only, as shared and native are then the same)."""
     steps: int
     peak_lr: float
     eval_limit: int | None
@@ -166,6 +206,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         base=config_from_dict(type(cfg), values),
         methods=args.methods or shipped_methods(),
         multipliers=args.lr_sweep,
+        widen=args.lr_widen,
+        seeds=args.seeds,
+        entries=args.visual_entry if cfg.uses_images else ["native"],
         steps=steps,
         peak_lr=peak_lr,
         eval_limit=args.eval_limit,
@@ -174,22 +217,27 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def run_config(plan: Plan, method: str, multiplier: float, images: bool, run_dir: Path) -> TrainConfig:
-    """The settings of one run: the shared ones with its method, learning rate, images and directory."""
+def run_config(
+    plan: Plan, method: str, multiplier: float, images: bool, run_dir: Path, *, entry: str = "native", seed: int = 0
+) -> TrainConfig:
+    """The settings of one run: the shared ones with its method, learning rate, images, visual entry, seed (the
+    recipe's + ``seed``) and directory."""
     from training.config import config_from_dict, config_to_dict
 
     values = config_to_dict(plan.base)
     values["model"]["method"] = method
+    values["model"]["visual"]["entry"] = entry
     values["optim"]["lr"] = plan.peak_lr * multiplier
     values["data"]["images"] = images and plan.base.data.images
     values["run"]["out"] = str(run_dir)
+    values["run"]["seed"] = plan.base.run.seed + seed
     return config_from_dict(type(plan.base), values)
 
 
 def settings_record(plan: Plan, argv_settings: list[str]) -> dict[str, Any]:
     """What two invocations sharing OUT must agree on (the methods may differ), as JSON values: the command's
-    options and every resolved setting the runs share (``config``)."""
-    from training.config import config_to_dict
+    options and every resolved setting the runs share (``config``) but the methods' own sections."""
+    from training.config import config_to_dict, settings_section
 
     record = {
         "recipe": plan.base.recipe,
@@ -197,11 +245,25 @@ def settings_record(plan: Plan, argv_settings: list[str]) -> dict[str, Any]:
         "steps": plan.steps,
         "peak_lr": plan.peak_lr,
         "lr_multipliers": plan.multipliers,
+        "lr_widen": plan.widen,
+        "seeds": plan.seeds,
+        "visual_entries": plan.entries,
         "eval_limit": plan.eval_limit,
         "seed": plan.base.run.seed,
         "config": config_to_dict(plan.base),
     }
+    sections = {settings_section(n) for n in shipped_methods()}
+    record["config"]["model"] = {k: v for k, v in record["config"]["model"].items() if k not in sections}
     return json.loads(json.dumps(record))
+
+
+def method_settings(plan: Plan, method: str) -> dict[str, Any]:
+    """``method``'s own section of the shared settings (``--model.<section>.*``), as JSON values: recorded in each
+    of its units, which are redone when it changed (settings.json leaves the methods' sections out, so that a
+    method added later runs into the same OUT)."""
+    from training.config import config_to_dict, settings_section
+
+    return json.loads(json.dumps(config_to_dict(plan.base)["model"].get(settings_section(method))))
 
 
 def settings_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -216,157 +278,32 @@ def settings_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
     return changes
 
 
-# ==== the units of work =============================================================================================
-def choose(sweep: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """The sweep run with the best val ``key``; ties to the multiplier nearest 1, then the smaller; None if none
-    trained without error."""
-    scored = [r for r in sweep if r["error"] is None and r["val"][key] is not None]
-    return max(
-        scored, key=lambda r: (r["val"][key], -abs(math.log(r["lr_multiplier"])), -r["lr_multiplier"]), default=None
-    )
-
-
-def unit_name(method: str, multiplier: float, images: bool = True) -> str:
-    return f"{method}-lr{multiplier:g}" + ("" if images else "-noimages")
-
-
-class Units:
-    """Units of work with one result file each (OUT/results/<unit>.json), done at most once per OUT."""
-
-    def __init__(self, plan: Plan, bar: Any) -> None:
-        self.plan, self.bar = plan, bar
-        self.trained = 0
-        """Training runs started by this invocation (the resume test counts them)."""
-
-    def do(self, unit: str, work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-        """The unit's result: read back when done earlier, else ``work(run_dir)`` (output into OUT/logs/<unit>.log)
-        on a fresh run directory, written when complete."""
-        from bench.measure import run_header
-        from data import DataError, read_json
-        from eval.common import write_json
-        from model.devices import resolve_device
-
-        out = self.plan.out
-        path = out / "results" / f"{unit}.json"
-        self.bar.set_postfix_str(unit)
-        if path.is_file():
-            try:
-                record = read_json(path)
-            except DataError as e:  # truncated or damaged since: the unit is redone, and said so
-                self.bar.write(f"{unit}: its result file cannot be read ({e}); redoing the unit")
-            else:
-                if isinstance(record, dict) and record.get("unit") == unit:
-                    self.bar.update(1)
-                    return record
-                self.bar.write(f"{unit}: {path} is not this unit's result; redoing the unit")
-        run_dir, log = out / "runs" / unit, out / "logs" / f"{unit}.log"
-        if run_dir.exists():  # a unit interrupted earlier: redone from scratch
-            shutil.rmtree(run_dir)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.unlink(missing_ok=True)
-        header, started = run_header(resolve_device(self.plan.base.run.device)), time.perf_counter()
-        try:
-            with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                record = work(run_dir)
-        except BaseException:
-            self.bar.write(f"{unit} stopped; its output: {log}")
-            raise
-        if record.get("error"):
-            self.bar.write(f"{unit}: {record['error'].splitlines()[0]} (recorded; output: {log})")
-        record = {"unit": unit, **record, "unit_wall_s": round(time.perf_counter() - started, 1), "header": header}
-        write_json(path, record)
-        self.bar.update(1)
-        return record
-
-    def trained_run(self, method: str, multiplier: float, images: bool = True) -> dict[str, Any]:
-        """Train at ``multiplier`` x the recipe's peak lr on train; score on val (a sweep run) or, without images
-        (the control), on test."""
-        split = "val" if images else "test"
-
-        def work(run_dir: Path) -> dict[str, Any]:
-            cfg = run_config(self.plan, method, multiplier, images, run_dir)
-            self.trained += 1
-            record = {"method": method, "lr_multiplier": multiplier, "lr": cfg.optim.lr, **train_run(cfg, run_dir)}
-            if record["error"] is None:
-                model = load_trained(cfg, run_dir)
-                record[split] = self.plan.scorer.score(cfg, model, run_dir, run_dir / f"eval-{split}", split,
-                                                       self.plan.eval_limit)  # fmt: skip
-            return record
-
-        return self.do(unit_name(method, multiplier, images), work)
-
-    def chosen(self, method: str, best: dict[str, Any] | None) -> dict[str, Any]:
-        """The chosen run's adapter on test, its decode speed, sizes and the loss at step 0."""
-
-        def work(out_dir: Path) -> dict[str, Any]:
-            if best is None:
-                return {"error": "no learning rate of the sweep trained without error"}
-            run_dir = self.plan.out / "runs" / best["unit"]
-            cfg = run_config(self.plan, method, best["lr_multiplier"], True, run_dir)
-            model, limit = load_trained(cfg, run_dir), self.plan.eval_limit
-            prompt, image = self.plan.scorer.sample(cfg)
-            figures = {
-                "error": None,
-                "lr_multiplier": best["lr_multiplier"],
-                "test": self.plan.scorer.score(cfg, model, run_dir, out_dir / "eval-test", "test", limit),
-                "decode_tokens_per_s": round(decode_tokens_per_s(model, prompt, image), 1),
-                "adapter_bytes": (run_dir / "adapter.safetensors").stat().st_size,
-                **saved_and_7b_counts(method, model),
-            }
-            del model  # one model on the device at a time (7B)
-            return figures | fresh_figures(cfg)
-
-        return self.do(f"{method}-chosen", work)
-
-
-def compare(plan: Plan) -> tuple[dict[str, dict[str, Any]], int]:
-    """Every unit of every method, in order (sweep, chosen, control); returns the per-method figures and the number
-    of training runs this invocation started."""
-    from tqdm.auto import tqdm
-
-    per_method = len(plan.multipliers) + 1 + plan.scorer.has_control
-    results: dict[str, dict[str, Any]] = {}
-    with tqdm(total=len(plan.methods) * per_method, desc="bench methods", unit="run", dynamic_ncols=True) as bar:
-        units = Units(plan, bar)
-        for method in plan.methods:
-            sweep = [units.trained_run(method, x) for x in plan.multipliers]
-            best = choose(sweep, plan.scorer.key)
-            chosen = units.chosen(method, best)
-            control = None
-            if plan.scorer.has_control and best is not None:
-                control = units.trained_run(method, best["lr_multiplier"], images=False)
-            elif plan.scorer.has_control:
-                bar.update(1)
-            results[method] = summarize(best, chosen, control, sweep)
-    return results, units.trained
-
-
-def summarize(
-    best: dict[str, Any] | None, chosen: dict[str, Any], control: dict[str, Any] | None, sweep: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """One method's figures: the chosen run's, its control's, and the sweep."""
-    keep = ("trainable_values", "saved_values", "trainable_values_7b", "trainable_values_7b_clip", "adapter_bytes",
-            "decode_tokens_per_s", "step0_loss", "base_step0_loss", "test")  # fmt: skip
-    figures: dict[str, Any] = {"error": chosen["error"], "chosen_lr_multiplier": None}
-    if best is not None:
-        figures |= {"chosen_lr_multiplier": best["lr_multiplier"], "chosen_lr": best["lr"], "val": best["val"]}
-        figures |= {k: best[k] for k in ("steps", "final_loss", "tokens_per_s", "peak_memory_mib", "train_wall_s")}
-    if chosen["error"] is None:
-        figures |= {k: chosen[k] for k in keep}
-        figures["starts_as_base"] = chosen["step0_loss"] == chosen["base_step0_loss"]
-    if control is not None:
-        figures["no_images"] = {"error": control["error"], "test": control.get("test")}
-    figures["sweep"] = [{k: v for k, v in r.items() if k != "header"} for r in sweep]
-    return figures
-
-
 # ==== the command ===================================================================================================
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is as Ctrl-C raises KeyboardInterrupt: a BaseException, so that no
+    ``except Exception`` on the way records the unit under way as failed; its result file is never written."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated while the block runs; the previous handler is restored after it."""
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run (or resume) the comparison and write methods.md, methods.json and methods.png into --out."""
     from bench.measure import run_header
     from data import read_json
     from eval.common import write_json
-    from model.checkpoint import write_text_atomic
+    from model.checkpoint import WriteError, remove_stale_temps, write_text_atomic
     from model.devices import resolve_device
     from training import TrainingError
 
@@ -382,12 +319,21 @@ def main(args: argparse.Namespace) -> int:
         print(f"python -m bench methods: error: {plan.out} holds runs made with other settings ({', '.join(changes)}); "
               "use another --out or delete it", file=sys.stderr)  # fmt: skip
         return 2
-    write_json(recorded, settings)
+    again = f"the same command continues from the finished runs in {plan.out}"
     try:
-        methods, trained = compare(plan)
+        write_json(recorded, settings)
+        remove_stale_temps(plan.out / "results")  # of result writes a kill -9 cut short
+        with sigterm_raises():
+            methods, trained = compare(plan)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the same command continues from the finished runs in {plan.out}", file=sys.stderr)
+        print(f"\ninterrupted: {again}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"\nterminated (SIGTERM): {again}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except WriteError as e:  # a full disk: the message names the file; the unit under way has no result file
+        print(f"python -m bench methods: error: {e}\n(make room, then {again})", file=sys.stderr)
+        return 1
     o = plan.base.optim
     report = {
         "header": run_header(resolve_device(plan.base.run.device)),
@@ -398,6 +344,7 @@ def main(args: argparse.Namespace) -> int:
             "trained_by_this_invocation": trained,
         },
         "methods": methods,
+        "pairs": add_statistics(methods, plan.scorer.key, plan.scorer.columns),
     }  # fmt: skip
     write_json(plan.out / "methods.json", report)
     write_text_atomic(plan.out / "methods.md", markdown(report, plan.scorer))

@@ -7,7 +7,8 @@
   COCO's BLEU-4 and CIDEr (eval.coco; chosen on CIDEr), of the first ``limit`` items of a split.
 - Decode tokens/s: greedy, batch 1, the first test item with its image, ``DECODE_TOKENS`` new tokens with EOS
   ignored, after a warm-up; the tokens after the first over the time after the first (prefill excluded).
-- The fresh adapter (``fresh_figures``): what it trains (trainable values, the visual projection included) and its
+- The fresh adapter (``fresh_figures``): what it trains (trainable values, the visual projection included, and split
+  into the method's own, the projection's and the shared visual entry's: ``trainable_split``) and its
   loss at step 0: the token mean (eval mode) on the first global batch of the training split in file order, beside
   the base model's (no method, no image) on the same token batch. The two are equal exactly for the methods that
   start as the base model.
@@ -59,12 +60,13 @@ def _score_scienceqa(
 ) -> dict[str, Any]:
     from data.scienceqa import load_problems
     from data.tasks import TASKS
-    from eval.common import file_sha256
-    from eval.scienceqa import CATEGORIES, evaluate
+    from eval.common import PREDICTIONS_FILE, file_sha256
+    from eval.scienceqa import CATEGORIES, evaluate, read_predictions
 
+    problems = load_problems(cfg.data.path, split)[:limit]
     metrics = evaluate(
         model,
-        load_problems(cfg.data.path, split)[:limit],
+        problems,
         out,
         checkpoint=run_dir,
         adapter_sha256=file_sha256(run_dir / "adapter.safetensors"),
@@ -74,9 +76,11 @@ def _score_scienceqa(
         batch_size=cfg.run.eval_batch_size,
         max_new_tokens=cfg.run.eval_max_new_tokens,
     )
+    results, _ = read_predictions(out / PREDICTIONS_FILE)
     return {c: metrics[c] for c in CATEGORIES} | {
         "n": metrics["counts"]["Avg"]["total"],
         "parse_failures": metrics["parse_failures"]["count"],
+        "items": {p.pid: int(results.get(p.pid) == p.answer) for p in problems},  # the bootstrap's per-item scores
     }
 
 
@@ -126,6 +130,7 @@ SCORERS: dict[str, Scorer] = {
 def train_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """Train one run in this process; its steps, losses, speed and peak memory, or its error."""
     from bench.measure import current_memory_bytes, peak_memory_bytes, reset_peak_memory
+    from model.checkpoint import WriteError
     from model.devices import resolve_device
     from training import TrainingError
     from training.metrics import METRICS_FILE, read_metrics
@@ -139,6 +144,8 @@ def train_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     try:
         status = run(cfg)
     except TrainingError as e:
+        if isinstance(e.__cause__, WriteError):  # a full disk is no result of the run: the unit stops, unrecorded
+            raise e.__cause__ from None
         return {"error": str(e)}
     if status != 0:
         return {"error": f"the run stopped early (status {status})"}
@@ -199,6 +206,7 @@ def fresh_figures(cfg: TrainConfig) -> dict[str, float]:
     from model.checkpoint import check_materialized, init_random_base, open_base
     from model.config import PRESETS
     from model.devices import resolve_device, resolve_dtype
+    from model.hub import resolve_base
     from model.llama import count_trainable
     from model.quantize import quantize_base
     from training.batching import training_set
@@ -212,6 +220,7 @@ def fresh_figures(cfg: TrainConfig) -> dict[str, float]:
     n = min(o.batch_size * o.grad_accum, len(collate.examples))
     batches = [collate(list(range(i, min(n, i + o.batch_size))))[1] for i in range(0, n, o.batch_size)]
     fresh = {"trainable_values": count_trainable(model), "step0_loss": _token_mean_loss(model, batches, True, dtype)}
+    fresh |= trainable_split(model)
     llama = model.config.llama
     del model, collate  # one model on the device at a time (7B)
     release_memory(device)
@@ -220,11 +229,29 @@ def fresh_figures(cfg: TrainConfig) -> dict[str, float]:
     if cfg.model.base in PRESETS and not Path(cfg.model.base).exists():
         init_random_base(base, seed=cfg.run.seed, dtype=dtype, device=device)
     else:
-        open_base(cfg.model.base).load_into(base, dtype=dtype, device=device)
+        open_base(resolve_base(cfg.model.base)).load_into(base, dtype=dtype, device=device)
     if cfg.model.quantize != "none":  # as build_model stores the frozen base
         quantize_base(base, cfg.model.quantize)
     check_materialized(base)
     return fresh | {"base_step0_loss": _token_mean_loss(base.eval(), batches, False, dtype)}
+
+
+def trainable_split(model: Transformer) -> dict[str, int]:
+    """The trainable values of ``model`` by owner: ``own_values`` the method's (its own image entry included),
+    ``projection_values`` the visual projection (visual.*), ``entry_values`` the shared visual entry's gates
+    (``VisualConfig.entry = "shared"``; 0 otherwise)."""
+    from model.methods.visual_prompt import SharedVisualEntry
+
+    shared = isinstance(model.method, SharedVisualEntry)
+    split = {"own_values": 0, "projection_values": 0, "entry_values": 0}
+    for name, p in model.trainable_parameters():
+        if name.startswith("visual."):
+            split["projection_values"] += p.numel()
+        elif shared and name.endswith(".adapter_visual_gate"):
+            split["entry_values"] += p.numel()
+        else:
+            split["own_values"] += p.numel()
+    return split
 
 
 def _token_mean_loss(model: Transformer, batches: list[dict[str, Any]], images: bool, dtype: torch.dtype) -> float:

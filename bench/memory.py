@@ -13,6 +13,7 @@ the trainable ones (``count_trainable``), the method's settings. The bytes per v
 - logits: ``logits_bytes``, the loss of model/loss.py over all targets at once or ``--loss-chunk`` at a time.
 - block backward: what one block's backward pass holds (its gradients; with activation checkpointing its recomputed
   activations too) beyond the loss's peak, which is over by then: the peak is the larger of the two.
+- DoRA: its row norms of W + s B A, an fp32 (out, in) sum per target linear in every forward (the widest target).
 - fsdp over N devices: weights and trainable state divided by N, plus what FSDP2 keeps unsharded (the root's
   embeddings, final norm and head, and two blocks: the one computing and the one prefetched).
 
@@ -292,7 +293,7 @@ def method_terms(model: Transformer, setup: Setup, e: int) -> dict[str, Any]:
             saved = dict(inputs[t] for t in c.bias_targets)
             terms.update(extra=terms["extra"] + e * (sum(saved.values()) + 2 * d), first_layer=0)
             terms["first"] = "after_attention_norm"
-    elif name == "lora":
+    elif name in ("lora", "dora"):
         ins = {"wq": ("attn", d), "wk": ("attn", d), "wv": ("attn", d), "wo": ("wo", d), "w1": ("ffn", d)}
         ins |= {"w3": ("ffn", d), "w2": ("w2", f)}
         # LoRA's input (fp32: the input itself, shared; 16-bit: each target's autocast copy) and A's output.
@@ -301,13 +302,29 @@ def method_terms(model: Transformer, setup: Setup, e: int) -> dict[str, Any]:
         terms["first"] = "after_attention_norm"
         if e != 4:  # the autocast copies of A and B
             terms["per_layer"] = sum(c.rank * (ins[t][1] + d if t != "w2" else f + d) for t in c.targets) * e
+        if name == "dora":
+            # The magnitude's factor times (W x + s B A x): that sum per position, and per layer the fp32 row
+            # norm the factor divides by and the factor in the compute dtype (the row norms are taken without grad).
+            outs = sum({"wq": d, "wk": kv, "wv": kv, "wo": d, "w1": f, "w2": d, "w3": f}[t] for t in c.targets)
+            terms["extra"] += e * outs
+            terms["per_layer"] += (4 + e) * outs
+    elif name == "ia3":
+        # Each vector's multiplicand: the linear's output before its scale, or (feed-forward targets) its input
+        # (w2's: the SwiGLU product); 16-bit: the vectors' autocast copies too.
+        sizes = {"wq": d, "wk": kv, "wv": kv, "wo": d, "w1": f, "w2": d, "w3": f}
+        sizes |= {t: {"wq": d, "wk": d, "wv": d, "wo": d, "w1": d, "w2": f, "w3": d}[t] for t in c.feedforward}
+        attention_targets = any(t in ("wq", "wk", "wv", "wo") for t in c.targets)
+        terms.update(extra=e * sum(sizes[t] for t in c.targets), first_layer=n - (c.n_layers or n))
+        terms["first"] = "after_attention_norm" if attention_targets else "after_attention"
+        terms["per_layer"] = e * sum(sizes[t] for t in c.targets) if e != 4 else 0
     elif name in ("houlsby", "adamix"):
-        # Bottleneck: its input, W_down's output and the nonlinearity's output.
-        sublayers = ("attention", "feed_forward") if name == "houlsby" else c.sublayers
-        terms.update(extra=len(sublayers) * e * (d + 2 * c.bottleneck), first_layer=n - (c.n_layers or n))
+        # Bottleneck: its input (in series the sublayer's output; in parallel the sublayer's own input, already
+        # saved), W_down's output and the nonlinearity's output. (Trained norms, houlsby's option, are not counted.)
+        sublayers, own_input = c.sublayers, d if getattr(c, "placement", "serial") == "serial" else 0
+        terms.update(extra=len(sublayers) * e * (own_input + 2 * c.bottleneck), first_layer=n - (c.n_layers or n))
         terms["first"] = "after_attention" if "attention" in sublayers else "adapter_only"
         terms["per_layer"] = len(sublayers) * 2 * d * c.bottleneck * e if e != 4 else 0
-    elif name == "prefix":
+    elif name in ("prefix", "ptuning_v2"):
         # P prefix keys / values joined in front of the tokens' in every row; the padded (T, P + T) mask.
         terms.update(first_layer=n - (c.n_layers or n), first="after_attention_norm")
         terms["per_row_per_layer"] = 2 * c.prefix_len * kv * e
@@ -349,11 +366,19 @@ def predict(setup: Setup) -> dict[str, Any]:
     workspace = 0
     if setup.quantize != "none":  # the widest block linear dequantized inside its matmul
         workspace = max(o * i for o, i in block_linear_shapes(llama).values()) * e
+    if setup.method == "dora":  # the row norms of W + s B A (model/methods/dora.py), one target linear at a time:
+        # the fp32 update and the fp32 sum, and an fp32 copy of W unless W is fp32 already
+        widest = max(o * i for t, (o, i) in block_linear_shapes(llama).items() if t in model.method.config.targets)
+        workspace = max(workspace, (2 if e == 4 and setup.quantize == "none" else 3) * 4 * widest)
     trainable = counts["trainable"] * 16 // shards
     if setup.strategy == "ddp" and setup.gpus > 1:
         trainable += counts["trainable"] * 4  # DDP's gradient buckets
     acts = activation_bytes(model, setup)
-    logits = logits_bytes(setup)
+    # A method whose training forward runs the layers twice (AdaMix's consistency loss) keeps both passes'
+    # activations, and its loss term holds both passes' log-probabilities of a chunk.
+    passes = model.method.training_passes
+    acts = {k: v * passes if k in ("blocks", "rope_and_final_norm") else v for k, v in acts.items()}
+    logits = logits_bytes(setup) * passes
     components = {
         "weights": weights // shards + unsharded + workspace,
         "trainable_optimizer": trainable,

@@ -92,7 +92,7 @@ class BenchConfig:
         if self.task == "train" and virtual_tokens(self.method):
             raise ValueError(
                 f"train --method {self.method}: PEFT cannot load a saved prompt-learning adapter as trainable "
-                "(PeftModel.from_pretrained refuses); use generate, or --method llama_adapter | lora"
+                "(PeftModel.from_pretrained refuses); use generate, or --method llama_adapter | lora | dora | ia3"
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")

@@ -72,6 +72,17 @@ LECTURES = {
 
 
 # ---- ScienceQA ------------------------------------------------------------------------------------------------------
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: float, color: str) -> None:
+    """A filled circle, square or triangle of half-side ``half`` pixels centred at (cx, cy)."""
+    box, fill = (cx - half, cy - half, cx + half, cy + half), COLORS[color]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+
+
 @dataclass(frozen=True)
 class Drawing:
     """One large shape on a light background; positions and size are fractions of the image side."""
@@ -86,15 +97,7 @@ class Drawing:
     def render(self, image_size: int) -> Image.Image:
         img = Image.new("RGB", (image_size, image_size), self.background)
         half = self.size * image_size / 2
-        cx, cy = self.cx * image_size, self.cy * image_size
-        box = (cx - half, cy - half, cx + half, cy + half)
-        draw, fill = ImageDraw.Draw(img), COLORS[self.color]
-        if self.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif self.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+        draw_shape(ImageDraw.Draw(img), self.shape, self.cx * image_size, self.cy * image_size, half, self.color)
         return img
 
     @property
@@ -111,10 +114,33 @@ class Drawing:
 
 @dataclass
 class Draft:
-    """A problems.json record (without split) and its drawing, before pids and splits are assigned."""
+    """A problems.json record (without split) and its drawing (anything with ``render(image_size)`` and
+    ``caption()``), before pids and splits are assigned."""
 
     record: dict[str, Any]
-    drawing: Drawing | None
+    drawing: Any
+
+    @classmethod
+    def of(cls, rng: random.Random, rec: dict[str, Any], hint: str, subject: str, drawing: Any) -> Draft:
+        """The problems.json record of question fields ``rec`` (``_fields``) with its hint, grade and subject."""
+        if rng.random() < 0.1:  # as in ScienceQA, some problems come without a lecture
+            rec["lecture"] = ""
+        record = {  # problems.json key order
+            "question": rec["question"],
+            "choices": rec["choices"],
+            "answer": rec["answer"],
+            "hint": hint,
+            "image": "image.png" if drawing is not None else None,
+            "task": rec["task"],
+            "grade": f"grade{rng.randint(1, 12)}",
+            "subject": subject,
+            "topic": rec["topic"],
+            "category": rec["category"],
+            "skill": rec["skill"],
+            "lecture": rec["lecture"],
+            "solution": rec["solution"],
+        }
+        return cls(record, drawing)
 
 
 def _background(rng: random.Random) -> tuple[int, int, int]:
@@ -273,33 +299,25 @@ def _draft(rng: random.Random, image_fraction: float) -> Draft:
         rec, hint = _hint_question(rng, subject)
     else:
         rec = _no_context_question(rng, subject)
-    if rng.random() < 0.1:  # as in ScienceQA, some problems come without a lecture
-        rec["lecture"] = ""
-    # problems.json key order
-    record = {
-        "question": rec["question"],
-        "choices": rec["choices"],
-        "answer": rec["answer"],
-        "hint": hint,
-        "image": "image.png" if drawing is not None else None,
-        "task": rec["task"],
-        "grade": f"grade{rng.randint(1, 12)}",
-        "subject": subject,
-        "topic": rec["topic"],
-        "category": rec["category"],
-        "skill": rec["skill"],
-        "lecture": rec["lecture"],
-        "solution": rec["solution"],
-    }
-    return Draft(record, drawing)
+    return Draft.of(rng, rec, hint, subject, drawing)
 
 
-def scienceqa_drafts(seed: int, n: int, image_fraction: float = 0.5) -> list[Draft]:
-    """``n`` synthetic problems (records + drawings), deterministic from ``seed``."""
+SCIENCEQA_KINDS = ("shapes", "scenes")
+"""The synthetic ScienceQA tasks: shapes (one shape: its colour or size; the embedded default) and scenes (several
+shapes: counting, colour of a named shape, positions; data.synthetic_scenes)."""
+
+
+def scienceqa_drafts(seed: int, n: int, image_fraction: float = 0.5, kind: str = "shapes") -> list[Draft]:
+    """``n`` synthetic problems (records + drawings) of task ``kind``, deterministic from ``seed``."""
+    from data.synthetic_scenes import scene_draft
+
     if not 0.0 <= image_fraction <= 1.0:
         raise ValueError(f"image_fraction must be in [0, 1], got {image_fraction}")
+    if kind not in SCIENCEQA_KINDS:
+        raise ValueError(f"unknown synthetic ScienceQA kind {kind!r}; choose from {', '.join(SCIENCEQA_KINDS)}")
+    draft = _draft if kind == "shapes" else scene_draft
     rng = random.Random(seed)
-    return [_draft(rng, image_fraction) for _ in range(n)]
+    return [draft(rng, image_fraction) for _ in range(n)]
 
 
 def _png(img: Image.Image) -> bytes:
@@ -339,15 +357,17 @@ def make_scienceqa(
     n_test: int = 300,
     image_size: int = 64,
     image_fraction: float = 0.5,
+    kind: str = "shapes",
 ) -> Path:
-    """Write a synthetic ScienceQA in the official layout at ``root`` (must be absent or empty); returns ``root``.
+    """Write a synthetic ScienceQA of task ``kind`` (``SCIENCEQA_KINDS``) in the official layout at ``root`` (must be
+    absent or empty), with ``synthetic.json`` recording the kind and seed; returns ``root``.
 
     The default size is the embedded training run's; tests pass a few dozen problems.
     """
     if min(n_train, n_val, n_test) < 1:
         raise ValueError(f"every split needs at least one problem, got {n_train}, {n_val}, {n_test}")
     total = n_train + n_val + n_test
-    drafts = scienceqa_drafts(seed, total, image_fraction)
+    drafts = scienceqa_drafts(seed, total, image_fraction, kind)
     rng = random.Random(seed + 1)
     order = list(range(1, total + 1))
     rng.shuffle(order)  # official splits interleave pids
@@ -373,19 +393,36 @@ def make_scienceqa(
         _write_json(tmp / "pid_splits.json", pid_splits)
         meta = {"model": "synthetic", "feature_extractor": "synthetic", "tokenizer": "synthetic"}
         _write_json(tmp / "captions.json", {**meta, "max_length": 64, "num_beams": 1, "captions": captions})
+        _write_json(tmp / SYNTHETIC_RECORD, {"kind": kind, "seed": seed})
 
     return _atomic_dir(Path(root), write)
 
 
-def ensure_scienceqa(root: str | Path, seed: int = 0, **sizes: Any) -> Path:
-    """The synthetic ScienceQA at ``root``, generated (``make_scienceqa(root, seed=seed, **sizes)``) only if absent."""
+SYNTHETIC_RECORD = "synthetic.json"
+"""The file of a synthetic ScienceQA folder that records its kind and seed (absent in folders written before it:
+kind shapes)."""
+KIND_SIZES: dict[str, dict[str, Any]] = {
+    "shapes": {},
+    "scenes": {"n_train": 3200, "n_val": 400, "n_test": 1000, "image_fraction": 0.75},
+}
+"""``make_scienceqa`` sizes of each kind's generated dataset (``ensure_scienceqa``): the scenes task has more image
+problems and a test split of 1,000, so that a comparison of methods has a smaller standard error."""
+
+
+def ensure_scienceqa(root: str | Path, seed: int = 0, kind: str = "shapes", **sizes: Any) -> Path:
+    """The synthetic ScienceQA of ``kind`` at ``root``, generated (``make_scienceqa``, ``KIND_SIZES[kind]`` unless
+    ``sizes`` say otherwise) only if absent; DataError when the folder holds another kind."""
     root = Path(root)
     if not (root / "problems.json").is_file():
         try:
-            make_scienceqa(root, seed=seed, **sizes)
+            make_scienceqa(root, seed=seed, kind=kind, **(KIND_SIZES.get(kind, {}) | sizes))
         except (DataError, OSError):
             if not (root / "problems.json").is_file():  # not another process finishing first: a real failure
                 raise
+    record = root / SYNTHETIC_RECORD
+    held = json.loads(record.read_text(encoding="utf-8")).get("kind") if record.is_file() else "shapes"
+    if held != kind:
+        raise DataError(f"{root}: holds the synthetic ScienceQA of kind {held!r}, not {kind!r}; use another data.path")
     return root
 
 

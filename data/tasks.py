@@ -35,8 +35,11 @@ class Task:
     is not evaluated by train.py."""
     eval_dirs: tuple[str, ...] = ("",)
     """Folders of the run directory (relative to it) where the evaluator keeps its generation logs."""
-    synthetic: Callable[[Path], Path] | None = None
-    """Generates the task's synthetic dataset at a path when it is absent (``data.synthetic``); None: it has none."""
+    synthetic: Callable[[Path, str], Path] | None = None
+    """(path, kind) -> generates the task's synthetic dataset of that kind (``data.synthetic_kind``) at the path when
+    it is absent (``data.synthetic``); None: it has none."""
+    synthetic_kinds: tuple[str, ...] = ()
+    """The kinds ``synthetic`` can generate, the default first."""
 
     def format_of(self, configured: str) -> str:
         """The prompt format of this task's examples, given ``data.prompt_format``."""
@@ -179,13 +182,13 @@ def _evaluate_mix(
     return metrics
 
 
-def _ensure_scienceqa(root: Path) -> Path:
+def _ensure_scienceqa(root: Path, kind: str) -> Path:
     from data.synthetic import ensure_scienceqa
 
-    return ensure_scienceqa(root)
+    return ensure_scienceqa(root, kind=kind)
 
 
-def _ensure_mix(root: Path) -> Path:
+def _ensure_mix(root: Path, kind: str) -> Path:
     from data.synthetic_mix import ensure_mix
 
     return ensure_mix(root)
@@ -202,6 +205,7 @@ TASKS: dict[str, Task] = {
         "(eval.scienceqa, run after training)",
         evaluator=_evaluate_scienceqa,
         synthetic=_ensure_scienceqa,
+        synthetic_kinds=("shapes", "scenes"),
     ),
     "coco": Task(
         name="coco",
@@ -233,5 +237,6 @@ TASKS: dict[str, Task] = {
         evaluator=_evaluate_mix,
         eval_dirs=("", COCO_EVAL_DIR),
         synthetic=_ensure_mix,
+        synthetic_kinds=("demo",),
     ),
 }

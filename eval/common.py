@@ -255,6 +255,10 @@ def run_cli(
     ``error:`` line and exit status 2."""
     args = parse_cli(parser, argv, score_option=score_option)
     try:
+        if args.output is not None:  # before the model is loaded: a read-only folder is refused at once
+            from model.checkpoint import check_writable
+
+            check_writable(Path(args.output), "the evaluation writes its files there: pick another --output")
         return run(args)
     except (ValueError, FileNotFoundError) as e:  # EvalError, DataError, CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ from model.checkpoint import (
     save_adapter,
 )
 from model.config import PRESETS, AdapterConfig, ConfigError, LlamaConfig, ModelConfig, VisualConfig, preset
+from model.hub import resolve_base, resolve_clip_weights
 from model.llama import Transformer, count_trainable, is_trainable
 from model.methods import Method, MethodConfig, method_names, register_method
 from model.quantize import check_kind, quantize_base
@@ -108,6 +109,7 @@ def load_model(
     strict_base: bool = False,
     random_clip: bool = False,
     quantize: str | None = None,
+    verify_checksums: bool = True,
 ) -> Transformer:
     """Build the frozen LLaMA with a PEFT method, load the weights, and return it in eval mode.
 
@@ -133,9 +135,14 @@ def load_model(
         ``save_adapter``; adapters saved before it was recorded load silently).
 
     quantize: ``nf4`` or ``int8`` stores the frozen block linears quantized (``model.quantize.quantize_base``), after
-        the base weights are loaded and the method attached (its wrapped linears keep the quantized weight); every
-        method trains and runs on it; merges that fold into it (LoRA, V2's scales) are refused. None: the weights as
-        ``dtype``. Ignored on the meta device (shapes only).
+        the base weights are loaded and the method attached (its wrapped linears keep the quantized weight), before
+        the fresh adapter's init (DoRA's magnitudes: the quantized weights' row norms, so it starts as that base);
+        every method trains and runs on it; merges that fold into it (LoRA, DoRA, (IA)^3, V2's scales) are refused.
+        None: the weights as ``dtype``. Ignored on the meta device (shapes only).
+
+    verify_checksums: a Meta base directory holding Meta's ``checklist.chk`` has the md5 of every file it lists
+        checked first (about 1.5 s per GB on a 2-core CPU VM); a file that differs is refused by name. False skips
+        it (files verified already, e.g. with ``md5sum -c checklist.chk``). Directories without one: no check.
 
     ``model.tokenizer`` is set from a tokenizer.model / tokenizer.json in the base directory (or its parent),
     else from the tokenizer recorded in our adapter's sidecar; its vocabulary must match the model's.
@@ -147,13 +154,18 @@ def load_model(
     if adapter is not None and adapter_config is not None:
         raise ValueError("adapter_config shapes a fresh adapter only; the adapter file brings its own config")
     is_preset = str(base) in PRESETS and not Path(base).exists()
+    if not is_preset:
+        base = resolve_base(base)  # a hub id: its snapshot in the Hugging Face cache
     if is_preset:
         ckpt, llama = None, preset(str(base)).llama
         fresh_adapter = preset(str(base)).method
     elif not Path(base).exists():
-        raise CheckpointError(f"{base}: no such base directory, and not a preset name ({', '.join(PRESETS)})")
+        raise CheckpointError(
+            f"{base}: no such base directory, not a Hugging Face Hub id (owner/name[@revision]) and not a preset "
+            f"name ({', '.join(PRESETS)})"
+        )
     else:
-        ckpt = open_base(base)
+        ckpt = open_base(base, verify_checksums=verify_checksums)
         llama, fresh_adapter = ckpt.llama, default_adapter_config(ckpt.llama)
 
     weights = open_adapter(adapter, llama, official_gate_fn=official_gate_fn) if adapter is not None else None
@@ -163,6 +175,8 @@ def load_model(
     visual_cfg = _visual_config(clip, weights)
     if visual_cfg is not None and clip_weights is None and sidecar:
         clip_weights = sidecar.get("clip_weights")
+    if visual_cfg is not None:  # an open_clip pretrained tag or a hub file: its copy in the Hugging Face cache
+        clip_weights = resolve_clip_weights(clip_weights, visual_cfg.clip_model)
     config = ModelConfig(
         llama=llama,
         method=weights.method if weights is not None else (adapter_config or fresh_adapter),
@@ -198,11 +212,11 @@ def load_model(
     tokenizer_path = _tokenizer_source(None if is_preset else Path(base), sidecar)
     if tokenizer_path is not None:  # before the adapter's init: prompt tuning may start from a text's tokens
         attach_tokenizer(model, tokenizer_path)
+    if quantize_kind is not None and device.type != "meta":  # before the adapter's init: DoRA's reads the weights
+        quantize_base(model, quantize_kind)
     init_fresh_adapter(model, seed=seed, device=device)
     if device.type != "meta":
         check_materialized(model)
-        if quantize_kind is not None:
-            quantize_base(model, quantize_kind)
     if weights is not None:
         check_base_weights(weights, fingerprint, str(base), strict=strict_base)
         load_trainable(model, weights)

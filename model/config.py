@@ -194,6 +194,17 @@ class LlamaConfig:
             raise ConfigError("head_dim", problem, owner)
         return llama
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """The architecture fields of a Hugging Face ``config.json`` (inverse of ``from_hf_config``), RoPE in the
+        top-level ``rope_theta`` / ``rope_scaling`` form that transformers 4 and 5 both read."""
+        cfg: dict[str, Any] = {key: getattr(self, name) for name, key in _HF_KEYS.items()}
+        cfg["head_dim"] = self.head_dim
+        cfg["rope_scaling"] = None
+        if self.rope_scaling_factor is not None:
+            rope = {key: getattr(self, name) for name, key in _HF_LLAMA3_KEYS.items()}
+            cfg["rope_scaling"] = {"rope_type": "llama3", **rope}
+        return cfg
+
 
 _META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta", "max_seq_len")
 """LlamaConfig fields read from params.json under the same name (ffn_dim comes from multiple_of and
@@ -253,6 +264,15 @@ class VisualConfig:
     """Channel order the tower sees. bgr reproduces the official V2 release, whose demo, evaluation and training
     read images with cv2.imread and hand them on unconverted: its weights were trained on B and R swapped."""
 
+    entry: Literal["native", "shared"] = "native"
+    """How the visual tokens enter the PEFT method. native: the method's own way (added to adaption prompts,
+    prefixes or soft tokens; the gated visual prompt for LoRA, Houlsby, AdaMix). shared: every method runs
+    text-only and the image enters as the gated visual prompt in the top ``shared_layers`` layers (the same for
+    every method: ``python -m bench methods --visual-entry shared``)."""
+    shared_layers: int = 2
+    """shared: the top layers that carry the gated visual prompt (the gated-prompt methods' own visual_layers must
+    equal it)."""
+
     def __post_init__(self) -> None:
         if self.feature_layers is not None:
             self.feature_layers = tuple(self.feature_layers)
@@ -264,6 +284,8 @@ class VisualConfig:
             raise ValueError("VisualConfig.clip_model must name an open_clip model or be 'tiny' or 'openai'")
         if self.kind not in ("global", "query"):
             raise ValueError(f"VisualConfig.kind must be 'global' or 'query', got {self.kind!r}")
+        if self.entry not in ("native", "shared"):
+            raise ValueError(f"VisualConfig.entry must be 'native' or 'shared', got {self.entry!r}")
         if self.channel_order not in ("rgb", "bgr"):
             raise ValueError(f"VisualConfig.channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
         for name, limit in _VISUAL_LIMITS.items():
@@ -285,7 +307,7 @@ class VisualConfig:
 
 
 _VISUAL_LIMITS = {"proj_hidden": 2**16, "query_len": 2**12, "query_width": 2**15, "query_blocks": 2**7,
-                  "query_heads": 2**10}  # fmt: skip
+                  "query_heads": 2**10, "shared_layers": 2**10}  # fmt: skip
 """Bounds that refuse absurd visual configs (e.g. from a hostile sidecar) before anything is allocated."""
 
 

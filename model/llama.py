@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import LlamaConfig, ModelConfig
-from model.loss import next_token_loss
 from model.methods import Method, build_method
+from model.methods.visual_prompt import build_shared_visual
 
 ADAPTER_PREFIX = "adapter_"
 
@@ -191,8 +191,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
-        h = x + ctx.method.after_sublayer(self, "attention", self.attention(self.attention_norm(x), ctx), ctx)
-        return h + ctx.method.after_sublayer(self, "feed_forward", self.feed_forward(self.ffn_norm(h)), ctx)
+        a = self.attention_norm(x)
+        h = x + ctx.method.after_sublayer(self, "attention", a, self.attention(a, ctx), ctx)
+        f = self.ffn_norm(h)
+        return h + ctx.method.after_sublayer(self, "feed_forward", f, self.feed_forward(f), ctx)
 
 
 class Transformer(nn.Module):
@@ -212,10 +214,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.visual = visual
-        self.method = build_method(config.method, cfg)
+        shared = visual is not None and config.visual is not None and config.visual.entry == "shared"
+        self.method = build_shared_visual(config, cfg) if shared else build_method(config.method, cfg)
         if visual is not None and not self.method.takes_visual:
             raise ValueError(f"the PEFT method {self.method.name!r} takes no visual vector; build it without clip")
-        if visual is not None and config.method is not None:
+        if visual is not None and config.method is not None and not shared:
             config.method.check_visual_tokens(getattr(visual, "n_tokens", 1))
         self.method.attach(self)
         if not self.tok_embeddings.weight.is_meta:  # on the meta device load_model materializes and inits later
@@ -347,24 +350,30 @@ class Transformer(nn.Module):
             # (fused GPU kernels return NaN there). Real tokens are unaffected.
             mask = (mask | (k_idx[None, :] == q_idx[:, None]))[:, None]  # (B, 1, L, S)
 
-        ctx = AttentionContext(cos, sin, mask, is_causal, cache, method, state)
         training_step = torch.is_grad_enabled() and cache is None
         recompute = self.activation_checkpointing and training_step
         # Compiled for training steps only. A method with per-step state (begin_step: AdaMix's routes, which a graph
         # would specialise on and recompile for at every new route) keeps its blocks eager.
         compiled = self.compile_blocks and training_step and type(method).begin_step is Method.begin_step
         block = compiled_block if compiled else _block
-        for layer in self.layers:
-            if recompute:  # keeps only x; the block (method hooks included) runs again in the backward pass
-                x = checkpoint(block, layer, x, ctx, use_reentrant=False)
-            else:
-                x = block(layer, x, ctx)
+
+        def run_blocks(state: Any) -> Tensor:
+            """The layers over x with the method's per-sequence ``state`` -> (B, T, dim) at the caller's tokens."""
+            h, layer_ctx = x, AttentionContext(cos, sin, mask, is_causal, cache, method, state)
+            for layer in self.layers:
+                if recompute:  # keeps only h; the block (method hooks included) runs again in the backward pass
+                    h = checkpoint(block, layer, h, layer_ctx, use_reentrant=False)
+                else:
+                    h = block(layer, h, layer_ctx)
+            return h[:, L - T :]  # the caller's tokens only: soft positions dropped
+
+        if labels is not None:  # the method's training loss (default: the next-token loss of one pass), () fp32
+            head = lambda hidden: self.output(self.norm(hidden))  # noqa: E731  (N, dim) -> (N, vocab)
+            return method.training_loss(self, run_blocks, state, labels, head, loss_chunk)
+        h = run_blocks(state)
         if cache is not None:
             cache.length = start + L
-        x = x[:, L - T :] if not last_only else x[:, -1:]  # the caller's tokens only: soft positions dropped
-        if labels is not None:
-            return next_token_loss(x, labels, lambda h: self.output(self.norm(h)), loss_chunk)  # () fp32
-        return self.output(self.norm(x))  # (B, T, vocab)
+        return self.output(self.norm(h if not last_only else h[:, -1:]))  # (B, T or 1, vocab)
 
     @property
     def max_tokens(self) -> int:

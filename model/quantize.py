@@ -75,6 +75,16 @@ def refuse_quantized_merge(what: str, weights: Iterable[Tensor]) -> None:
             raise ValueError(f"cannot merge {what} into an {kind}-quantized base; load the base unquantized to merge")
 
 
+def dequantized(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """A plain ``dtype`` tensor of the values a frozen weight stands for, quantized by quantize_base or not (DoRA's
+    row norms need the values themselves, not a matmul with them)."""
+    if type(weight) in (Tensor, nn.Parameter):  # a plain weight first: torch.compile traces this, not the MRO walk
+        return weight.to(dtype)
+    if quantized_kind(weight) == "int8":
+        return weight.dequantize().to(dtype)  # FrozenInt8Tensor: qdata * row scale
+    return weight.to(dtype)  # a plain tensor, or an NF4Tensor (whose .to(dtype) dequantizes)
+
+
 def stored_bytes(tensor: Tensor) -> int:
     """Bytes a tensor holds: for a torchao tensor, those of its inner tensors (data, block scales), not of the
     floating-point tensor it stands for (``numel() * element_size()`` would count that)."""

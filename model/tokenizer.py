@@ -111,6 +111,11 @@ class Tokenizer(ABC):
         return StreamDecoder(self.decode)
 
     @abstractmethod
+    def hf_files(self) -> dict[str, bytes]:
+        """The tokenizer as the files of a Hugging Face model directory that ``AutoTokenizer.from_pretrained`` reads
+        and encodes with as ``encode(text)`` does (file name -> content)."""
+
+    @abstractmethod
     def _encode_text(self, text: str) -> list[int]:
         """Ids of ``text`` without any special token."""
 
@@ -149,6 +154,48 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _encode_text(self, text: str) -> list[int]:
         return list(self.sp.encode(text))
+
+    def hf_files(self) -> dict[str, bytes]:
+        """tokenizer.model itself, and a tokenizer.json for transformers built from it: LLaMA's byte-fallback BPE
+        with sentencepiece's whitespace handling (one "▁" put before the text, every space a "▁"; transformers 5's
+        own LlamaTokenizer does not double a leading space as sentencepiece does). BPE models only (LLaMA's)."""
+        from tokenizers import AddedToken, decoders, normalizers, processors
+        from tokenizers import Tokenizer as _HFTokenizer
+        from tokenizers.models import BPE
+
+        sp, n = self.sp, self.vocab_size
+        vocab = {sp.id_to_piece(i): i for i in range(n)}
+        special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+        merges = []  # every split of a piece into two pieces, the best-scoring merged piece first (sentencepiece BPE)
+        for piece, i in vocab.items():
+            if i in special or sp.is_byte(i) or sp.is_unused(i):
+                continue
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in vocab and right in vocab:
+                    merges.append((-sp.get_score(i), vocab[left], vocab[right], left, right))
+        merges.sort()
+        unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
+        tok = _HFTokenizer(
+            BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True)
+        )
+        tok.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in special])
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        names = {role: sp.id_to_piece(i) for role, i in (("bos", self.bos_id), ("eos", self.eos_id)) if i is not None}
+        if self.bos_id is not None:
+            bos = names["bos"]
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)]
+            )
+        config = {f"{role}_token": name for role, name in names.items()} | {"unk_token": unk}
+        return {
+            "tokenizer.model": self.path.read_bytes(),
+            "tokenizer.json": tok.to_str().encode(),
+            "tokenizer_config.json": _tokenizer_config(config),
+        }
 
     def _decode_ids(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
@@ -195,8 +242,27 @@ class HFTokenizer(Tokenizer):
     def _encode_text(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False).ids)
 
+    def hf_files(self) -> dict[str, bytes]:
+        """tokenizer.json and the config files beside it that name its special tokens; without a
+        tokenizer_config.json, one naming BOS / EOS / pad as resolved here."""
+        files = {"tokenizer.json": self.path.read_bytes()}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (self.path.parent / name).is_file():
+                files[name] = (self.path.parent / name).read_bytes()
+        if "tokenizer_config.json" not in files:
+            roles = (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))
+            names = {f"{role}_token": self.tok.id_to_token(i) for role, i in roles if i is not None}
+            files["tokenizer_config.json"] = _tokenizer_config(names)
+        return files
+
     def _decode_ids(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def _tokenizer_config(special_tokens: dict[str, str | None]) -> bytes:
+    """A tokenizer_config.json for a tokenizer.json used as it is (transformers' generic fast tokenizer)."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special_tokens, "clean_up_tokenization_spaces": False}
+    return (json.dumps(config, indent=2) + "\n").encode()
 
 
 def _optional_id(value: int) -> int | None:

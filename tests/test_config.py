@@ -44,7 +44,7 @@ def test_model_config_records_the_method_by_name_and_reads_the_old_adapter_entry
     assert plain.to_dict()["method"] is None and ModelConfig.from_dict(plain.to_dict()) == plain
     old = {"llama": cfg.to_dict()["llama"], "adapter": {"prompt_len": 4, "n_layers": 2, "gate_fn": "raw"}}
     assert ModelConfig.from_dict(old).method == AdapterConfig(prompt_len=4, n_layers=2, gate_fn="raw")
-    with pytest.raises(ValueError, match="unknown PEFT method 'no_such_method'; registered: adamix, houlsby, "):
+    with pytest.raises(ValueError, match="unknown PEFT method 'no_such_method'; registered: adamix, dora, houlsby"):
         ModelConfig.from_dict({**cfg.to_dict(), "method": "no_such_method"})
     with pytest.raises(ValueError, match="settings of PEFT method 'lora': .*unexpected keyword argument 'prompt_len'"):
         ModelConfig.from_dict({**cfg.to_dict(), "method": "lora"})

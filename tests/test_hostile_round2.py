@@ -3,6 +3,8 @@ overflows the recursion limit, sidecars from the future and keys given twice. Ea
 and the field or key; nothing is built or written for them."""
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,105 @@ def test_a_meta_base_of_nan_is_refused_naming_the_tensor(tmp_path):
         CheckpointError, match=r"consolidated\.00\.pth: layers\.1\.feed_forward\.w2\.weight: 4096 of 4096 sampled"
     ):
         load_model(base)
+
+
+# ---- Meta's checklist.chk -------------------------------------------------------------------------------------------
+def meta_base(tmp_path: Path) -> Path:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY_BASE, base)
+    return base
+
+
+def write_checklist(base: Path, lines: list[str] | None = None) -> None:
+    from model.checkpoint.meta import file_md5
+
+    if lines is None:  # as Meta ships it: md5sum's output for the shards and params.json
+        lines = [f"{file_md5(base / name)}  {name}" for name in ("consolidated.00.pth", "params.json")]
+    (base / "checklist.chk").write_text("".join(line + "\n" for line in lines))
+
+
+def flip_inside_tensor_data(path: Path, size: int = 4096) -> None:
+    """XOR 1 into ``size`` bytes in the middle of the largest tensor's data in a torch zip file: every value stays
+    finite (no NaN check can see it), the zip structure stays valid."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2 - size // 2
+    raw[start : start + size] = bytes(b ^ 1 for b in raw[start : start + size])
+    path.write_bytes(bytes(raw))
+
+
+def changed_weights(model, reference) -> list[str]:
+    ours, theirs = model.state_dict(), reference.state_dict()
+    return [name for name in ours if not torch.equal(ours[name], theirs[name])]
+
+
+def test_flipped_bytes_in_a_meta_shard_are_refused_by_its_checklist_naming_the_file(tmp_path):
+    base = meta_base(tmp_path)
+    write_checklist(base)
+    original = load_model(TINY_BASE)
+    assert changed_weights(load_model(base), original) == []  # an intact checklist passes
+    shard = base / "consolidated.00.pth"
+    flip_inside_tensor_data(shard)
+    damaged = load_model(base, verify_checksums=False)  # what loading without the checklist gives: no error
+    assert len(changed_weights(damaged, original)) == 1
+    refusal = rf"^{re.escape(str(shard))}: md5 [0-9a-f]{{32}} differs from [0-9a-f]{{32}} in checklist\.chk; "
+    with pytest.raises(CheckpointError, match=refusal + r"the file is damaged or incomplete \(download it again\)$"):
+        load_model(base)
+    (base / "checklist.chk").unlink()
+    assert changed_weights(load_model(base), damaged) == []  # no checklist: nothing changes
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["0" * 32 + "  params.json"], r"checklist\.chk: does not list consolidated\.00\.pth"),
+        (["0" * 32 + "  consolidated.00.pth", "not a sum"], r"checklist\.chk:2: expected '<md5 hex>  <file name>'"),
+        (["0" * 32 + " *consolidated.00.pth", "0" * 32 + "  ../params.json"],
+         r"checklist\.chk:2: '\.\./params\.json' is not a file name in this directory"),
+        (["0" * 32 + "  consolidated.00.pth", "0" * 32 + "  consolidated.01.pth"],
+         r"consolidated\.01\.pth: listed in checklist\.chk but missing \(or not a regular file\)"),
+        (["0" * 32 + "  consolidated.00.pth", "0" * 32 + "  fifo"],  # a FIFO would block a read forever
+         r"fifo: listed in checklist\.chk but missing \(or not a regular file\)"),
+    ],
+)  # fmt: skip
+def test_a_checklist_that_does_not_fit_is_one_error_naming_the_line_or_file(tmp_path, lines, message):
+    base = meta_base(tmp_path)
+    os.mkfifo(base / "fifo")
+    write_checklist(base, lines)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(base)
+
+
+# ---- --model.quantize -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["int3", "", "nf4 ", "4", "NF4", 4])
+def test_a_quantize_value_outside_the_choices_is_refused_before_any_weight_is_read(value, monkeypatch):
+    monkeypatch.setattr("model.open_base", lambda *a, **k: pytest.fail("the base was opened"))
+    refusal = rf"^quantize={re.escape(repr(value))} is not supported; choose one of nf4, int8$"
+    with pytest.raises(ValueError, match=refusal):
+        load_model(TINY_BASE, quantize=value)
+
+
+def test_a_quantize_value_outside_the_choices_is_one_usage_error_from_the_command_line_and_from_config_json(
+    tmp_path, capsys
+):
+    from training.cli import ConfigError, parse_args, read_run_config
+    from training.config import config_to_dict
+
+    for value in ("nf4 ", "int3"):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(["--model.quantize", value])
+        assert stop.value.code == 2
+        expected = f"train.py: error: argument --model.quantize: {value!r}: expected one of none, nf4, int8\n"
+        assert capsys.readouterr().err.endswith(expected)
+    values = config_to_dict(parse_args([]).config)
+    values["model"]["quantize"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match=r"config\.json: setting model\.quantize = 3; choose one of none, nf4, int8$"):
+        read_run_config(tmp_path)

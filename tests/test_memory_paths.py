@@ -29,9 +29,11 @@ TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def make_training_model(name: str) -> Transformer:
-    """The tiny base with a moved ``name`` adapter in training mode (LoRA with dropout, so the recomputed blocks must
-    draw the same masks; AdaMix on the route of a fixed step), with the image path where the method takes one."""
-    settings = {**TINY_SETTINGS[name], **({"dropout": 0.2} if name == "lora" else {})}
+    """The tiny base with a moved ``name`` adapter in training mode (LoRA and DoRA with dropout, so the recomputed
+    blocks must draw the same masks; AdaMix on the route of a fixed step, one pass: its two-pass consistency loss is
+    checked under recompute in tests/test_method_adamix_release.py), with the image path where the method takes one."""
+    extra = {"lora": {"dropout": 0.2}, "dora": {"dropout": 0.2}, "adamix": {"consistency_weight": 0.0}}.get(name, {})
+    settings = {**TINY_SETTINGS[name], **extra}
     config = method_class(name).config_class(**settings)
     visual = "tiny" if method_class(name).takes_visual else None
     model = load_model(TINY_BASE, adapter_config=config, clip=visual)

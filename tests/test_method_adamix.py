@@ -26,9 +26,10 @@ data = test_train_ddp.data  # the fixture: a synthetic ScienceQA set and its tok
 
 
 def mixed(**settings):
-    """The tiny preset with an AdaMix of 3 experts after both sublayers of every layer, experts moved off their
-    init."""
-    model = load_model("tiny", adapter_config=AdaMixConfig(n_experts=3, bottleneck=8, sublayers=BOTH, **settings))
+    """The tiny preset with an AdaMix of 3 experts in both projections (unless ``settings`` say otherwise) after
+    both sublayers of every layer, experts moved off their init."""
+    config = AdaMixConfig(**{"n_experts": 3, "bottleneck": 8, "sublayers": BOTH, "shared": "none", **settings})
+    model = load_model("tiny", adapter_config=config)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, p in model.trainable_parameters():
@@ -50,6 +51,7 @@ def houlsby_with(model, pick):
 
 def test_a_step_route_depends_on_seed_and_step_only():
     assert step_route(7, 3, 4, 3) == step_route(7, 3, 4, 3)
+    assert step_route(7, 3, 4, 3, forward=1) != step_route(7, 3, 4, 3)  # the consistency loss's second pass
     routes = {str(step_route(seed, step, 4, 3)) for seed in (0, 1) for step in range(4)}
     assert len(routes) == 8
     route = torch.tensor(step_route(0, 0, 32, 4))  # (layers, sublayers, down / up)
@@ -102,7 +104,7 @@ def test_inference_averages_the_experts_and_merge_keeps_one_expert_with_the_aver
 
 
 def test_every_expert_starts_from_its_own_near_identity_draw():
-    model = load_model("tiny", adapter_config=AdaMixConfig(n_experts=3, bottleneck=8))
+    model = load_model("tiny", adapter_config=AdaMixConfig(n_experts=3, bottleneck=8, shared="none"))
     names = [n for n, _ in model.trainable_parameters()]
     assert names == [
         f"layers.{i}.adapter_feed_forward.{k}" for i in range(4) for k in ("down", "down_bias", "up", "up_bias")
@@ -140,13 +142,19 @@ def test_bad_settings_name_the_field(settings, message):
 
 def test_the_7b_defaults_count():
     model = load_model("7B", adapter_config=AdaMixConfig(), device="meta")
+    # 32 FFN points x (4 down experts x (4096*16 + 16) + one shared up-projection 16*4096 + 4096)
+    assert model.describe_trainable() == (
+        "10,618,880 trainable values (experts 8,390,656, shared up-projections 2,228,224)"
+    )
+    unshared = load_model("7B", adapter_config=AdaMixConfig(shared="none"), device="meta")
     # 32 FFN points x 4 experts x (4096*16 + 16 + 16*4096 + 4096); merged: a quarter
-    assert model.describe_trainable() == "17,303,552 trainable values (experts 17,303,552)"
+    assert unshared.describe_trainable() == "17,303,552 trainable values (experts 17,303,552)"
 
 
 def test_two_processes_match_one_with_the_same_global_batch_and_routes_change_every_step(data, tmp_path, monkeypatch):
     adamix = ["--model.method", "adamix", "--model.adamix.n_experts", "3", "--model.adamix.bottleneck", "4",
-              "--model.adamix.sublayers", "[attention, feed_forward]", "--run.seed", "5"]  # fmt: skip
+              "--model.adamix.sublayers", "[attention, feed_forward]", "--model.adamix.shared", "none",
+              "--model.adamix.freeze_unrouted", "true", "--run.seed", "5"]  # fmt: skip
     steps = []
     begin_step = AdaMix.begin_step
     monkeypatch.setattr(

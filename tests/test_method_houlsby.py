@@ -110,3 +110,74 @@ def test_the_adapters_do_not_fold_and_the_7b_defaults_count():
     assert model.describe_trainable() == (
         "33,820,672 trainable values (attention adapters 16,910,336, FFN adapters 16,910,336)"
     )
+
+
+def block_by_hand(block, x, cos, sin, model, *, sublayers, parallel, scale, activation=F.silu):
+    """One block with bottlenecks written out: serial out + s * A(out), parallel out + s * A(norm(x))."""
+    plain = AttentionContext(cos, sin, None, True, None, Method(None, model.config.llama), None)
+
+    def adapted(name, z_in, out):
+        if name not in sublayers:
+            return out
+        z = z_in if parallel else out
+        return out + scale * reference_adapter(z, getattr(block, f"adapter_{name}"), activation)
+
+    a_in = block.attention_norm(x)
+    h = x + adapted("attention", a_in, block.attention(a_in, plain))
+    f_in = block.ffn_norm(h)
+    return h + adapted("feed_forward", f_in, block.feed_forward(f_in))
+
+
+@pytest.mark.parametrize(
+    ("settings", "sublayers", "parallel", "scale"),
+    [
+        (dict(sublayers=("feed_forward",)), ("feed_forward",), False, 1.0),  # Pfeiffer: after the FFN only
+        (dict(placement="parallel"), ("attention", "feed_forward"), True, 4.0),  # He et al.: s = 4
+        (dict(placement="parallel", sublayers=("feed_forward",), scaling=2.5), ("feed_forward",), True, 2.5),
+        (dict(scaling=0.5), ("attention", "feed_forward"), False, 0.5),
+    ],
+)
+def test_pfeiffer_and_parallel_placements_follow_their_formulas(settings, sublayers, parallel, scale):
+    model = load_model("tiny", adapter_config=HoulsbyConfig(bottleneck=8, n_layers=2, **settings))
+    randomize(model)
+    assert {n.split(".")[2] for n, _ in model.trainable_parameters()} == {f"adapter_{s}" for s in sublayers}
+    block, x = model.layers[3], torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
+    rope_cos, rope_sin = model.rope(x.device)
+    cos, sin = rope_cos[:5][None, :, None], rope_sin[:5][None, :, None]
+    with torch.no_grad():
+        expected = block_by_hand(block, x, cos, sin, model, sublayers=sublayers, parallel=parallel, scale=scale)
+        ours = block(x, AttentionContext(cos, sin, None, True, None, model.method, None))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_trained_norms_start_as_the_base_weights_and_replace_them():
+    model = load_model("tiny", adapter_config=HoulsbyConfig(bottleneck=8, n_layers=2, train_norms=True), seed=1)
+    names = {n for n, _ in model.trainable_parameters() if "norm" in n}
+    assert names == {f"layers.{i}.{k}.adapter_norm_weight" for i in (2, 3) for k in ("attention_norm", "ffn_norm")} | {
+        "norm.adapter_norm_weight"
+    }
+    norm = model.layers[2].ffn_norm
+    assert torch.equal(norm.adapter_norm_weight, norm.weight) and not norm.weight.requires_grad
+    x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        norm.adapter_norm_weight.mul_(2.0)
+        x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        torch.testing.assert_close(norm(x), x_hat * 2 * norm.weight, atol=1e-6, rtol=0)  # used in place of w
+    assert model.describe_trainable() == (
+        "4,704 trainable values (norm weights 320, attention adapters 2,192, FFN adapters 2,192)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(sublayers=("ffn",)), "HoulsbyConfig.sublayers must be distinct names among attention, feed_forward"),
+        (dict(sublayers="feed_forward"), "HoulsbyConfig.sublayers must be a list of names, got the string"),
+        (dict(placement="beside"), "HoulsbyConfig.placement must be 'serial' or 'parallel', got 'beside'"),
+        (dict(scaling="4"), "HoulsbyConfig.scaling must be a number or None, got '4'"),
+        (dict(train_norms=1), "HoulsbyConfig.train_norms must be true or false, got 1"),
+    ],
+)
+def test_bad_placement_settings_name_the_field(settings, message):
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        HoulsbyConfig(**settings)

@@ -84,7 +84,6 @@ def peft_dir(tmp_path_factory):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"use_dora": True}, r"use_dora=True \(DoRA"),
         ({"bias": "all"}, r"bias='all' \(trained biases"),
         ({"rank_pattern": {"q_proj": 2}}, r"rank_pattern=\{'q_proj': 2\} \(ranks that differ per module\)"),
         ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]"),

@@ -35,7 +35,7 @@ class FFNShift(Method):
         with torch.no_grad():
             self.adapter_shift.zero_()  # identity at start
 
-    def after_sublayer(self, block, sublayer, out, ctx):
+    def after_sublayer(self, block, sublayer, x, out, ctx):
         if sublayer != "feed_forward":
             return out
         return out + self.adapter_shift[block.attention.layer_idx].to(out.dtype)

@@ -34,7 +34,7 @@ TINY_BASE = Path(__file__).resolve().parents[1] / "assets" / "tiny-base"
 PROMPTS = ["Question: What color is the ball?\nAnswer: red", "Tell me a story about a cat and a dog.", "Which is big?"]
 LOGITS_BOUND = {"nf4": 0.2, "int8": 0.02}
 """Relative error of the logits to the unquantized base's (measured 0.059-0.133 nf4, 0.004-0.011 int8)."""
-MERGE_REFUSED = {"lora": "LoRA", "llama_adapter_v2": "LLaMA-Adapter V2 scales"}
+MERGE_REFUSED = {"lora": "LoRA", "dora": "DoRA", "ia3": r"\(IA\)\^3", "llama_adapter_v2": "LLaMA-Adapter V2 scales"}
 """Methods whose merge folds into the base linears, and how their refusal names them."""
 
 pytestmark = pytest.mark.usefixtures("one_thread")

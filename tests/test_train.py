@@ -257,7 +257,7 @@ class OutputBias(Method):
         with torch.no_grad():
             self.adapter_bias.zero_()
 
-    def after_sublayer(self, block, sublayer, out, ctx):
+    def after_sublayer(self, block, sublayer, x, out, ctx):
         last = block.attention.layer_idx == self.llama.n_layers - 1
         return out + self.adapter_bias.to(out.dtype) if last and sublayer == "feed_forward" else out
 
@@ -281,3 +281,25 @@ def test_a_method_registered_outside_the_model_trains_through_train_py(data, tmp
     other = [*base_args(data, "scienceqa", tmp_path / "other"), "--model.method", "toy_missing", "--no-images"]
     assert train.main(other) == 1  # a method nobody registered: one error naming the flag and the known ones
     assert "error: --model.method: unknown PEFT method 'toy_missing'; registered: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("method", "flags", "recorded"),
+    [
+        ("houlsby", ["--model.houlsby.placement", "parallel", "--model.houlsby.sublayers", "[feed_forward]",
+                     "--model.houlsby.train_norms", "true"],
+         {"placement": "parallel", "sublayers": ["feed_forward"], "train_norms": True}),
+        ("adamix", ["--model.adamix.n_experts", "3", "--model.adamix.freeze_unrouted", "true"],
+         {"shared": "up", "consistency_weight": 100.0, "freeze_unrouted": True}),
+        ("ptuning_v2", ["--model.ptuning_v2.prefix_len", "3"], {"prefix_len": 3, "reparameterize": False}),
+    ],
+)  # fmt: skip
+def test_the_bottleneck_options_adamix_and_ptuning_v2_train_through_train_py(data, tmp_path, method, flags, recorded):
+    out = tmp_path / "run"
+    argv = [*base_args(data, "scienceqa", out), "--model.method", method, *flags, "--optim.max_steps", "3",
+            "--run.eval", "false"]  # fmt: skip
+    assert train.main(argv) == 0
+    settings = json.loads((out / "adapter.json").read_text())["model_config"]["method_config"]
+    assert {k: settings[k] for k in recorded} == recorded
+    assert load_run(out).config.method == getattr(parse_args(argv).config.model, method)  # as set, reloaded
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(out)) and read_metrics(out)[-1]["step"] == 3

@@ -81,6 +81,26 @@ def test_every_method_shards_to_the_unsharded_loss_and_gradients(one_process_gro
         assert torch.equal(p.grad, grads[name])
 
 
+def test_a_training_loss_of_two_passes_shards_to_the_unsharded_loss_and_gradients(one_process_group):
+    """AdaMix's consistency loss runs the blocks twice inside one call (Method.training_loss): FSDP gathers each
+    block's weights for both passes and both backward passes."""
+    tokens = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))  # (B, T)
+
+    def run(net, model):
+        model.method.begin_step(1, 0)
+        loss = net(tokens, labels=tokens)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.trainable_parameters()}
+
+    whole = tiny_model("adamix")
+    whole_loss, whole_grads = run(whole, whole)
+    model = tiny_model("adamix")
+    loss, grads = run(shard_frozen_base(model, one_process_group), model)
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, whole_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("method", ["llama_adapter", "lora"])
 def test_the_chunked_loss_and_activation_checkpointing_recompute_through_the_sharded_base(one_process_group, method):
     """The chunked loss recomputes the final norm and output projection in the backward pass, outside the root's

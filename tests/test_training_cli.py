@@ -32,7 +32,7 @@ def write_run_config(run_dir, cfg: TrainConfig) -> None:
 
 
 def test_the_recipes_are_the_shipped_files_the_default_first():
-    assert recipe_names() == ["tiny", "alpaca", "coco", "demo", "scienceqa", "v2"]
+    assert recipe_names() == ["tiny", "alpaca", "coco", "demo", "scenes", "scienceqa", "v2"]
     for name in recipe_names():
         assert load_recipe(name).recipe == name
 

@@ -48,7 +48,8 @@ def ensure_synthetic(cfg: TrainConfig, d: Dist) -> None:
     if d.main:
         if not root.exists():
             print(f"generating the synthetic {cfg.data.task} dataset in {root}", flush=True)
-        TASKS[cfg.data.task].synthetic(root)  # generates only what is absent
+        task = TASKS[cfg.data.task]
+        task.synthetic(root, cfg.data.synthetic_kind or task.synthetic_kinds[0])  # generates only what is absent
     barrier(d)
 
 

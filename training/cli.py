@@ -34,6 +34,7 @@ from training.config import (
     config_to_dict,
     load_recipe,
     recipe_names,
+    with_recorded_method_defaults,
 )
 from training.state import CONFIG_FILE
 
@@ -114,6 +115,7 @@ def read_run_config(run_dir: Path) -> TrainConfig:
         values.pop("changes", None)
         if isinstance(values.get("run"), dict):
             values["run"]["stop_after"] = None
+        with_recorded_method_defaults(values)
     try:
         return config_from_dict(TrainConfig, values)
     except ConfigError as e:
@@ -354,7 +356,7 @@ def _one_line(message: str, types: dict[str, Any]) -> str:
     key = re.match(r'Parser key "([^"]+)"', message)
     given = re.findall(r"(?:Given|Got) value: (.*)", message)
     if key and key[1] in types and given:
-        return f"argument --{key[1]}: {given[-1].strip()!r}: expected {_expected(types[key[1]])}"
+        return f"argument --{key[1]}: {given[-1]!r}: expected {_expected(types[key[1]])}"
     if message.startswith("unrecognized arguments:"):
         unknown = [arg.split("=")[0] for arg in message.split()[2:] if arg.startswith("--")]
         hints = [f"{flag}: did you mean {' or '.join(near)}?" for flag in unknown if (near := _near(flag, types))]

@@ -54,8 +54,8 @@ class BaseModelArgs:
     bfloat16 on GPUs that support it, else float16 (with loss scaling)."""
     method: str = "llama_adapter"
     """The PEFT method trained on the frozen base, a name registered in model.methods (llama_adapter,
-    llama_adapter_v2, lora, houlsby, adamix, prefix, prompt, ptuning). Its settings are the section of the same name
-    below (llama_adapter's: model.adapter)."""
+    llama_adapter_v2, lora, dora, ia3, houlsby, adamix, prefix, ptuning_v2, prompt, ptuning). Its settings are the
+    section of the same name below (llama_adapter's: model.adapter)."""
     visual: VisualConfig = field(default_factory=VisualConfig)
     """The visual path: CLIP tower and the trainable projection to the LLaMA width."""
     init_from: str | None = None
@@ -86,6 +86,21 @@ def _method_sections() -> list[tuple[str, type, Any]]:
     ]
 
 
+def with_recorded_method_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded run's settings (its config.json) with each method section's missing fields filled from the method
+    config's ``recorded_defaults``: a run from before a field existed resumes with the behaviour it trained with."""
+    from model.methods import method_class, method_names
+    from model.methods.base import with_recorded_defaults
+
+    model = values.get("model")
+    if isinstance(model, dict):
+        for name in method_names():
+            section = settings_section(name)
+            if isinstance(model.get(section), dict):
+                model[section] = with_recorded_defaults(method_class(name).config_class, model[section])
+    return values
+
+
 ModelArgs = dataclasses.make_dataclass("ModelArgs", _method_sections(), bases=(BaseModelArgs,))
 ModelArgs.__module__, ModelArgs.__doc__ = __name__, BaseModelArgs.__doc__
 
@@ -105,6 +120,10 @@ class DataArgs:
     synthetic: bool = False
     """Generate the task's synthetic dataset (scienceqa: data.synthetic; mix: data.synthetic_mix) at data.path if it
     is absent."""
+    synthetic_kind: str | None = None
+    """Which synthetic dataset data.synthetic generates: scienceqa: shapes (one shape, its colour or size; the
+    default) or scenes (several shapes: counting, the colour of a named shape, positions; harder, for comparing
+    methods); mix: demo. None: the task's default."""
     images: bool = True
     """Feed images through the CLIP tower (scienceqa, coco). false (--no-images): a text-only adapter, the
     LLaMA-Adapter_T variant for ScienceQA."""
@@ -272,6 +291,12 @@ class TrainConfig:
             raise ValueError(
                 f"data.synthetic generates data for {with_data} only; set it false for data.task={self.data.task}"
             )
+        kinds, kind = TASKS[self.data.task].synthetic_kinds, self.data.synthetic_kind
+        if kind is not None and kind not in kinds:
+            raise ValueError(
+                f"data.synthetic_kind={kind!r}: data.task={self.data.task} generates "
+                + (", ".join(kinds) if kinds else "no synthetic data")
+            )
 
     def check_inputs(self) -> None:
         """What a run needs before anything is written: base and data (the recipes for real data leave them
@@ -323,6 +348,9 @@ def config_from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             value = config_from_dict(tp, value, f"{where}{name}.")
+        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):  # e.g. a hand-edited config.json
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(f"setting {where}{name} = {value!r}; choose one of {choices}")
         elif isinstance(value, list):
             value = tuple(value)  # JSON has no tuples; every list-valued setting is a tuple
         kwargs[name] = value

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from training.config import OptimArgs
 
@@ -70,3 +72,31 @@ def plan_steps(o: OptimArgs, n_examples: int, world: int) -> StepPlan:
 def build_optimizer(model: nn.Module, o: OptimArgs, peak_lr: float) -> torch.optim.AdamW:
     """AdamW over the model's trainable tensors (param_groups); the schedule sets the lr of each step."""
     return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=peak_lr, betas=o.betas, eps=o.eps)
+
+
+@contextlib.contextmanager
+def hold_slices(optimizer: torch.optim.Optimizer, held: list[tuple[nn.Parameter, Tensor]]) -> Iterator[None]:
+    """Around an optimizer step: the rows ``indices`` (along the first axis) of each (parameter, indices) in
+    ``held`` come out of the step as they went in, values and every optimizer moment of the parameter's shape
+    (AdamW's exp_avg, exp_avg_sq): no momentum or weight-decay step on them (``Method.held_in_step``). The step
+    count of the parameter still advances."""
+    saved = []
+    for p, indices in held:
+        indices = indices.to(p.device)
+        moments = {k: v.index_select(0, indices) for k, v in optimizer.state.get(p, {}).items() if _moment(v, p)}
+        saved.append((p, indices, p.detach().index_select(0, indices), moments))
+    yield
+    with torch.no_grad():
+        for p, indices, values, moments in saved:
+            p.index_copy_(0, indices, values)
+            state = optimizer.state[p]
+            for k, v in moments.items():
+                state[k].index_copy_(0, indices, v)
+            for k, v in state.items():  # moments the step created: zero before it, so zero for the held rows
+                if k not in moments and _moment(v, p):
+                    v.index_fill_(0, indices, 0)
+
+
+def _moment(value: Any, p: nn.Parameter) -> bool:
+    """Whether an optimizer state entry is a per-value moment of ``p`` (not its step count)."""
+    return isinstance(value, Tensor) and value.shape == p.shape

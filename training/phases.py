@@ -28,7 +28,7 @@ from model.checkpoint import write_text_atomic
 from training import TrainingError
 from training.cli import Resume
 from training.config import TrainConfig
-from training.state import CONFIG_FILE, default_run_dir, write_run_config
+from training.state import CONFIG_FILE, check_run_dir, default_run_dir, write_run_config
 
 PHASES_FILE = "phases.json"
 
@@ -92,7 +92,7 @@ def run_phases(cfg: TrainConfig, resume: Resume | None, *, handle_signals: bool 
     out = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg.recipe)
     if resume is None and (out / CONFIG_FILE).exists():
         raise TrainingError(f"{out} already holds a run; continue it with --resume {out} or pick --out")
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_dir(out, resume)
     cfg.run.out = str(out)
     write_run_config(out, cfg, None)
     done = finished(out)

@@ -40,6 +40,7 @@ from training.state import (
     CONFIG_FILE,
     STATE_FILE,
     Position,
+    check_run_dir,
     data_position_fits,
     load_state,
     prepare_run_dir,
@@ -146,6 +147,8 @@ def train_run(cfg: TrainConfig, resume: Resume | None = None, *, handle_signals:
     run_dir = prepare_run_dir(cfg, resume)
     d = setup_distributed(cfg.run.device)
     try:
+        if d.main:
+            check_run_dir(run_dir, resume)
         return _run(cfg, run_dir, resume, d, handle_signals)
     except WriteError as e:  # a full disk, a lost mount ...: the message names the file
         again = (

@@ -4,7 +4,9 @@ A run directory holds config.json (the resolved settings), adapter.safetensors +
 metrics.jsonl, loss_curve.png and TensorBoard events (tb/; training.metrics), state.pt (everything needed to resume:
 adapter tensors, optimizer, step, data position, RNG states) and, after ScienceQA training, predictions.json,
 generations.jsonl and metrics.json from the evaluation split. Every file is replaced atomically; a write that fails
-(a full disk) stops the run with one error naming the file, and --resume continues from the last saved state.
+(a full disk) stops the run with one error naming the file, and --resume continues from the last saved state. A run
+directory that takes no new file (a read-only mount) is refused before any work (``check_run_dir``), and a resume
+first removes the temporary files of writes a killed process never finished.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from data.tasks import TASKS
-from model.checkpoint import CheckpointError, atomic_write, check_keys, write_text_atomic
+from model.checkpoint import (
+    CheckpointError,
+    WriteError,
+    atomic_write,
+    check_keys,
+    check_writable,
+    remove_stale_temps,
+    write_text_atomic,
+)
 from training import TrainingError
 from training.config import REPO_ROOT, TrainConfig, config_to_dict
 from training.dist import Dist
@@ -57,6 +67,26 @@ def prepare_run_dir(cfg: TrainConfig, resume: Resume | None) -> Path:
     if resume is None and (run_dir / CONFIG_FILE).exists():
         raise TrainingError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick --out")
     return run_dir
+
+
+def check_run_dir(run_dir: Path, resume: Resume | None) -> None:
+    """Before any work (rank 0): the run directory must take new files (TrainingError naming it, e.g. a read-only
+    mount); on resume, the temporary files of writes a killed process never finished are removed."""
+    if resume is None:
+        purpose = "the run writes its files there: pick another --out"
+    else:
+        purpose = (
+            "--resume writes the run's state, adapter and logs there: make it writable, or copy the run folder "
+            "elsewhere and resume the copy"
+        )
+    try:
+        check_writable(run_dir, purpose)
+    except WriteError as e:
+        raise TrainingError(str(e)) from None
+    if resume is not None:
+        removed = remove_stale_temps(run_dir)
+        if removed:
+            print(f"removed {len(removed)} unfinished temporary file(s) of a killed run: {', '.join(removed)}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -218,10 +248,11 @@ def data_position_fits(pos: Position, n_examples: int, per_rank: int, cfg: Train
 def tokenizer_source(cfg: TrainConfig) -> Path | None:
     """The tokenizer file the run uses (recorded in the adapter sidecar)."""
     from model import find_tokenizer
+    from model.hub import resolve_base
 
     if cfg.model.tokenizer is not None:
         return Path(cfg.model.tokenizer)
-    base = Path(cfg.model.base)
+    base = Path(resolve_base(cfg.model.base))  # a hub id: its snapshot
     return find_tokenizer(base) if base.is_dir() else None
 
 

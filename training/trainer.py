@@ -26,7 +26,7 @@ from training.batching import IndexedCollate, MicroBatch, epoch_steps, step_batc
 from training.config import TrainConfig
 from training.dist import Dist, all_reduce_sum, average_gradients, is_sharded, leave_together, memory_mib
 from training.metrics import MetricsLog
-from training.optim import Schedule, StepPlan
+from training.optim import Schedule, StepPlan, hold_slices
 from training.state import Position, save_checkpoint
 
 
@@ -172,7 +172,8 @@ class Trainer:
         if self.cfg.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
+        with hold_slices(self.optimizer, self.model.method.held_in_step(self.model)):  # e.g. unrouted experts
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=flags[0].item(), tokens=int(flags[3].item()), stop=bool(flags[2] > 0))

@@ -1,13 +1,16 @@
 """Checkpoint formats: base weights (Meta, Hugging Face), our adapter files, and importers.
 
 - ``files``: ``CheckpointError`` / ``WriteError``; reading JSON, PyTorch (``weights_only``) and safetensors files;
-  atomic writes and append-only logs.
+  atomic writes and append-only logs; a folder's writability checked up front.
 - ``keys``: the strict key check (missing, unexpected, mis-shaped keys in one error).
 - ``base``: ``BaseCheckpoint``, a base opened lazily and loaded strictly; the content fingerprint of its weights.
-- ``meta`` / ``hf``: the two base layouts; ``detect``: which one a directory holds (``open_base``).
+- ``meta`` / ``hf``: the two base layouts (Meta's checklist.chk verified when present); ``detect``: which one a
+  directory holds (``open_base``).
 - ``fresh``: weights without a checkpoint (random preset base, zero-init adapter).
 - ``adapter``: our adapter format (safetensors + JSON sidecar): save, read, check against a base, load.
 - ``importers``: the official LLaMA-Adapter V1 release file, PEFT adaption-prompt directories, ``open_adapter``.
+- ``peft_export`` / ``hf_export`` / ``release_v2``: our models written as PEFT directories, merged Hugging Face
+  checkpoints and the official V2 release file (``python -m model.export``).
 """
 
 from model.checkpoint.adapter import (
@@ -27,7 +30,9 @@ from model.checkpoint.files import (
     WriteError,
     append_text,
     atomic_write,
+    check_writable,
     read_json,
+    remove_stale_temps,
     weights_only_refusal,
     write_text_atomic,
 )
@@ -49,6 +54,7 @@ __all__ = [
     "init_trainable",
     "check_keys",
     "check_materialized",
+    "check_writable",
     "detect_base_format",
     "hf_rows_to_meta",
     "init_fresh_adapter",
@@ -59,6 +65,7 @@ __all__ = [
     "open_base",
     "read_json",
     "read_official_v1",
+    "remove_stale_temps",
     "save_adapter",
     "weights_only_refusal",
     "write_text_atomic",

@@ -1,12 +1,15 @@
 """Our adapter format: the trainable tensors (``Transformer.adapter_state_dict()``) as safetensors, plus a JSON
 sidecar with the configs, the base, the tokenizer, the CLIP weights, the prompt format and two fingerprints of the
 base: its architecture (refused when it differs) and its weights' content (``weights_fingerprint``; a warning, or
-an error under ``strict_base``).
+an error under ``strict_base``). The sidecar also records a digest of the tensors (``tensors_digest``), so that a
+tensor file from another save (a process killed between renaming the two files, or a file copied from elsewhere) or
+with damaged values is refused instead of loading under the wrong configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -52,6 +55,16 @@ def adapter_paths(path: str | Path) -> tuple[Path, Path]:
     return path / ADAPTER_FILE, path / ADAPTER_SIDECAR
 
 
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 (hex) of the tensors by name: each name, dtype, shape and the bytes of its values."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _path_or_name(value: str | Path | None) -> str | None:
     """Existing paths are recorded absolute (the run directory may be read from elsewhere); names as given."""
     if value is None:
@@ -91,6 +104,7 @@ def save_adapter(
         "prompt_format": prompt_format,
         "base_fingerprint": base_fingerprint(model.config.llama),
         "base_weights_fingerprint": model.base_weights_fingerprint,
+        "tensors_sha256": tensors_digest(tensors),
         "extra": extra or {},
     }
     text = json.dumps(sidecar, indent=2) + "\n"  # fails before anything is written if extra is not JSON-able
@@ -178,6 +192,22 @@ def check_base_weights(weights: AdapterWeights, fingerprint: str | None, base_na
     warnings.warn(f"{message} (strict_base=True refuses this)", BaseWeightsWarning, stacklevel=3)
 
 
+def check_tensors_digest(weights: AdapterWeights) -> None:
+    """CheckpointError unless the tensors are those the sidecar was saved with (its ``tensors_sha256``; sidecars
+    written before it was recorded, and other formats, are not checked). Called after the key checks, which name
+    what differs when keys or shapes do."""
+    recorded = weights.sidecar.get("tensors_sha256") if weights.sidecar else None
+    if recorded is None or recorded == tensors_digest(weights.tensors):
+        return
+    sidecar = adapter_paths(weights.source)[1].name
+    raise CheckpointError(
+        f"{weights.source}: does not hold the tensors {sidecar} was saved with (its field tensors_sha256 differs): "
+        "the two files come from different saves (a process killed between writing them, or one copied from "
+        "elsewhere) or the values are damaged; in a train.py run directory, python train.py --resume RUN_DIR "
+        "writes both again from state.pt"
+    )
+
+
 def load_trainable(model: Transformer, weights: AdapterWeights) -> None:
     """Strictly load trainable tensors into ``model`` (values cast to each parameter's dtype)."""
     ours, theirs = model.config.method, weights.method
@@ -198,6 +228,7 @@ def load_trainable(model: Transformer, weights: AdapterWeights) -> None:
         weights.source,
         "adapter tensors",
     )
+    check_tensors_digest(weights)
     with torch.no_grad():
         for name, tensor in weights.tensors.items():
             if not params[name].is_meta:
@@ -219,6 +250,7 @@ def init_trainable(model: Transformer, weights: AdapterWeights) -> list[str]:
         weights.source,
         "adapter tensors to start from",
     )
+    check_tensors_digest(weights)
     with torch.no_grad():
         for name, tensor in weights.tensors.items():
             params[name].copy_(tensor)

@@ -28,7 +28,10 @@ def detect_base_format(path: Path) -> Literal["meta", "hf"]:
     )
 
 
-def open_base(path: str | Path) -> BaseCheckpoint:
-    """Open a Meta or Hugging Face base directory (format detected from the files present)."""
+def open_base(path: str | Path, *, verify_checksums: bool = True) -> BaseCheckpoint:
+    """Open a Meta or Hugging Face base directory (format detected from the files present); ``verify_checksums``:
+    a Meta directory's files are checked against its checklist.chk first, when it has one."""
     path = Path(path)
-    return open_meta(path) if detect_base_format(path) == "meta" else open_hf(path)
+    if detect_base_format(path) == "meta":
+        return open_meta(path, verify_checksums=verify_checksums)
+    return open_hf(path)

@@ -18,7 +18,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,49 @@ def atomic_write_files(writes: dict[Path, Callable[[Path], None]]) -> None:
                 os.remove(tmp)
     for folder in {path.parent for path in writes}:
         _fsync_directory(folder)
+
+
+def check_writable(folder: Path, purpose: str) -> None:
+    """WriteError naming ``folder`` unless files can be created in it (or, when it does not exist yet, in the nearest
+    folder above it that does, where it would be made): what a read-only mount or a folder without write permission
+    refuses, found before any work is done and leaving nothing behind. A real file is created and removed, since
+    permission bits say nothing for root (``os.access`` answers yes)."""
+    folder = Path(folder)
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise WriteError(folder, f"{folder}: cannot write into this folder ({reason}); {purpose}", e.errno) from e
+
+
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # mkstemp's name in atomic_write_files: .<name>.<8 chars>.tmp
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Remove the temporary files an atomic write killed before its rename left in ``folder`` (not below it); their
+    names. Only for folders one process writes (a run directory at the start of its resume)."""
+    removed = []
+    for path in sorted(Path(folder).glob(".*.tmp")):
+        if _TEMP_NAME.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def check_output_dir(path: Path, names: Iterable[str]) -> None:
+    """CheckpointError unless ``path`` is absent, empty or holds only files named ``names`` (an earlier export of
+    the same kind): a stale weight file or shard index beside new files could be read in their place."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    names = set(names)
+    others = sorted(p.name for p in path.iterdir() if p.name not in names) if path.is_dir() else []
+    if others:
+        raise CheckpointError(f"{path}: holds other files ({', '.join(others[:8])}); write into a new or empty folder")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

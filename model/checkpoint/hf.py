@@ -1,7 +1,7 @@
 """The Hugging Face base layout: config.json + safetensors / pytorch_model.bin, sharded or not.
 
 Keys are renamed to Meta's and the q/k rows un-permuted on reading; a shard index may only name files inside the
-base folder.
+base folder. The same tables, read backwards, name and permute what model/checkpoint/hf_export.py writes.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ _HF_LAYER = {
     "post_attention_layernorm": "ffn_norm",
 }
 _HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_META_TOP = {meta: hf for hf, meta in _HF_TOP.items()}
+_META_LAYER = {meta: hf for hf, meta in _HF_LAYER.items()}
+_META_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)")
+LAYER_LINEARS = tuple(name for name in _META_LAYER if not name.endswith("_norm"))
+"""The linears of a layer under their Meta module names (``attention.wq`` ... ``feed_forward.w2``)."""
 
 
 def hf_to_meta_name(name: str) -> str | None:
@@ -46,6 +51,24 @@ def hf_to_meta_name(name: str) -> str | None:
     return None
 
 
+def meta_to_hf_name(name: str) -> str | None:
+    """Hugging Face LlamaForCausalLM key for a Meta key, ``.weight`` or a linear's ``.bias`` (None: no counterpart)."""
+    if name in _META_TOP:
+        return _META_TOP[name]
+    m = _META_LAYER_KEY.fullmatch(name)
+    if m and m.group(2) in _META_LAYER:
+        return f"model.layers.{m.group(1)}.{_META_LAYER[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def rope_permuted_heads(name: str, llama: LlamaConfig) -> int | None:
+    """The heads over which a Meta tensor's rows are permuted in the HF layout: wq per query head, wk per key/value
+    head (GQA), their weights and biases alike; None for every other tensor."""
+    m = _META_LAYER_KEY.fullmatch(name)
+    part = m.group(2) if m else None
+    return {"attention.wq": llama.n_heads, "attention.wk": llama.n_kv_heads}.get(part)
+
+
 def hf_rows_to_meta(weight: Tensor, n_heads: int) -> Tensor:
     """Undo the converter's q/k row permutation: per head, HF rows [evens..., odds...] back to Meta's pairs.
 
@@ -56,6 +79,15 @@ def hf_rows_to_meta(weight: Tensor, n_heads: int) -> Tensor:
     half = out_features // n_heads // 2
     per_head = weight.view(n_heads, 2, half, in_features)  # (nh, [even|odd], hd/2, dim)
     return per_head.transpose(1, 2).reshape(out_features, in_features)  # rows 2j, 2j+1 adjacent again
+
+
+def meta_rows_to_hf(weight: Tensor, n_heads: int) -> Tensor:
+    """The converter's q/k row permutation (inverse of ``hf_rows_to_meta``): per head, Meta's adjacent pairs
+    (2j, 2j+1) become HF rows j and j + hd/2. A 1-D tensor (a bias) is permuted as a column."""
+    rows = weight.reshape(weight.shape[0], -1)  # (out, in) or (out, 1)
+    half = rows.shape[0] // n_heads // 2
+    per_head = rows.reshape(n_heads, half, 2, rows.shape[1])  # (nh, hd/2, [even|odd], in)
+    return per_head.transpose(1, 2).reshape(weight.shape)  # evens first, then odds, per head
 
 
 def hf_weight_files(path: Path) -> tuple[Path | None, dict[Path, list[str] | None]]:
@@ -163,8 +195,6 @@ def open_hf(path: Path) -> BaseCheckpoint:
     config_file = path / "config.json"
     cfg = read_json(config_file)
     llama = hf_config_to_llama(cfg, config_file)
-    # q rows are permuted per query head, k rows per key/value head (GQA).
-    permuted = {"attention.wq.weight": llama.n_heads, "attention.wk.weight": llama.n_kv_heads}
     entries: dict[str, WeightEntry] = {}
     index, files = hf_weight_files(path)
     for file_path, listed in files.items():
@@ -177,7 +207,7 @@ def open_hf(path: Path) -> BaseCheckpoint:
             if key.endswith("rotary_emb.inv_freq"):  # buffer written by old transformers, recomputed by us
                 continue
             name = hf_to_meta_name(key) or key  # unknown keys keep their name and surface as unexpected
-            heads = permuted.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
+            heads = rope_permuted_heads(name, llama)  # q rows per query head, k rows per key/value head (GQA)
             load = functools.partial(_read_hf_tensor, file, key, heads)
             entries[name] = WeightEntry(f"{file.path.name}: {key}", file.shape(key), file.dtype(key), load)
     if "output.weight" not in entries and cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in entries:

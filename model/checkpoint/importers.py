@@ -79,13 +79,15 @@ def read_peft(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
     path = Path(path)
     config_file = path / "adapter_config.json"
     cfg = read_json(config_file)
-    by_type = {method_class(n).peft_type: method_class(n) for n in method_names() if method_class(n).peft_type}
-    peft_type = cfg.get("peft_type")
-    method = by_type.get(peft_type) if isinstance(peft_type, str) else None
-    if method is None:
+    methods = [method_class(n) for n in method_names()]
+    claiming = [m for m in methods if m.imports_peft(cfg)] if isinstance(cfg.get("peft_type"), str) else []
+    if len(claiming) != 1:
+        supported = sorted({m.peft_type for m in methods if m.peft_type})
+        which = f" (claimed by {', '.join(m.name for m in claiming)})" if claiming else ""
         raise CheckpointError(
-            f"{config_file}: peft_type={cfg.get('peft_type')!r}; supported: {', '.join(sorted(by_type))}"
+            f"{config_file}: peft_type={cfg.get('peft_type')!r}{which}; supported: {', '.join(supported)}"
         )
+    method = claiming[0]
     if (path / "adapter_model.safetensors").is_file():
         weight_file = path / "adapter_model.safetensors"
         state = load_safetensors(weight_file)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 
+from model.loss import next_token_loss
+
 if TYPE_CHECKING:
     import torch
 
@@ -28,6 +30,10 @@ if TYPE_CHECKING:
 @dataclass
 class MethodConfig:
     """Base of every method's settings: a dataclass whose field docstrings are user documentation."""
+
+    recorded_defaults: ClassVar[dict[str, Any]] = {}
+    """Field -> the value a RECORDED config without the field (an adapter sidecar, a run's config.json written
+    before the field existed) trained with, when that differs from today's default; see ``with_recorded_defaults``."""
 
     def check(self, llama: LlamaConfig) -> None:
         """Raise ValueError naming the field when these settings do not fit the architecture ``llama``."""
@@ -77,11 +83,19 @@ class Method(nn.Module):
       keys in the SAME softmax, visible to every query, without RoPE (prefix tuning).
     - ``attention_output(attention, q, y, ctx)``: the head outputs y (B, n_heads, T, head_dim) before ``wo``,
       given the RoPE'd queries q (B, n_heads, T, head_dim): add terms of a SEPARATE softmax (adaption prompts).
-    - ``after_sublayer(block, sublayer, out, ctx)``: the output (B, T, dim) of the ``"attention"`` or
-      ``"feed_forward"`` sublayer, before the residual addition (Houlsby, AdaMix).
+    - ``after_sublayer(block, sublayer, x, out, ctx)``: the output ``out`` (B, T, dim) of the ``"attention"`` or
+      ``"feed_forward"`` sublayer, before the residual addition, given the sublayer's input ``x`` (B, T, dim): the
+      normalised hidden state it read (Houlsby and AdaMix in series, parallel adapters).
     - ``merge(model)``: fold the method into the frozen weights for inference, outputs unchanged.
+    - ``folded_weights(model)`` / ``to_peft(...)``: the method in other tools' formats (``python -m model.export``):
+      a plain LLaMA's weights with the method folded in (``--to hf``), PEFT's config and tensors (``--to peft``).
     - ``begin_step(step, seed)``: called by the trainer once per optimizer step, before its micro-batches: per-step
       randomness drawn from (seed, step) is the same on every process and in every split of the batch (AdaMix).
+    - ``training_loss(model, run_blocks, state, labels, head, chunk)``: the loss of one training forward
+      (``model(tokens, labels=...)``, inside the call DDP / FSDP wrap); ``run_blocks(state)`` runs the layers once
+      with the per-sequence state ``state``, so a method may run them twice (AdaMix's consistency loss).
+    - ``held_in_step(model)``: after the step's backward passes, the slices of trainable tensors the optimizer step
+      must leave unchanged, values and optimizer moments alike (AdaMix's unrouted experts).
     """
 
     name: ClassVar[str] = "none"
@@ -96,9 +110,18 @@ class Method(nn.Module):
     """PEFT's ``peft_type`` of the same method (e.g. "LORA"), when PEFT has it: ``from_peft`` then imports PEFT
     directories (``load_model(base, adapter=peft_dir)``)."""
 
+    fold_refusal: ClassVar[str] = "it adds computation that a plain LLaMA does not have"
+    """Why ``folded_weights`` cannot fold this method into plain LLaMA weights (the ``--to hf`` refusal)."""
+
     def __init__(self, config: MethodConfig | None, llama: LlamaConfig) -> None:
         super().__init__()
         self.config, self.llama = config, llama
+
+    @classmethod
+    def imports_peft(cls, peft_config: dict[str, Any]) -> bool:
+        """Whether ``from_peft`` reads this PEFT adapter_config.json: its ``peft_type`` is ours (a method sharing
+        a ``peft_type`` with another, as DoRA does LoRA's, narrows it by a setting, e.g. ``use_dora``)."""
+        return cls.peft_type is not None and peft_config.get("peft_type") == cls.peft_type
 
     @classmethod
     def from_peft(
@@ -108,6 +131,25 @@ class Method(nn.Module):
         Raise ValueError naming the field or key PEFT wrote that has no equivalent here; ``source`` names the
         weights file in messages. Unknown keys may be passed through: the strict load names them."""
         raise NotImplementedError(f"{cls.name} has no PEFT import")
+
+    @classmethod
+    def to_peft(
+        cls, config: MethodConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Inverse of ``from_peft``: our config and tensors (``exported``'s, the text part) -> (this method's fields of
+        PEFT's adapter_config.json, the state dict PEFT's ``save_pretrained`` writes), PEFT's names and layouts.
+        Raise ValueError naming the setting or tensor PEFT cannot express. ``peft_type`` and the fields every PEFT
+        config has are added by the writer (model/checkpoint/peft_export.py)."""
+        raise NotImplementedError(f"{cls.name} has no PEFT export")
+
+    def folded_weights(self, model: Transformer) -> dict[str, Tensor]:
+        """The weights of a plain LLaMA computing what ``model`` computes on text: Meta names, plus a
+        ``<linear>.bias`` (out,) for linears the method gives a bias. A method that folds merges itself into
+        ``model`` first (``model`` changes); the base model gives its own weights; any other method raises
+        ValueError saying why it cannot fold (``fold_refusal``)."""
+        if self.config is not None:
+            raise ValueError(f"{self.name} cannot be folded into plain LLaMA weights: {self.fold_refusal}")
+        return base_weights(model)
 
     def attach(self, model: Transformer) -> None:
         """Add this method's ``adapter_*`` tensors (empty) and wrapped linears to ``model``."""
@@ -142,8 +184,11 @@ class Method(nn.Module):
         """This layer's head outputs y (B, nh, T, hd), with any separate-softmax terms added."""
         return y
 
-    def after_sublayer(self, block: TransformerBlock, sublayer: str, out: Tensor, ctx: AttentionContext) -> Tensor:
-        """The output of ``block``'s ``"attention"`` / ``"feed_forward"`` sublayer before the residual add."""
+    def after_sublayer(
+        self, block: TransformerBlock, sublayer: str, x: Tensor, out: Tensor, ctx: AttentionContext
+    ) -> Tensor:
+        """The output of ``block``'s ``"attention"`` / ``"feed_forward"`` sublayer before the residual add; ``x`` is
+        the (normalised) input the sublayer read."""
         return out
 
     def exported(self, model: Transformer) -> tuple[MethodConfig | None, dict[str, Tensor]]:
@@ -161,6 +206,31 @@ class Method(nn.Module):
     def begin_step(self, step: int, seed: int) -> None:
         """Optimizer step ``step`` (0-based) of a run seeded with ``seed`` begins (see the class docstring)."""
 
+    def training_loss(
+        self,
+        model: Transformer,
+        run_blocks: Callable[[Any], Tensor],
+        state: Any,
+        labels: Tensor,
+        head: Callable[[Tensor], Tensor],
+        chunk: int,
+    ) -> Tensor:
+        """The fp32 training loss summed over the targets of ``labels`` (B, T): by default the next-token
+        cross-entropy (model/loss.py) of one pass, ``run_blocks(state)`` -> hidden states (B, T, dim) at the caller's
+        tokens, ``head`` mapping hidden states to logits, ``chunk`` targets at a time. A term added here is summed
+        over the targets too (the trainer divides the sum by the global target count)."""
+        return next_token_loss(run_blocks(state), labels, head, chunk)
+
+    @property
+    def training_passes(self) -> int:
+        """Passes through the layers that one training forward (``training_loss``) makes: 1 by default."""
+        return 1
+
+    def held_in_step(self, model: Transformer) -> list[tuple[nn.Parameter, Tensor]]:
+        """(trainable tensor, indices along its first axis) that this optimizer step must leave as they are, values
+        and optimizer moments alike (the trainer restores them after the step); default: none."""
+        return []
+
     def describe(self) -> str:
         """One line for people: what the method adds and where."""
         return "no PEFT method (the base model)"
@@ -168,6 +238,18 @@ class Method(nn.Module):
     def group(self, name: str) -> str:
         """The kind of the trainable tensor ``name`` for the training log (default: its own name, unprefixed)."""
         return name.rsplit(".", 1)[-1].removeprefix("adapter_")
+
+
+def base_weights(model: Transformer) -> dict[str, Tensor]:
+    """The backbone's frozen tensors under their Meta names: no adapter tensor, no visual tower, nothing of the
+    method's own module."""
+    from model.llama import is_trainable  # on use: model.llama imports this package
+
+    return {
+        name: tensor.detach()
+        for name, tensor in model.state_dict().items()
+        if not is_trainable(name) and not name.startswith(("visual.", "method."))
+    }
 
 
 # ---- registry ---------------------------------------------------------------------------------------------------
@@ -224,6 +306,7 @@ def config_from_dict(name: str | None, values: dict[str, Any] | None) -> MethodC
     if not isinstance(name, str) or not isinstance(values or {}, dict):
         raise ValueError(f"PEFT method {name!r} with settings {values!r}: expected a name and an object of settings")
     cls = method_class(name).config_class
+    values = with_recorded_defaults(cls, values or {})
     hints = typing.get_type_hints(cls)
     for field, value in (values or {}).items():
         if field in hints and not _fits(value, hints[field]):
@@ -234,6 +317,12 @@ def config_from_dict(name: str | None, values: dict[str, Any] | None) -> MethodC
         return cls(**(values or {}))
     except TypeError as e:  # a field this method does not have
         raise ValueError(f"settings of PEFT method {name!r}: {e}") from None
+
+
+def with_recorded_defaults(cls: type[MethodConfig], values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config's field values with the fields it lacks filled from ``cls.recorded_defaults``: a record
+    from before a field existed keeps the behaviour it trained with, while new configs get today's defaults."""
+    return {**cls.recorded_defaults, **values}
 
 
 def _fits(value: Any, tp: Any) -> bool:

@@ -73,6 +73,7 @@ class LlamaAdapter(Method):
     config_class = AdapterConfig
     takes_visual = True
     peft_type = "ADAPTION_PROMPT"
+    fold_refusal = "its adaption prompts are extra keys and values in a separate gated softmax"
 
     @property
     def first_layer(self) -> int:
@@ -169,6 +170,33 @@ class LlamaAdapter(Method):
             else:
                 tensors[f"layers.{m.group(1)}.attention.adapter_gate"] = value.float().reshape(1).expand(llama.n_heads)
         return config, tensors
+
+    @classmethod
+    def to_peft(
+        cls, config: AdapterConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """PEFT's ADAPTION_PROMPT: per adapted layer a prompt (1, K, dim) and one raw scalar gate (1,). PEFT applies
+        the gate as it is, so a tanh gate is written as tanh(g); a layer whose heads have different gates has no
+        PEFT form and is refused."""
+        if config.n_layers == 0:
+            raise ValueError("AdapterConfig.n_layers=0: PEFT's adaption prompt needs at least one adapted layer")
+        first, state = llama.n_layers - config.n_layers, {}
+        rest = dict(tensors)
+        for layer in range(first, llama.n_layers):
+            ours = f"layers.{layer}.attention."
+            prompt, gate = rest.pop(ours + "adapter_prompt"), rest.pop(ours + "adapter_gate")  # (K, dim), (nh,)
+            if not bool((gate == gate[0]).all()):
+                raise ValueError(
+                    f"{ours}adapter_gate differs across heads ({gate.tolist()}): PEFT's adaption prompt has one gate "
+                    "per layer"
+                )
+            gate = gate[:1].tanh() if config.gate_fn == "tanh" else gate[:1]  # (1,): the factor PEFT applies
+            peft = f"base_model.model.model.layers.{layer}.self_attn."
+            state[peft + "adaption_prompt"], state[peft + "adaption_gate"] = prompt[None], gate
+        if rest:
+            raise ValueError(f"tensors PEFT's adaption prompt has no place for: {', '.join(sorted(rest))}")
+        fields = {"adapter_len": config.prompt_len, "adapter_layers": config.n_layers, "target_modules": "self_attn"}
+        return fields, state
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

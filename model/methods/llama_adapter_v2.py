@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import register_method
+from model.methods.base import base_weights, register_method
 from model.methods.llama_adapter import AdapterConfig, LlamaAdapter
+from model.methods.norms import attach_tuned_norms, merge_tuned_norms, reset_tuned_norms
 from model.quantize import refuse_quantized_merge
 
 if TYPE_CHECKING:
@@ -177,23 +178,6 @@ class V2Linear(nn.Linear):
                 self.adapter_lora_b.zero_()
 
 
-def rms_normalize(norm: nn.Module, x: Tensor) -> Tensor:
-    """RMSNorm without its weight, as the backbone computes it: in fp32, cast back to x's dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).type_as(x)
-
-
-def scale_norm_output(norm: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
-    """Forward hook of a norm tuned by scale: its output times the trainable ``adapter_norm_scale`` (dim,)."""
-    return out * norm.adapter_norm_scale.to(out.dtype)
-
-
-def replace_norm_weight(norm: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
-    """Forward hook of a norm tuned by weight: the normalised input times ``adapter_norm_weight`` (dim,) instead of
-    the frozen weight (the release's tuned RMSNorm, x_hat * w')."""
-    return rms_normalize(norm, args[0]) * norm.adapter_norm_weight.to(out.dtype)
-
-
 @register_method("llama_adapter_v2")
 class LlamaAdapterV2(LlamaAdapter):
     """V1's prompts and gates, a bias, scale and LoRA on the target linears of every layer, tuned RMSNorms."""
@@ -225,11 +209,8 @@ class LlamaAdapterV2(LlamaAdapter):
         if c.new_gate:
             for attention in self.adapted(model):
                 attention.adapter_new_gate = nn.Parameter(torch.empty(1))  # (1,): one scalar per layer
-        by_weight = c.norm_tuning == "weight"
-        for norm in self.tuned_norms(model):
-            name = "adapter_norm_weight" if by_weight else "adapter_norm_scale"
-            setattr(norm, name, nn.Parameter(torch.empty(norm.weight.shape)))  # (dim,)
-            norm.register_forward_hook(replace_norm_weight if by_weight else scale_norm_output)
+        if c.norm_tuning != "none":
+            attach_tuned_norms(self.tuned_norms(model), c.norm_tuning)  # model/methods/norms.py
 
     def reset_parameters(self, model: Transformer, generator: torch.Generator | None) -> None:
         """V1's prompts (N(0, 1)) and gates (0), then biases 0, scales and new gates 1, LoRA A drawn and B 0, norm
@@ -241,11 +222,8 @@ class LlamaAdapterV2(LlamaAdapter):
             if self.config.new_gate:
                 for attention in self.adapted(model):
                     attention.adapter_new_gate.fill_(1.0)
-            for norm in self.tuned_norms(model):
-                if self.config.norm_tuning == "weight":
-                    norm.adapter_norm_weight.copy_(norm.weight.float())
-                else:
-                    norm.adapter_norm_scale.fill_(1.0)
+        if self.config.norm_tuning != "none":
+            reset_tuned_norms(self.tuned_norms(model), self.config.norm_tuning)
 
     def prompt_projection(self, linear: nn.Module, prompts: Tensor) -> Tensor:
         """wk / wv of the prompts: with their bias and scale (chat65b), never their LoRA (the release)."""
@@ -282,13 +260,27 @@ class LlamaAdapterV2(LlamaAdapter):
             )
         for linear in folding:
             linear.merge()
-        with torch.no_grad():
-            for norm in norms:
-                if self.config.norm_tuning == "weight":
-                    norm.weight.copy_(norm.adapter_norm_weight.to(norm.weight.dtype))
-                else:
-                    norm.weight.mul_(norm.adapter_norm_scale.to(norm.weight.dtype))
-                    norm.adapter_norm_scale.fill_(1.0)
+        if self.config.norm_tuning != "none":
+            merge_tuned_norms(norms, self.config.norm_tuning)
+
+    def folded_weights(self, model: Transformer) -> dict[str, Tensor]:
+        """``merge``d weights plus each target linear's bias as ``<linear>.bias``, when the prompts add nothing
+        (n_layers = 0, or every gate 0); prompts that act are refused: they are extra keys in a separate softmax."""
+        gates = [a.adapter_gate for a in self.adapted(model)]
+        if any(bool(g.any()) for g in gates):
+            raise ValueError(
+                f"{self.name} cannot be folded into plain LLaMA weights: its adaption prompts (n_layers="
+                f"{self.config.n_layers}, gates not all 0) are extra keys and values in a separate gated softmax; "
+                "only its biases, scales, LoRA and norms fold"
+            )
+        self.merge(model)
+        weights = base_weights(model)
+        for i, block in enumerate(model.layers):
+            for target in self.config.bias_targets:
+                linear = getattr(getattr(block, LINEAR_OWNERS[target]), target)
+                name = f"layers.{i}.{LINEAR_OWNERS[target]}.{target}.bias"
+                weights[name] = linear.adapter_bias.detach().to(linear.weight.dtype)  # (out,)
+        return weights
 
     def describe(self) -> str:
         c = self.config

@@ -61,19 +61,21 @@ class PrefixConfig(MethodConfig):
     """True: train the prefixes through the MLP; False: the prefixes themselves (what merge() leaves and saves)."""
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
         if self.prefix_len <= 0:
-            raise ValueError(f"PrefixConfig.prefix_len must be positive, got {self.prefix_len}")
+            raise ValueError(f"{name}.prefix_len must be positive, got {self.prefix_len}")
         if self.n_layers is not None and self.n_layers <= 0:
-            raise ValueError(f"PrefixConfig.n_layers must be positive or None (every layer), got {self.n_layers}")
+            raise ValueError(f"{name}.n_layers must be positive or None (every layer), got {self.n_layers}")
         if self.mlp_hidden <= 0:
-            raise ValueError(f"PrefixConfig.mlp_hidden must be positive, got {self.mlp_hidden}")
+            raise ValueError(f"{name}.mlp_hidden must be positive, got {self.mlp_hidden}")
 
     def check(self, llama: LlamaConfig) -> None:
         """The adapted layers must exist; the tokens' positions start at P, which must leave room for tokens."""
+        name = type(self).__name__
         if self.n_layers is not None and self.n_layers > llama.n_layers:
-            raise ValueError(f"PrefixConfig.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
+            raise ValueError(f"{name}.n_layers={self.n_layers} exceeds the model's n_layers={llama.n_layers}")
         if self.prefix_len >= llama.max_seq_len:
-            raise ValueError(f"PrefixConfig.prefix_len={self.prefix_len} must be below max_seq_len={llama.max_seq_len}")
+            raise ValueError(f"{name}.prefix_len={self.prefix_len} must be below max_seq_len={llama.max_seq_len}")
 
     def check_visual_tokens(self, n_tokens: int) -> None:
         check_tokens_fit(self, "prefix_len", n_tokens)
@@ -90,6 +92,12 @@ class PrefixTuning(Method):
     config_class = PrefixConfig
     takes_visual = True
     peft_type = "PREFIX_TUNING"
+    fold_refusal = "its prefixes are extra keys and values in every adapted attention"
+
+    @classmethod
+    def imports_peft(cls, peft_config: dict[str, Any]) -> bool:
+        """PEFT's PREFIX_TUNING with its projection (without it: ``ptuning_v2``, the same computation)."""
+        return peft_config.get("peft_type") == cls.peft_type and peft_config.get("prefix_projection") is True
 
     @property
     def first_layer(self) -> int:
@@ -210,7 +218,7 @@ class PrefixTuning(Method):
             if peft_config.get(field, value) != value:
                 raise ValueError(f"{field}={peft_config[field]!r}; this base needs {value}")
         try:
-            config = PrefixConfig(prefix_len=int(peft_config["num_virtual_tokens"]), reparameterize=False)
+            config = cls.config_class(prefix_len=int(peft_config["num_virtual_tokens"]), reparameterize=False)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"invalid prefix-tuning config ({e!r})") from e
         keys = [k for k in state if _PEFT_KEY.fullmatch(k)]
@@ -229,6 +237,37 @@ class PrefixTuning(Method):
             tensors[f"layers.{layer}.attention.adapter_prefix_key"] = key.contiguous()
             tensors[f"layers.{layer}.attention.adapter_prefix_value"] = prompt[:, layer, 1].clone()
         return config, tensors
+
+    @classmethod
+    def to_peft(
+        cls, config: PrefixConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """PEFT's PREFIX_TUNING without ``prefix_projection`` (inverse of ``from_peft``): the final prefixes as
+        ``prompt_embeddings`` (P, n_layers * 2 * kv_dim), keys in transformers' per-head order. PEFT puts prefixes
+        on every layer, so an adapter of the top layers only is refused; the inference form is expected
+        (``exported`` gives it)."""
+        from model.checkpoint.hf import meta_rows_to_hf
+
+        if config.n_layers not in (None, llama.n_layers):
+            raise ValueError(
+                f"PrefixConfig.n_layers={config.n_layers}: PEFT's prefix tuning puts prefixes on every one of the "
+                f"{llama.n_layers} layers"
+            )
+        if config.reparameterize:
+            raise ValueError("PrefixConfig.reparameterize=True: export the computed prefixes (Method.exported)")
+        rest, per_layer = dict(tensors), []
+        for layer in range(llama.n_layers):
+            key = rest.pop(f"layers.{layer}.attention.adapter_prefix_key")  # (P, kv_dim), Meta order per head
+            value = rest.pop(f"layers.{layer}.attention.adapter_prefix_value")
+            per_layer.append(torch.stack([meta_rows_to_hf(key.T, llama.n_kv_heads).T, value], dim=1))  # (P, 2, kv)
+        if rest:
+            raise ValueError(f"tensors PEFT's prefix tuning has no place for: {', '.join(sorted(rest))}")
+        prompt = torch.stack(per_layer, dim=1)  # (P, L, [key, value], kv_dim): PEFT's order
+        kv_dim = llama.n_kv_heads * llama.head_dim
+        fields = {"num_virtual_tokens": config.prefix_len, "num_layers": llama.n_layers, "token_dim": kv_dim,
+                  "num_attention_heads": llama.n_kv_heads, "num_transformer_submodules": 1,
+                  "prefix_projection": False}  # fmt: skip
+        return fields, {"prompt_embeddings": prompt.reshape(config.prefix_len, -1).contiguous()}
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

@@ -99,6 +99,20 @@ def soft_tokens_from_peft(
     return n_tokens, tensors
 
 
+def soft_tokens_to_peft(
+    n_tokens: int, tensors: dict[str, Tensor], llama: LlamaConfig, what: str
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Inverse of ``soft_tokens_from_peft``: PEFT's prompt-learning fields common to PROMPT_TUNING and P_TUNING and
+    the soft tokens (P, dim) as ``prompt_embeddings``; ``what`` names the PEFT method in errors."""
+    rest = dict(tensors)
+    soft = rest.pop("method.adapter_soft_tokens")  # (P, dim)
+    if rest:
+        raise ValueError(f"tensors PEFT's {what} has no place for: {', '.join(sorted(rest))}")
+    fields = {"num_virtual_tokens": n_tokens, "token_dim": llama.dim, "num_transformer_submodules": 1,
+              "num_attention_heads": llama.n_heads, "num_layers": llama.n_layers}  # fmt: skip
+    return fields, {"prompt_embeddings": soft}
+
+
 def add_visual(soft: Tensor, visual: Tensor | None) -> Tensor:
     """Soft tokens (P, dim) -> (1, P, dim), or (B, P, dim) with the visual tokens (B, 1 or P, dim) added."""
     soft = soft[None]  # (1, P, dim)
@@ -113,6 +127,7 @@ class PromptTuning(Method):
     config_class = PromptConfig
     takes_visual = True
     peft_type = "PROMPT_TUNING"
+    fold_refusal = "its soft tokens are extra input positions before every sequence"
 
     @property
     def n_soft_tokens(self) -> int:
@@ -149,6 +164,15 @@ class PromptTuning(Method):
         (the values are PEFT's), so the config says "random"."""
         n_tokens, tensors = soft_tokens_from_peft(peft_config, state, llama, source)
         return PromptConfig(n_tokens=n_tokens, init="random"), tensors
+
+    @classmethod
+    def to_peft(
+        cls, config: PromptConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """PEFT's PROMPT_TUNING: the soft tokens as ``prompt_embeddings``. The init is written as RANDOM whatever
+        ours was: PEFT would otherwise load a tokenizer to re-draw values that the file's tensor then replaces."""
+        fields, state = soft_tokens_to_peft(config.n_tokens, tensors, llama, "prompt tuning")
+        return fields | {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None}, state
 
     def describe(self) -> str:
         return f"{self.config.n_tokens} soft input tokens ({self.config.init} init)"

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from model.methods.base import Method, MethodConfig, check_tokens_fit, register_method
-from model.methods.prompt import add_visual, check_soft_tokens, soft_tokens_from_peft
+from model.methods.prompt import add_visual, check_soft_tokens, soft_tokens_from_peft, soft_tokens_to_peft
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig
@@ -80,6 +80,7 @@ class PTuning(Method):
     config_class = PTuningConfig
     takes_visual = True
     peft_type = "P_TUNING"
+    fold_refusal = "its soft tokens are extra input positions before every sequence"
 
     @property
     def n_soft_tokens(self) -> int:
@@ -158,6 +159,17 @@ class PTuning(Method):
         """PEFT's P_TUNING saves the encoder's output as ``prompt_embeddings`` (P, dim): our merged soft tokens."""
         n_tokens, tensors = soft_tokens_from_peft(peft_config, state, llama, source)
         return PTuningConfig(n_tokens=n_tokens, encoder="none"), tensors
+
+    @classmethod
+    def to_peft(
+        cls, config: PTuningConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """PEFT's P_TUNING: the encoder's output (our soft tokens) as ``prompt_embeddings``, which PEFT uses in
+        inference mode; the encoder fields describe the MLP encoder PEFT builds beside it (unused when loaded)."""
+        fields, state = soft_tokens_to_peft(config.n_tokens, tensors, llama, "P-tuning")
+        encoder = {"encoder_reparameterization_type": "MLP", "encoder_hidden_size": config.encoder_hidden,
+                   "encoder_num_layers": LSTM_LAYERS, "encoder_dropout": 0.0}  # fmt: skip
+        return fields | encoder, state
 
     def describe(self) -> str:
         c = self.config

@@ -4,13 +4,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch and torchvision come from the package registry as a matching pair (open_clip needs torchvision).
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+# TORCH=cuda (default): the registry's wheels, which on Linux bring the CUDA libraries (several GB). TORCH=cpu:
+# PyTorch's CPU-only wheels of the same versions (2.14.1+cpu, 0.29.1+cpu) from PyTorch's own index, no CUDA. Chosen
+# when .venv is made: `make clean` first to switch.
+TORCH ?= cuda
+TORCH_INDEX_cuda :=
+TORCH_INDEX_cpu := --index-url https://download.pytorch.org/whl/cpu
+ifeq ($(filter $(TORCH),cuda cpu),)
+$(error TORCH=$(TORCH): choose cuda (the default: the registry's wheels) or cpu (CPU-only wheels))
+endif
+# `make train` writes its run here; `python -m app --checkpoint runs/demo` serves it. A second `make train`
+# continues it (a finished run is only re-evaluated); `rm -rf runs/demo` trains a new one.
+DEMO_RUN := runs/demo
 
 .PHONY: test train venv lint format base clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PAIR)
+	$(BIN)/pip install -q $(TORCH_PAIR) $(TORCH_INDEX_$(TORCH))
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
@@ -28,7 +40,8 @@ test: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 train: venv
-	$(BIN)/python train.py --recipe demo
+	if [ -f $(DEMO_RUN)/config.json ]; then $(BIN)/python train.py --resume $(DEMO_RUN); \
+	else $(BIN)/python train.py --recipe demo --run.out $(DEMO_RUN); fi
 
 lint: venv
 	$(BIN)/ruff check .

@@ -20,14 +20,12 @@ The training code is the package ``training`` (one module per concern; the run d
 training/state.py). Run as a program, Ctrl-C or SIGTERM saves the state and stops at the next step.
 """
 
-import json
 import os
 import signal
 import sys
 
 from training import TrainingError
 from training.cli import parse_args
-from training.config import config_to_dict
 from training.phases import is_phased, run_phases
 from training.run import run
 
@@ -39,9 +37,6 @@ def main(argv: list[str] | None = None, *, handle_signals: bool = False) -> int:
     inside a test process).
     """
     invocation = parse_args(argv, description="\n\n".join(__doc__.split("\n\n")[:2]))  # summary and usage
-    if invocation.print_only:
-        print(json.dumps(config_to_dict(invocation.config), indent=2))
-        return 0
     try:
         if is_phased(invocation.config):  # --recipe v2: pretrain, then finetune, each a run of its own
             return run_phases(invocation.config, invocation.resume, handle_signals=handle_signals)

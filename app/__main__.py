@@ -2,13 +2,14 @@
 
 --checkpoint takes a train.py run directory or an adapter file from elsewhere with --base (an official LLaMA-Adapter
 V1 or V2 release ``.pth``, e.g. BIAS-7B.pth with --base <llama_dir>/7B --clip-weights <OpenAI CLIP state dict>; a
-PEFT directory; our ``.safetensors``). Without --checkpoint the newest run under runs/ is served (``make train``
-writes one); without any run the command says to train one first. --base / --clip-weights point a run at weights
-that moved (they default to what the run's adapter.json records); --base alone serves that base model with a zero-
-init adapter (text only). The server binds 127.0.0.1; --host 0.0.0.0 exposes it on the network and --share asks
-Gradio for a public link: both are opt-in. The server's files are its user's alone (umask 077; uploads in a private
-folder, removed when it stops). --compile decodes with the torch.compile'd step (model.generate): the same replies,
-faster on a GPU.
+PEFT directory; our ``.safetensors``). ``make train`` writes runs/demo: ``--checkpoint runs/demo`` serves it. Without
+--checkpoint the newest run under runs/ with a visual path is served (else the newest run: ``choose_run``), and the
+command and the app's header say which and why; without any run the command says to train one first. --base /
+--clip-weights point a run at weights that moved (they default to what the run's adapter.json records); --base alone
+serves that base model with a zero-init adapter (text only). The server binds 127.0.0.1; --host 0.0.0.0 exposes it on
+the network and --share asks Gradio for a public link: both are opt-in. The server's files are its user's alone
+(umask 077; uploads in a private folder, bounded in size, removed when it stops). --compile decodes with the
+torch.compile'd step (model.generate): the same replies, faster on a GPU.
 """
 
 from __future__ import annotations
@@ -28,11 +29,36 @@ RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def find_latest_run(runs_dir: Path | None = None) -> Path | None:
-    """The run directory under ``runs_dir`` (default: the repository's runs/) whose adapter.json was written last."""
+def choose_run(runs_dir: Path | None = None) -> tuple[Path, str] | None:
+    """The run served without --checkpoint and why: the newest run under ``runs_dir`` (default: the repository's
+    runs/) whose adapter has a visual path, since the demo is about images; else the newest run. None: no run."""
     runs_dir = runs_dir if runs_dir is not None else RUNS_DIR
+    runs = _runs_by_age(runs_dir)
+    if not runs:
+        return None
+    of = f"of {len(runs)} runs under {runs_dir}" if len(runs) > 1 else f"the only run under {runs_dir}"
+    visual = [run for run in runs if _has_visual_path(run)]
+    if len(runs) == 1:
+        return runs[0], f"{of}; --checkpoint RUN_DIR serves another"
+    if visual:
+        return visual[-1], f"the newest with a visual path, {of}; --checkpoint RUN_DIR serves another"
+    return runs[-1], f"the newest, {of}, none with a visual path (text only); --checkpoint RUN_DIR serves another"
+
+
+def _runs_by_age(runs_dir: Path) -> list[Path]:
+    """Run directories under ``runs_dir``, oldest adapter.json first."""
     sidecars = sorted(runs_dir.glob("*/adapter.json"), key=lambda p: p.stat().st_mtime) if runs_dir.is_dir() else []
-    return sidecars[-1].parent if sidecars else None
+    return [sidecar.parent for sidecar in sidecars]
+
+
+def _has_visual_path(run_dir: Path) -> bool:
+    """Whether the run's adapter.json records a visual config (an unreadable one counts as none)."""
+    from model.checkpoint import read_json
+
+    try:
+        return bool((read_json(run_dir / "adapter.json").get("model_config") or {}).get("visual"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         type=Path,
         metavar="RUN_DIR|FILE",
-        help=f"run directory of train.py (default: newest in {RUNS_DIR}), or an adapter file (official V1 / V2 "
-        "release .pth, PEFT directory) with --base",
+        help=f"run directory of train.py (default: the newest in {RUNS_DIR} with a visual path; make train writes "
+        "runs/demo), or an adapter file (official V1 / V2 release .pth, PEFT directory) with --base",
     )
     parser.add_argument(
         "--base", metavar="DIR", help="LLaMA base (Meta / Hugging Face directory or preset name); default: the run's"
@@ -67,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_engine(args: argparse.Namespace) -> Engine:
-    """Load the model the arguments name (raises CheckpointError / FileNotFoundError naming the file).
+def load_engine(args: argparse.Namespace, why: str = "") -> Engine:
+    """Load the model the arguments name (raises CheckpointError / FileNotFoundError naming the file). Without
+    --checkpoint (and --base) the run ``choose_run`` picks; ``why`` (or its reason) is said in the app's header.
 
     torch, the model and gradio are imported here and in ``main``, not at the top: ``--help`` answers at once."""
 
@@ -81,23 +108,27 @@ def load_engine(args: argparse.Namespace) -> Engine:
     if args.checkpoint is None and args.base is not None:
         model = load_model(args.base, clip_weights=args.clip_weights, dtype=dtype, device=device)
         return Engine(model, name=f"base {args.base}, zero-init adapter", compile=args.compile)
-    run_dir = args.checkpoint or find_latest_run()
-    if run_dir is None:
+    chosen = None if args.checkpoint is not None else choose_run()
+    if args.checkpoint is None and chosen is None:
         raise FileNotFoundError(
             f"no trained run found under {RUNS_DIR}: run `make train` first (it trains the tiny default in minutes), "
             "or pass --checkpoint RUN_DIR"
         )
+    run_dir, why = (args.checkpoint, why) if chosen is None else chosen
     model, sidecar = load_checkpoint(
         run_dir, base=args.base, clip_weights=args.clip_weights, dtype=dtype, device=device
     )
     if sidecar is None:  # an adapter file from elsewhere (official V1 / V2 release, PEFT)
         kind = model.method.name if model.config.visual is None else f"{model.method.name}, {model.config.visual.kind}"
         return Engine(model, name=f"adapter {Path(run_dir).name} ({kind}) on {args.base}", compile=args.compile)
+    about = about_run(sidecar.get("extra") or {})
+    if why:  # chosen without --checkpoint: the header says so too
+        about = f"Serving `{run_dir}`: {why}." + (f"\n\n{about}" if about else "")
     return Engine(
         model,
         question_format=_question_format(sidecar.get("prompt_format")),
         name=f"run {Path(run_dir).name}",
-        about=about_run(sidecar.get("extra") or {}),
+        about=about,
         compile=args.compile,
     )
 
@@ -147,8 +178,13 @@ def _question_format(prompt_format: str | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no usage reporting
+    why = ""
+    chosen = choose_run() if args.checkpoint is None and args.base is None else None
+    if chosen is not None:
+        args.checkpoint, why = chosen
+        print(f"serving {args.checkpoint}: {why}")
     try:
-        engine = load_engine(args)
+        engine = load_engine(args, why)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError / TokenizerError are ValueErrors
         print(f"python -m app: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,10 @@ Prompts:
   LLaMA-Adapter V1's "Question / Context / Choices / Answer:"). Without choices the question is an open instruction
   (Alpaca template, the context as input).
 
+A reply ends at the template's markers (``CHAT_STOP``: any "###", the conversation's next "User:"). A model with a
+visual path asked about "the picture" (``refers_to_image``) with no image to look at gets no prompt at all: a
+``NoImageError`` says that no image is attached, rather than an answer about a picture nobody sent.
+
 Context fitting: a prompt may use ``max_seq_len`` minus the tokens kept for the answer (``max_new_tokens``, at most
 half the context). A chat first leaves out its oldest turns, then cuts the message itself; a question cuts its
 context. Every cut is reported in ``Reply.notes`` so the user sees it; nothing is dropped silently.
@@ -64,13 +68,31 @@ HISTORY_CHARS_PER_TOKEN = 8
 """Characters of earlier turns tokenized per token of the prompt's budget (English runs about 4 per token): a turn
 beyond that allowance could hardly fit, so it is left out unread and the tokenizer's work stays bounded."""
 
-# Where a reply would start a new turn of the template; an instruction-tuned model ends with EOS first, a weaker
-# one runs on into the next "### Instruction:" or "User:" line, which must not reach the user.
-CHAT_STOP = ("### Instruction:", "\nUser:")
+# Where a reply would start a new section or turn of the template; an instruction-tuned model ends with EOS first, a
+# weaker one runs on into a "### Response:" / "### Input:" / "### Instruction:" header of the Alpaca template (shown
+# as a Markdown heading in the chat) or the conversation's next "User:" line, neither of which may reach the user.
+CHAT_STOP = ("###", "\nUser:")
 QUESTION_STOP = ("\nQuestion:",)
 
 ImageInput = Image.Image | str | os.PathLike | None
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_IMAGE_REFERENCE = re.compile(
+    r"\b(?:the|this|that|these|those|my|your|attached|uploaded)\s+(?:[a-z]+\s+)?"
+    r"(?:image|picture|photo|photograph|pic|drawing|painting|screenshot|shape)s?\b(?!\s+of\b)",
+    re.IGNORECASE,
+)
+"""A definite reference to a picture ("the picture", "this painting", "the red shape"), not "the shape of the earth"
+or "a picture": a question that needs an image to be answered."""
+
+
+class NoImageError(ValueError):
+    """A question about an image sent to a model with a visual path without any image to look at."""
+
+
+def refers_to_image(text: str) -> str | None:
+    """The words by which ``text`` refers to an image it is about ("the picture"), or None (``_IMAGE_REFERENCE``)."""
+    found = _IMAGE_REFERENCE.search(text)
+    return found.group() if found else None
 
 
 @dataclass
@@ -243,7 +265,9 @@ class Engine:
     ) -> Reply:
         """Answer ``message`` after the answered turns of ``history``; ``image`` (else the conversation's latest
         image) conditions the answer. Raises ValueError (readable) for an empty message, a bad image or bad
-        settings; an over-long conversation loses its oldest turns, then the message is cut (see ``Reply.notes``)."""
+        settings, and ``NoImageError`` when a model with a visual path is asked about "the picture"
+        (``refers_to_image``) with no image in the message or the conversation; an over-long conversation loses its
+        oldest turns, then the message is cut (see ``Reply.notes``)."""
         temperature, top_p, max_new_tokens = _sampling(temperature, top_p, max_new_tokens)
         message = _text(message, "message").strip()
         if not message:
@@ -254,6 +278,8 @@ class Engine:
         turns = [turn for turn in recent if _has_text(turn.user) and _has_text(turn.assistant)]
         if image is None:
             image = latest_image(turns)
+        if image is None:
+            self._check_image_needed(message, "with your message (the button left of the textbox)")
         budget = self._prompt_budget(max_new_tokens)
         kept = self._fit_history(turns, message, budget)
         dropped = len(history) - len(recent) + len(turns) - len(kept)
@@ -287,7 +313,8 @@ class Engine:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> Reply:
         """Answer ``question`` about ``image`` (optional), with an optional textual context and multiple-choice
-        options (2 to MAX_CHOICES, ScienceQA style: the answer names a letter). An over-long context is cut."""
+        options (2 to MAX_CHOICES, ScienceQA style: the answer names a letter). An over-long context is cut. A
+        question (or context) about "the picture" needs an image when the model has a visual path (``NoImageError``)."""
         temperature, top_p, max_new_tokens = _sampling(temperature, top_p, max_new_tokens)
         question = _text(question, "question").strip()
         if not question:
@@ -298,6 +325,8 @@ class Engine:
         notes: list[str] = []
         question = _cap_chars(question, "question", notes)
         context = _cap_chars(_text(context, "context").strip(), "context", notes)
+        if image is None:
+            self._check_image_needed(f"{question}\n{context}", "in the Image box")
         choices = [_cap_chars(c, f"choice {letter}", notes) for letter, c in zip("ABCDEFGH", choices)]
         stop = QUESTION_STOP if choices else CHAT_STOP
         budget = self._prompt_budget(max_new_tokens)
@@ -312,6 +341,16 @@ class Engine:
         return reply
 
     # ---- helpers ------------------------------------------------------------------------------------------------
+    def _check_image_needed(self, text: str, where: str) -> None:
+        """``NoImageError`` when a model with a visual path gets ``text`` about an image but no image (a text-only
+        model's answer never depends on one, so it is not asked for)."""
+        reference = refers_to_image(text) if self.has_vision else None
+        if reference is not None:
+            raise NoImageError(
+                f"No image is attached, but the question asks about {reference!r}: attach the image {where} and ask "
+                "again (a question that does not refer to an image is answered without one)."
+            )
+
     def _n_tokens(self, prompt: str) -> int:
         return len(self.tokenizer.encode(prompt, bos=True, eos=False))
 

@@ -13,12 +13,14 @@ In the browser the chat message is checked before it is sent (``validator``): th
 textbox, which keeps the message, and the conversation stays as it was. A chat error found only while answering (an
 earlier image of the conversation deleted from the cache, the model failing mid-answer) ends the reply in the browser
 as an error paragraph (``format_error``; the exchange is left out of what the model reads later) and the chat stays
-usable; an API call of ``/chat`` gets it as an error instead.
+usable; an API call of ``/chat`` gets it as an error instead. A question about "the picture" with no image to look at
+is such an error too (``engine.NoImageError``), rather than an answer about a picture nobody sent.
 
 Uploads and the files Gradio caches live in a folder of their own per app, made by ``build_demo`` with mode 0700
 under Gradio's temp folder (``GRADIO_TEMP_DIR``, default <tmp>/gradio): other users of the machine cannot read them.
 Gradio deletes them ``DELETE_CACHE[1]`` seconds after they were written (checking every ``DELETE_CACHE[0]``
-seconds) and all of them when the server stops, so what clients upload does not pile up.
+seconds) and all of them when the server stops; meanwhile ``launch`` keeps the folder within a size and a number of
+files, its files 0600 (app/uploads.py), so what clients upload does not pile up.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import copy
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,13 @@ from app.engine import (
     MAX_MESSAGE_CHARS,
     MAX_TURNS,
     Engine,
+    NoImageError,
     Reply,
     Turn,
     is_finite_number,
     latest_image,
 )
+from app.uploads import MAX_CACHE_BYTES, MAX_CACHE_FILES, UploadFolderGuard, files_under, private_cache_dir, secure
 from model.visual import ImageLoadError
 
 TITLE = "LLaMA-Adapter: multimodal chat"
@@ -62,6 +65,10 @@ DELETE_CACHE = (600, 3600)
 hour."""
 MAX_HISTORY_MESSAGES = 4 * MAX_TURNS
 """Newest chat messages read into turns (a turn is two to four messages: image and text, then the answer)."""
+MAX_PASTE_CHARS = 100_000
+"""Characters a paste into the chat's textbox may have and stay text (Gradio's ``max_plain_text_length``; the engine
+reads the first ``MAX_MESSAGE_CHARS`` of a message and says so). A longer paste becomes an attached text file, which
+the chat refuses with a message saying so (``_message_parts``), the textbox usable as before."""
 
 COLOR_QUESTION = "What color is the ball in the picture?"
 SIZE_QUESTION = "Is the block in the picture big or small?"
@@ -189,9 +196,17 @@ def _start(task: Callable[..., Reply], *args: Any, upload: str | None = None) ->
 
 
 def _message_parts(message: dict[str, Any] | None) -> tuple[str, str | None]:
-    """(text, path of the attached image or None) of a multimodal chat message; the last file counts."""
+    """(text, path of the attached image or None) of a multimodal chat message; the last file counts. A text file
+    (what the browser makes of a paste over ``MAX_PASTE_CHARS`` characters) is a ValueError saying so."""
     files = (message or {}).get("files") or []
-    return (message or {}).get("text", ""), _file_path(files[-1]) if files else None
+    path = _file_path(files[-1]) if files else None
+    if path is not None and Path(path).suffix.lower() == ".txt":
+        raise ValueError(
+            f"{Path(path).name} is a text file, and the chat reads images only (the browser attaches a paste of more "
+            f"than {MAX_PASTE_CHARS:,} characters as one): remove it and paste less; the model reads the first "
+            f"{MAX_MESSAGE_CHARS:,} characters of a message."
+        )
+    return (message or {}).get("text", ""), path
 
 
 def _start_chat(
@@ -205,7 +220,10 @@ def _start_chat(
     """``engine.chat`` for a Gradio chat message after its history; a readable error of the engine becomes a gr.Error.
     Without an image of its own the message is about the conversation's latest one, and when that file can no longer
     be read (Gradio deletes uploads ``DELETE_CACHE[1]`` seconds after they came) the error says how to go on."""
-    text, image = _message_parts(message)
+    try:
+        text, image = _message_parts(message)
+    except ValueError as e:
+        raise gr.Error(str(e), print_exception=False) from e
     turns = to_turns(history)
     earlier = latest_image(turns) if image is None else None
     try:
@@ -293,17 +311,6 @@ def _share_model_queue(demo: gr.Blocks, before: set[int]) -> None:
             demo.fns[fn_id].concurrency_id = MODEL_QUEUE
 
 
-def private_cache_dir() -> Path:
-    """A new folder only this user may enter (mode 0700, from ``mkdtemp``) inside Gradio's temp folder, made the
-    process's ``GRADIO_TEMP_DIR``: Gradio reads it when it builds components, creates the server and stores an upload.
-    """
-    parent = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="llama-adapter-demo-", dir=parent))
-    os.environ["GRADIO_TEMP_DIR"] = str(path)
-    return path
-
-
 # ---- the app --------------------------------------------------------------------------------------------------
 def build_demo(engine: Engine) -> gr.Blocks:
     """The Gradio app around ``engine``: Chat tab (``/chat``) and Image tab (``/caption``, ``/answer``). Its uploads
@@ -337,11 +344,15 @@ def build_demo(engine: Engine) -> gr.Blocks:
         """The browser's submission checked before it is sent (Gradio's validator): an empty message, an unreadable
         upload or an image for a text-only model is shown under the textbox, which keeps the message to fix, and
         nothing is sent (an error of ``chat`` ends its reply instead, and the message has left the textbox). The
-        check is the engine's own: a first turn with this message, whose answer is never generated. API calls skip
-        it and get ``chat``'s gr.Error."""
-        text, image = _message_parts(message)
+        check is the engine's own: a first turn with this message, whose answer is never generated. A question about
+        an image with none attached passes: the conversation, which the check does not see, may hold one (``chat``
+        says so otherwise). API calls skip the check and get ``chat``'s gr.Error."""
+        image = None
         try:
+            text, image = _message_parts(message)
             engine.chat([], text, image)
+        except NoImageError:
+            pass
         except (ValueError, FileNotFoundError) as e:
             return gr.validate(False, _readable(e, image))
         return gr.validate(True, "")
@@ -376,12 +387,13 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 chat,
                 multimodal=True,
                 textbox=gr.MultimodalTextbox(
-                    file_types=["image"],
+                    # .txt: a paste over MAX_PASTE_CHARS arrives as a text file, which Gradio's own type check would
+                    # refuse with an error that leaves the textbox stuck; _message_parts refuses it readably
+                    file_types=["image", ".txt"],
                     file_count="single",
                     sources=["upload"],
                     placeholder="Ask anything; attach an image to talk about it",
-                    # it has no max_length; a longer paste arrives as a text file, which the image check refuses
-                    max_plain_text_length=MAX_MESSAGE_CHARS,
+                    max_plain_text_length=MAX_PASTE_CHARS,  # it has no max_length: the engine cuts what it reads
                 ),
                 additional_inputs=_sampling_sliders(engine.max_seq_len, render=False),  # ChatInterface places them
                 additional_inputs_accordion=gr.Accordion("Sampling", open=False, render=False),
@@ -446,13 +458,23 @@ def launch(
     port: int | None = 7860,
     share: bool = False,
     max_file_size: str | int = MAX_FILE_SIZE,
+    max_cache_bytes: int = MAX_CACHE_BYTES,
+    max_cache_files: int = MAX_CACHE_FILES,
     prevent_thread_lock: bool = False,
     quiet: bool = False,
 ) -> tuple[Any, str, str]:
     """Serve ``demo`` with the safe settings: local address, no public link unless ``share``, uploads capped at
-    ``max_file_size`` and stored in the demo's private folder, a bounded queue and number of sessions kept, errors
-    shown to the user. Returns Gradio's (app, local_url, share_url)."""
+    ``max_file_size`` each and stored in the demo's private folder, which keeps at most ``max_cache_bytes`` and
+    ``max_cache_files`` of them, the newest, with modes 0600 / 0700 (app/uploads.py), a bounded queue and number of
+    sessions kept, errors shown to the user. Returns Gradio's (app, local_url, share_url)."""
+    from starlette.middleware import Middleware
+
     os.environ["GRADIO_TEMP_DIR"] = demo.GRADIO_CACHE  # uploads go where the demo's components cache (its own)
+    folder = Path(demo.GRADIO_CACHE)
+    secure(folder)  # the examples Gradio copied while building, with their source's mode
+    guard = Middleware(
+        UploadFolderGuard, folder=folder, keep=files_under(folder), max_bytes=max_cache_bytes, max_files=max_cache_files
+    )
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo.launch(
         server_name=host,
@@ -464,4 +486,5 @@ def launch(
         quiet=quiet,
         footer_links=["api"],
         state_session_capacity=SESSION_CAPACITY,
+        app_kwargs={"middleware": [guard]},  # FastAPI's own: Gradio adds its CORS and compression around it
     )

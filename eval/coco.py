@@ -1,7 +1,7 @@
 """COCO Caption evaluation: greedy captions from a run, scored with pycocoevalcap's scorers.
 
     python -m eval.coco --checkpoint runs/RUN --annotations dataset_coco.json --images /data/coco --output DIR
-    python -m eval.coco --results captions.json --annotations coco_karpathy_test_gt.json [--output DIR]
+    python -m eval.coco --results DIR/predictions.json --annotations coco_karpathy_test_gt.json [--output DIR]
 
 Annotations (read by data.coco): Karpathy's ``dataset_coco.json`` (a file named ``dataset_*.json``; the images of
 ``--split``, at ``IMAGES/filepath/filename``, references = the ``raw`` sentences) or a COCO-format ground truth

@@ -232,6 +232,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_max_new_toke
     )
 
 
+def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, score_option: str) -> argparse.Namespace:
+    """The arguments, with exactly one of --checkpoint (generate, needs --output) and ``score_option`` (score an
+    existing file); a usage error exits with status 2, as argparse's own."""
+    args = parser.parse_args(argv)
+    flag = "--" + score_option.replace("_", "-")
+    if (args.checkpoint is None) == (getattr(args, score_option) is None):
+        parser.error(f"give exactly one of --checkpoint RUN_DIR (generate) or {flag} FILE (score)")
+    if args.checkpoint is not None and args.output is None:
+        parser.error("--output DIR is required with --checkpoint")
+    return args
+
+
 def run_cli(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None,
@@ -239,14 +251,9 @@ def run_cli(
     *,
     score_option: str,
 ) -> int:
-    """The shared command line: exactly one of --checkpoint (generate, needs --output) and ``score_option`` (score
-    an existing file); a problem with the user's files or values is one ``error:`` line and exit status 2."""
-    args = parser.parse_args(argv)
-    flag = "--" + score_option.replace("_", "-")
-    if (args.checkpoint is None) == (getattr(args, score_option) is None):
-        parser.error(f"give exactly one of --checkpoint RUN_DIR (generate) or {flag} FILE (score)")
-    if args.checkpoint is not None and args.output is None:
-        parser.error("--output DIR is required with --checkpoint")
+    """The shared command line (``parse_cli``), then ``run``; a problem with the user's files or values is one
+    ``error:`` line and exit status 2."""
+    args = parse_cli(parser, argv, score_option=score_option)
     try:
         if args.output is not None:  # before the model is loaded: a read-only folder is refused at once
             from model.checkpoint import check_writable

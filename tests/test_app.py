@@ -21,23 +21,27 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+import model.generate as model_generate
 from app.__main__ import build_parser as app_parser
-from app.__main__ import find_latest_run, load_engine, main
+from app.__main__ import choose_run, load_engine, main
 from app.engine import (
     CHAT_STOP,
     HISTORY_CHARS_PER_TOKEN,
     MAX_MESSAGE_CHARS,
     Engine,
+    NoImageError,
     Reply,
     Turn,
     chat_prompt,
     question_prompt,
+    refers_to_image,
     with_chosen_option,
 )
 from app.ui import (
     ASSETS,
     DELETE_CACHE,
     MAX_HISTORY_MESSAGES,
+    MAX_PASTE_CHARS,
     MODEL_QUEUE,
     SESSION_CAPACITY,
     accumulate,
@@ -49,6 +53,7 @@ from app.ui import (
     strip_notes,
     to_turns,
 )
+from app.uploads import files_under
 from data.alpaca import format_prompt
 from model.checkpoint import save_adapter
 from model.config import VisualConfig, preset
@@ -211,6 +216,77 @@ def test_an_answer_shows_the_option_it_chooses():
     assert shown("The answer is (C) green") == "The answer is (C) green"  # already spelled out
     assert shown("The answer is (D)") == "The answer is (D)"  # no such option: left as it is
     assert shown("I do not know") == "I do not know"
+
+
+def scripted(monkeypatch: pytest.MonkeyPatch, continuation: str) -> None:
+    """Make every model "decode" ``continuation`` token by token, then EOS: what a weak model writes. In the pieces
+    of the shipped demo base's tokenizer, which keeps line breaks (the test tokenizer reads them as spaces)."""
+    tokenizer = load_tokenizer(Path(__file__).resolve().parents[1] / "assets" / "tiny-demo-base" / "tokenizer.model")
+    ids = [*tokenizer.encode(continuation, bos=False, eos=False), tokenizer.eos_id]
+
+    def start(model, prompts, images, *args):
+        return tokenizer, (torch.tensor([i]) for i in ids)
+
+    monkeypatch.setattr(model_generate, "_start", start)
+
+
+@pytest.mark.parametrize(
+    "continuation, shown",
+    [
+        ("The shape is red.\n\n### Response: It is big", "The shape is red.\n\n"),
+        ("It is big.\n\n### Input:\nUser: and then", "It is big.\n\n"),
+        ("It is big.### Instruction:\nReply", "It is big."),
+        ("It is big.\nUser: what else", "It is big."),
+        ("No marker: # one hash, ## two hashes", "No marker: # one hash, ## two hashes"),
+    ],
+)
+def test_a_chat_reply_stops_at_the_templates_markers(engine, monkeypatch, continuation, shown):
+    """From the third turn the tiny default runs on into the Alpaca template's own headers ("### Response:"), which
+    the chat would render as Markdown headings: every "###" ends the reply, as does the conversation's next line."""
+    scripted(monkeypatch, continuation)
+    history = [Turn("what color is the ball", "red", image=RED), Turn("is it big", "it is big")]
+    assert answer(engine.chat(history, "and the size", None, *GREEDY)) == shown
+    assert answer(engine.caption(RED, *GREEDY)) == shown
+
+
+def test_refers_to_image_finds_definite_references_to_a_picture():
+    asks = {
+        "What color is the shape in the picture?": "the shape",
+        "Is the shape big or small?": "the shape",
+        "Describe the picture.": "the picture",
+        "Please introduce this painting.": "this painting",
+        "How big is the red shape?": "the red shape",
+        "what is in my photo": "my photo",
+        "Caption the attached image": "the attached image",
+    }
+    for text, words in asks.items():
+        assert refers_to_image(text) == words, text
+    for text in ("Tell me about alpacas.", "What is a shape?", "What is the shape of the earth?", "Draw a picture"):
+        assert refers_to_image(text) is None, text
+
+
+def test_a_question_about_the_picture_without_one_says_no_image_is_attached(engine, tmp_path):
+    question = "What color is the shape in the picture?"
+    with pytest.raises(NoImageError) as chat_error:
+        engine.chat([], question, None)
+    assert str(chat_error.value) == (
+        "No image is attached, but the question asks about 'the shape': attach the image with your message (the "
+        "button left of the textbox) and ask again (a question that does not refer to an image is answered without "
+        "one)."
+    )
+    with pytest.raises(NoImageError, match=r"asks about 'the picture': attach the image in the Image box and ask"):
+        engine.answer("Describe the picture.", None, "", ["red", "blue"])
+    with pytest.raises(NoImageError, match="asks about 'the picture'"):
+        engine.answer("Which color?", None, "Look at the picture.", ["red", "blue"])  # the context counts too
+    # with an image, attached or earlier in the conversation, it is answered about that image
+    follow_up = engine.chat([Turn("look at this", "a picture", image=RED)], question, None, *GREEDY)
+    assert answer(follow_up) == answer(engine.chat([Turn("look at this", "a picture")], question, RED, *GREEDY))
+    assert engine.answer(question, RED, "", ["red", "blue"]).prompt.startswith("Question: What color is the shape")
+    # a question that needs no image, and any question to a text-only model, is answered as before
+    assert engine.chat([], "Tell me about alpacas.", None).prompt == format_prompt("Tell me about alpacas.")
+    assert engine.answer("What is a shape?", None, "", ["a form", "a cat"]).prompt.startswith("Question: What is")
+    text_only = make_engine(tmp_path, visual=False)
+    assert text_only.chat([], question, None).prompt == format_prompt(question)
 
 
 # ---- engine: bad input --------------------------------------------------------------------------------------------
@@ -530,6 +606,12 @@ def test_bad_requests_get_readable_errors_and_the_server_keeps_serving(client, e
         client.predict(handle_file(bad["not_image"]), "what is it", "", "", *GREEDY, api_name="/answer")
     with pytest.raises(AppError, match="The message is empty"):
         client.predict({"text": "   ", "files": []}, *GREEDY, api_name="/chat")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(AppError, match=r"^notes\.txt is a text file, and the chat reads images only \(the browser"):
+        client.predict({"text": "read this", "files": [handle_file(notes)]}, *GREEDY, api_name="/chat")
+    with pytest.raises(AppError, match=r"^No image is attached, but the question asks about 'the picture'"):
+        client.predict(None, "What is in the picture?", "", "", *GREEDY, api_name="/answer")
     with pytest.raises(AppError, match="Upload an image to caption"):
         client.predict(None, *GREEDY, api_name="/caption")
     with pytest.raises(AppError, match="Give 2 to 8 choices"):
@@ -551,11 +633,6 @@ def test_the_browsers_chat_message_is_checked_before_it_is_sent(engine, tmp_path
     file name. Scripts calling /chat skip it and get the same message as an AppError (above)."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     bad = bad_files(tmp_path / "bad")
-
-    def validator(demo: gr.Blocks):
-        [check] = [fn.validator for fn in demo.fns.values() if fn.validator is not None]
-        return check
-
     check = validator(build_demo(engine))
     assert check({"text": "  \n", "files": []}) == gr.validate(
         False, "The message is empty: type a question or an instruction."
@@ -572,6 +649,12 @@ def test_the_browsers_chat_message_is_checked_before_it_is_sent(engine, tmp_path
         False, "This model is text only (it has no visual path): send the message without an image."
     )
     assert text_only({"text": "what is this", "files": []}) == gr.validate(True, "")
+
+
+def validator(demo: gr.Blocks):
+    """The chat's check of the browser's submission (``check_message`` in app/ui.py)."""
+    [check] = [fn.validator for fn in demo.fns.values() if fn.validator is not None]
+    return check
 
 
 def chat_handler(demo: gr.Blocks):
@@ -634,6 +717,45 @@ def test_chat_errors_end_the_pages_reply_and_are_raised_to_api_calls(engine, tmp
     red = {"text": "is it red", "files": [str(RED)]}
     assert list(chat(red, history, *GREEDY, page))[-1] == answer(
         engine.chat([Turn("what color is the ball", "red", gone)], "is it red", RED, *GREEDY)
+    )
+
+
+def test_a_long_paste_or_a_question_without_its_image_gets_a_message_and_the_chat_stays_usable(
+    engine, tmp_path, monkeypatch
+):
+    """A paste over MAX_PASTE_CHARS reaches the server as an attached text file (the browser's doing: see
+    tests/test_app_browser.py): the check says so under the textbox. A question about the picture with no image is
+    left to the chat handler, which sees the conversation: without an image in it, the reply says none is attached;
+    with one, it is answered about it."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build_demo(engine)
+    check, chat = validator(demo), chat_handler(demo)
+    [textbox] = [b for b in demo.blocks.values() if isinstance(b, gr.MultimodalTextbox)]
+    page, api = gr.EventData(textbox, None), gr.EventData(None, None)
+
+    pasted = tmp_path / "pasted_text.txt"
+    pasted.write_text("the cat " * (MAX_PASTE_CHARS // 8 + 1))
+    too_long = (
+        "pasted_text.txt is a text file, and the chat reads images only (the browser attaches a paste of more than "
+        "100,000 characters as one): remove it and paste less; the model reads the first 16,000 characters of a "
+        "message."
+    )
+    message = {"text": "", "files": [str(pasted)]}
+    assert check(message) == gr.validate(False, too_long)
+    assert list(chat(message, [], *GREEDY, page)) == [format_error(too_long)]
+    with pytest.raises(gr.Error, match="pasted_text.txt is a text file"):
+        list(chat(message, [], *GREEDY, api))
+
+    question = {"text": "What color is the shape in the picture?", "files": []}
+    assert check(question) == gr.validate(True, "")  # the conversation, which the check does not see, may hold one
+    with pytest.raises(NoImageError) as no_image:
+        engine.chat([], question["text"], None)
+    assert list(chat(question, [], *GREEDY, page)) == [format_error(str(no_image.value))]
+    with pytest.raises(gr.Error, match="No image is attached, but the question asks about 'the shape'"):
+        list(chat(question, [], *GREEDY, api))
+    history = [{"role": "user", "content": [{"path": str(RED)}, "look"]}, {"role": "assistant", "content": "a ball"}]
+    assert list(chat(question, history, *GREEDY, page))[-1] == answer(
+        engine.chat([Turn("look", "a ball", image=RED)], question["text"], None, *GREEDY)
     )
 
 
@@ -735,7 +857,10 @@ def test_text_boxes_are_capped_at_the_engines_field_limit(served):
         ["Question", "Context (optional)", "Choices (optional, one per line)"], MAX_MESSAGE_CHARS
     )
     [chat_box] = [b for b in blocks if isinstance(b, gr.MultimodalTextbox)]
-    assert chat_box.max_plain_text_length == MAX_MESSAGE_CHARS  # it has no max_length: a longer paste becomes a file
+    # it has no max_length: a paste up to MAX_PASTE_CHARS stays text (the engine reads MAX_MESSAGE_CHARS of it), a
+    # longer one becomes a text file, which Gradio's type check lets through to the chat's readable refusal
+    assert chat_box.max_plain_text_length == MAX_PASTE_CHARS > MAX_MESSAGE_CHARS
+    assert chat_box.file_types == ["image", ".txt"]
 
 
 def test_uploads_land_in_a_private_folder_that_gradio_cleans(served, client, tmp_path):
@@ -756,6 +881,46 @@ def test_uploads_land_in_a_private_folder_that_gradio_cleans(served, client, tmp
     assert not upload.exists()
 
 
+def post_upload(url: str, files: list[tuple[str, bytes]]) -> httpx.Response:
+    """One raw POST of ``files`` to Gradio's upload route, as any HTTP client can send it."""
+    return httpx.post(f"{url}gradio_api/upload", files=[("files", item) for item in files], timeout=60)
+
+
+def test_the_upload_folder_keeps_the_newest_files_within_its_caps_all_private(engine, tmp_path, monkeypatch):
+    """Raw posts of 1 MiB each to a demo whose folder keeps 4 MiB and 10 files: after every post the newest within
+    the caps are left (the examples Gradio cached at build time always), every file 0600 and every folder 0700, and
+    the demo still answers about a fresh upload."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build_demo(engine)
+    _, url, _ = launch(
+        demo, port=None, prevent_thread_lock=True, quiet=True, max_cache_bytes=4 << 20, max_cache_files=10
+    )
+    try:
+        cache = Path(demo.GRADIO_CACHE)
+        examples = set(files_under(cache))
+        assert {p.name for p in examples} == {RED.name, GREEN.name}
+        rng = np.random.default_rng(0)
+        for i in range(12):
+            reply = post_upload(url, [(f"post{i}.bin", rng.bytes(1 << 20))])
+            assert reply.status_code == 200 and Path(reply.json()[0]).name == f"post{i}.bin"
+            uploads = set(files_under(cache)) - examples
+            assert sum(p.stat().st_size for p in uploads) <= 4 << 20 and examples <= set(files_under(cache))
+        assert {p.name for p in uploads} == {f"post{i}.bin" for i in range(8, 12)}
+        reply = post_upload(url, [(f"tiny{i}.txt", f"{i}".encode()) for i in range(30)])  # many files in one post
+        assert reply.status_code == 200 and len(reply.json()) == 30
+        uploads = set(files_under(cache)) - examples
+        assert len(uploads) == 10 and {p.name for p in uploads} <= {f"tiny{i}.txt" for i in range(30)}  # 10 at most
+        modes = {stat.S_IMODE(p.stat().st_mode) for p in cache.rglob("*") if p.is_file()}
+        folders = {stat.S_IMODE(p.stat().st_mode) for p in [cache, *cache.rglob("*")] if p.is_dir()}
+        assert modes == {0o600} and folders == {0o700}
+        with closing(Client(url, verbose=False)) as client:
+            reply = client.predict({"text": "what color is the ball", "files": [handle_file(RED)]}, *GREEDY,
+                                   api_name="/chat")  # fmt: skip
+        assert reply == answer(engine.chat([], "what color is the ball", RED, *GREEDY))
+    finally:
+        demo.close()
+
+
 def test_app_is_safe_by_default():
     args = app_parser().parse_args([])
     assert (args.host, args.port, args.share, args.max_file_size) == ("127.0.0.1", 7860, False, "10mb")
@@ -771,30 +936,50 @@ def test_main_without_a_run_says_to_train_first(tmp_path, monkeypatch, capsys):
     assert "nowhere: no such run directory or adapter file" in capsys.readouterr().err
 
 
-def test_load_engine_serves_the_newest_run_with_its_prompt_format(tmp_path, monkeypatch):
+def test_without_a_checkpoint_the_newest_run_with_a_visual_path_is_served_and_said_why(tmp_path, monkeypatch, capsys):
+    """After `make train` (runs/demo, multimodal) a later text-only run is not what the demo serves by default; the
+    choice and its reason are printed and shown in the header."""
     from data.synthetic import synthetic_corpus
     from data.synthetic import train_tokenizer as train_512
     from model import load_model
 
     tokenizer = train_512(synthetic_corpus(n=1000), tmp_path / "tokenizer.model", 512)  # the tiny preset's vocabulary
     runs = tmp_path / "runs"
-    for name, fmt in (("old", "alpaca"), ("new", "QCM-A")):
-        model = load_model("tiny", clip="tiny")
-        save_adapter(model, runs / name, base="tiny", tokenizer=tokenizer, prompt_format=fmt)
-    os.utime(runs / "old" / "adapter.json", (1, 1))
-    assert find_latest_run(runs) == runs / "new" and find_latest_run(tmp_path / "none") is None
+    for age, (name, fmt, clip) in enumerate([("demo", "alpaca", "tiny"), ("sqa", "QCM-A", "tiny"), ("text", "", None)]):
+        model = load_model("tiny", clip=clip)
+        save_adapter(model, runs / name, base="tiny", tokenizer=tokenizer, prompt_format=fmt or None)
+        os.utime(runs / name / "adapter.json", (age + 1, age + 1))  # demo, then sqa, then text: the newest
+    assert choose_run(runs) == (
+        runs / "sqa",
+        f"the newest with a visual path, of 3 runs under {runs}; --checkpoint RUN_DIR serves another",
+    )
+    assert choose_run(tmp_path / "none") is None
     monkeypatch.setattr("app.__main__.RUNS_DIR", runs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine = load_engine(app_parser().parse_args(["--device", "cpu"]))
-    assert engine.name == "run new" and engine.question_format == "QCM-A" and engine.has_vision
-    old = load_engine(app_parser().parse_args(["--checkpoint", str(runs / "old")]))
-    assert old.question_format == "llama_adapter"  # an Alpaca run asks questions in the V1 format
+    assert engine.name == "run sqa" and engine.question_format == "QCM-A" and engine.has_vision
+    assert engine.about.startswith(f"Serving `{runs / 'sqa'}`: the newest with a visual path, of 3 runs under ")
+    old = load_engine(app_parser().parse_args(["--checkpoint", str(runs / "demo")]))
+    assert old.question_format == "llama_adapter" and old.about == ""  # an Alpaca run asks in the V1 format
+    shutil.rmtree(runs / "sqa")
+    shutil.rmtree(runs / "demo")
+    assert choose_run(runs) == (runs / "text", f"the only run under {runs}; --checkpoint RUN_DIR serves another")
+    save_adapter(load_model("tiny"), runs / "text2", base="tiny", tokenizer=tokenizer)
+    assert (
+        choose_run(runs)[1].startswith("the newest, of 2 runs under ")
+        and "none with a visual path" in (choose_run(runs)[1])
+    )
+    monkeypatch.setattr("app.ui.launch", lambda demo, **kwargs: None)  # stands in for serving until Ctrl-C
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    assert main(["--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith(f"serving {runs / 'text2'}: the newest, of 2 runs under {runs}")
 
 
 def test_main_serves_with_umask_077_and_removes_its_upload_folder(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
-    monkeypatch.setattr("app.__main__.load_engine", lambda args: engine)
+    monkeypatch.setattr("app.__main__.RUNS_DIR", tmp_path / "runs")  # none: the stand-in below serves
+    monkeypatch.setattr("app.__main__.load_engine", lambda args, why: engine)
     served = {}
 
     def serve(demo, **kwargs):  # stands in for launch, which would block until Ctrl-C

@@ -77,6 +77,16 @@ class ChatPage:
         self.textbox.fill(message)
         self.textbox.press("Enter")
 
+    def paste(self, text: str) -> None:
+        """Paste ``text`` into the textbox as a user does (the clipboard, then Ctrl+V): the page's own paste
+        handler decides whether it stays text."""
+        from playwright.sync_api import expect
+
+        expect(self.textbox).to_be_enabled(timeout=TIMEOUT_MS)
+        self.page.evaluate("(text) => navigator.clipboard.writeText(text)", text)
+        self.textbox.focus()
+        self.textbox.press("Control+V")
+
     def attach(self, image: Path) -> None:
         self.page.get_by_test_id("file-upload").set_input_files(str(image))
         self.page.locator(".thumbnail-image").wait_for(timeout=TIMEOUT_MS)  # the upload finished
@@ -117,7 +127,9 @@ def chat_page(url: str) -> Iterator[ChatPage]:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=list(CHROMIUM_ARGS))
         try:
-            page = browser.new_page(viewport=VIEWPORT)
+            context = browser.new_context(viewport=VIEWPORT)
+            context.grant_permissions(["clipboard-read", "clipboard-write"])  # for ChatPage.paste
+            page = context.new_page()
             page.goto(url, timeout=TIMEOUT_MS)
             yield ChatPage(page)
         finally:
@@ -175,6 +187,43 @@ def test_chat_mistakes_are_shown_and_the_chat_stays_usable_in_chromium(url, tmp_
     assert_streamed(texts, [first_reply])
     for name in ("empty.png", "corrupt.png", "reply.png"):
         assert_page_screenshot(tmp_path / name)
+
+
+def test_long_pastes_never_leave_the_chat_stuck_in_chromium(url, tmp_path):
+    """Gradio's textbox attaches a paste longer than its max_plain_text_length as a text file; an image-only textbox
+    then failed with a raw "Invalid file type: text/plain" and stayed an error box until a reload. Now a paste of
+    20,000 characters stays text and is answered with a note that it was cut; one of over 100,000 is refused with a
+    readable message under the textbox, and the chat goes on once the file is removed."""
+    from playwright.sync_api import expect
+
+    with chat_page(url) as chat:
+        chat.paste("the cat " * 2_500)  # 20,000 characters
+        expect(chat.textbox).to_have_value("the cat " * 2_500)
+        expect(chat.page.get_by_label("Uploaded files")).to_have_count(0)
+        chat.textbox.press("Enter")
+        chat.finished_reply(1)
+        first_reply = chat.bots.inner_text()
+        assert first_reply.startswith("Note: Your message was cut to its first 16,000 of 19,999 characters.")
+        expect(chat.textbox).to_be_enabled()
+
+        chat.paste("the cat " * 12_501)  # 100,008 characters: attached as pasted_text.txt
+        expect(chat.page.get_by_label("Uploaded files")).to_have_count(1)
+        chat.textbox.press("Enter")
+        refused = (
+            "pasted_text.txt is a text file, and the chat reads images only (the browser attaches a paste of more "
+            "than 100,000 characters as one): remove it and paste less; the model reads the first 16,000 characters "
+            "of a message."
+        )
+        chat.still_usable(refused, [first_reply], 1, tmp_path / "long_paste.png")
+
+        chat.page.locator(".validation-error").get_by_label("Clear").click()  # the message covers the file row
+        chat.page.get_by_label("Remove file").click()
+        chat.watch_reply()
+        chat.send("the cat sat on a mat")
+        texts = chat.streamed_reply(2)
+        expect(chat.page.get_by_text(refused)).to_have_count(0)
+    assert_streamed(texts, [first_reply])
+    assert_page_screenshot(tmp_path / "long_paste.png")
 
 
 def test_chat_errors_while_answering_are_shown_and_the_chat_stays_usable_in_chromium(served, tmp_path):

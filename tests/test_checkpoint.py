@@ -393,6 +393,66 @@ def test_official_v1_rejects_trained_gates_below_the_prompts_and_odd_shapes(tmp_
         open_adapter(tmp_path / "other.pth", llama)
 
 
+def test_the_official_v1_file_is_taken_wherever_a_run_is(tmp_path, capsys):
+    """The V1 release file (a text-only Alpaca adapter) on a LLaMA base, as users pass it: `python -m app
+    --checkpoint FILE --base DIR` serves it, `python -m eval.scienceqa` scores it (its questions without their
+    images), `train.py --model.init_from FILE` starts from its tensors; COCO captioning and the V2 release export,
+    which a text-only V1 adapter cannot do, are refused saying why. Here on the shipped tiny base, in the release's
+    layout for its shape (prompts of the top 3 of 4 layers, gates of all 4 per head)."""
+    import train
+    from app.__main__ import build_parser, load_engine
+    from app.engine import CHAT_STOP
+    from data.alpaca import format_prompt
+    from data.synthetic import make_coco, make_scienceqa
+    from eval import coco, scienceqa
+    from model import export
+    from model.generate import generate
+
+    base = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-base")
+    g = torch.Generator().manual_seed(5)
+    state = {"adapter_query.weight": torch.randn(3 * 10, 64, generator=g).half()}
+    for layer in range(4):
+        gate = torch.zeros(1, 4, 1, 1) if layer == 0 else torch.randn(1, 4, 1, 1, generator=g)
+        state[f"layers.{layer}.attention.gate"] = gate.half()
+    v1 = tmp_path / "llama_adapter_len10_layer30_release.pth"
+    torch.save(state, v1)
+    reference = load_model(base, v1)
+
+    engine = load_engine(build_parser().parse_args(["--checkpoint", str(v1), "--base", base, "--device", "cpu"]))
+    assert engine.name == f"adapter {v1.name} (llama_adapter) on {base}" and not engine.has_vision
+    greedy = {"temperature": 0.0, "max_new_tokens": 8}
+    prompt = format_prompt("Tell me about alpacas.")
+    assert "".join(engine.chat([], "Tell me about alpacas.", **greedy)) == generate(
+        reference, prompt, stop=list(CHAT_STOP), **greedy
+    )
+
+    sqa = make_scienceqa(tmp_path / "sqa", n_train=4, n_val=2, n_test=4)
+    common = ["--checkpoint", str(v1), "--base", base, "--device", "cpu", "--max-new-tokens", "4"]
+    assert scienceqa.main([*common, "--data", str(sqa), "--output", str(tmp_path / "sqa-eval")]) == 0
+    predictions = json.loads((tmp_path / "sqa-eval" / "predictions.json").read_text())
+    assert len(predictions["outputs"]) == 4 and (tmp_path / "sqa-eval" / "metrics.json").is_file()
+    coco_dir = make_coco(tmp_path / "coco", n_train=2, n_restval=0, n_val=1, n_test=2)
+    annotations = str(coco_dir / "dataset_coco.json")
+    assert coco.main([*common, "--annotations", annotations, "--output", str(tmp_path / "coco-eval")]) == 2
+    assert "this run has no visual path (a text-only adapter); it cannot caption images" in capsys.readouterr().err
+    assert export.main([str(v1), "--to", "release", str(tmp_path / "v2.pth"), "--base", base]) == 2
+    assert "only llama_adapter_v2 adapters have the release format" in capsys.readouterr().err
+
+    argv = [
+        "--base", base, "--data", str(sqa), "--no-images", "--model.init_from", str(v1),
+        "--optim.trainable", "adapter_gate", "--optim.max_steps", "1", "--run.eval", "false", "--run.progress",
+        "false", "--run.out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert train.main(argv) == 0
+    saved = load_file(tmp_path / "run" / "adapter.safetensors")
+    for i, layer in enumerate((1, 2, 3)):  # the prompts held still: the file's own, gates trained from the file's
+        assert torch.equal(
+            saved[f"layers.{layer}.attention.adapter_prompt"],
+            state["adapter_query.weight"][10 * i : 10 * (i + 1)].float(),
+        )
+    assert not torch.equal(saved["layers.1.attention.adapter_gate"], state["layers.1.attention.gate"].float().flatten())
+
+
 def test_peft_directory_of_another_method_or_size_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
     llama = LlamaConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS, vocab_size=VOCAB, ffn_dim=FFN)

@@ -4,6 +4,7 @@ one-line usage errors and unknown-flag suggestions."""
 import json
 
 import pytest
+import yaml
 
 from model import AdapterConfig
 from training import config as settings
@@ -121,8 +122,9 @@ def test_help_prints_every_field_doc_with_the_recipe_value(capsys):
     assert "K: learnable prompt vectors per adapted layer. (type: int, default: 10)" in out
     assert "Passes over the training split. Short: --epochs. (type: int, default: 5)" in out
     assert "Short: --no-images (false). (type: bool, default: False)" in out
-    for flag in ("--recipe", "--config", "--print_config", "--print-config", "--resume", "--allow-changes"):
+    for flag in ("--recipe", "--config", "--print_config", "--resume", "--allow-changes"):
         assert f"{flag} " in out
+    assert "--print-config" not in out  # one way to print the settings: jsonargparse's YAML
     assert "--data CONFIG" not in out  # --data is short for --data.path, not jsonargparse's section file
 
 
@@ -194,9 +196,20 @@ def test_print_config_fed_back_with_config_gives_the_same_run(tmp_path, capsys):
     (tmp_path / "run.json").write_text(json.dumps(config_to_dict(resolved(*argv))))
     again = resolved("--config", str(tmp_path / "run.json"), "--lr", "0.02")
     assert again.optim.lr == 0.02 and again.recipe == "coco" and again.optim.betas == (0.8, 0.9)
-    # The old JSON printout stays.
-    invocation = parse_args([*argv, "--print-config"])
-    assert invocation.print_only and invocation.config == resolved(*argv)
+    # A resumed run prints the settings it would continue with.
+    run = tmp_path / "run"
+    run.mkdir()
+    write_run_config(run, resolved(*argv))
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--resume", str(run), "--print_config"])
+    assert exc.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(printed) | {
+        "run": {**yaml.safe_load(printed)["run"], "out": str(run)}
+    }
+
+
+def test_the_json_flag_of_before_is_refused_naming_print_config(capsys):
+    assert "--print-config: did you mean --print_config" in usage_error(capsys, "--print-config")
 
 
 def test_a_partial_config_file_starts_from_the_recipe_it_names(tmp_path):

@@ -93,11 +93,11 @@ class Resume:
 
 @dataclass
 class Invocation:
-    """What the command line asks for: the resolved settings, and whether to resume or only print them."""
+    """What the command line asks for: the resolved settings, and whether to resume (``--print_config``, which
+    prints them, is jsonargparse's and exits while parsing)."""
 
     config: TrainConfig
     resume: Resume | None
-    print_only: bool
 
 
 # ==== recipes and recorded runs =====================================================================================
@@ -146,7 +146,6 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     own = argparse.ArgumentParser(prog="train.py", add_help=False, allow_abbrev=False)  # flags that are no setting
     own.add_argument("--resume", type=Path)
     own.add_argument("--allow-changes", action="store_true")
-    own.add_argument("--print-config", action="store_true")
     known, argv = own.parse_known_args(argv)
     types = _setting_types(TrainConfig)
     argv = _expand(argv, types)
@@ -176,7 +175,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     if known.resume is None:
         if known.allow_changes:
             _fail("--allow-changes applies to --resume RUN_DIR only")
-        return Invocation(cfg, None, known.print_config)
+        return Invocation(cfg, None)
     recorded, new = dict(_flat(config_to_dict(defaults))), dict(_flat(config_to_dict(cfg)))
     changes = {
         path: (recorded[path], new[path]) for path in new if path not in RESUME_FREE and recorded[path] != new[path]
@@ -187,7 +186,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
             f"differ: {describe_changes(changes)}. Drop them, or add --allow-changes to apply them from the saved "
             "step on (recorded in config.json)"
         )
-    return Invocation(cfg, Resume(known.resume, known.allow_changes, changes), known.print_config)
+    return Invocation(cfg, Resume(known.resume, known.allow_changes, changes))
 
 
 class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -228,9 +227,6 @@ def _build_parser(defaults: TrainConfig, resume: Path | None, description: str |
         help="with --resume: apply the settings given that differ from the run's (and a changed training set, "
         "continued from the next epoch boundary); each change is recorded with its step under 'changes' in "
         "config.json",
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", default=argparse.SUPPRESS, help="print the settings as JSON and exit"
     )
     parser.add_class_arguments(TrainConfig, nested_key=None, skip={"recipe"}, fail_untyped=True)
     parser.set_defaults(config_to_dict(defaults))
@@ -374,7 +370,7 @@ def _near(flag: str, types: dict[str, Any]) -> list[str]:
     word = flag.lstrip("-").replace("-", "_").lower()
     shorts = {path: flag for flag, path in SHORT_FLAGS.items()}
     flags = {path: f"--{path}" for path in types} | {path.rsplit(".", 1)[-1]: f"--{path}" for path in types}
-    for flag in (*SHORT_FLAGS, "--no-images", "--recipe", "--config", "--resume", "--allow-changes"):
+    for flag in (*SHORT_FLAGS, "--no-images", "--recipe", "--config", "--print_config", "--resume", "--allow-changes"):
         flags.setdefault(flag[2:].replace("-", "_"), f"--{SHORT_FLAGS[flag]}" if flag in SHORT_FLAGS else flag)
     near = [flags[name] for name in difflib.get_close_matches(word, flags, n=3, cutoff=0.6)]
     initials = "".join(part[0] for part in word.split("_") if part)

@@ -56,7 +56,7 @@ def markdown(report: dict[str, Any], scorer: Scorer) -> str:
     for entry in s["visual_entries"]:
         lines += _scores(report, scorer, entry)
     lines += _costs(methods, s["visual_entries"])
-    lines += [f"## Learning-rate search: val {key} (final training loss), seed {s['seed']}", ""]
+    lines += ["", f"## Learning-rate search: val {key} (final training loss), seed {s['seed']}", ""]
     rows = []
     for name, m in methods.items():
         for entry in s["visual_entries"]:

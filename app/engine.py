@@ -46,10 +46,9 @@ from typing import Any
 
 from PIL import Image
 
-from data.alpaca import format_prompt
 from data.coco import caption_prompt
-from data.llava import CHAT_INSTRUCTION, CHAT_MAX_TURNS
-from data.llava import chat_prompt as llava_chat_prompt
+from data.prompts import CHAT_INSTRUCTION, CHAT_MAX_TURNS, format_prompt
+from data.prompts import chat_prompt as llava_chat_prompt
 from data.scienceqa import FORMATS, Problem, build_prompt
 from model.generate import stream
 from model.visual import load_image

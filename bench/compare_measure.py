@@ -59,9 +59,9 @@ def _score_scienceqa(
     cfg: TrainConfig, model: Transformer, run_dir: Path, out: Path, split: str, limit: int | None
 ) -> dict[str, Any]:
     from data.scienceqa import load_problems
-    from data.tasks import TASKS
     from eval.common import PREDICTIONS_FILE, file_sha256
     from eval.scienceqa import CATEGORIES, evaluate, read_predictions
+    from training.tasks import TASKS
 
     problems = load_problems(cfg.data.path, split)[:limit]
     metrics = evaluate(

@@ -1,8 +1,9 @@
-"""Alpaca instruction data (``alpaca_data.json``) and the two exact Alpaca prompt templates.
+"""Alpaca instruction data (``alpaca_data.json``).
 
-The file is a JSON list of {"instruction", "input", "output"} objects. The templates are those of stanford_alpaca's
-train.py, reused verbatim by LLaMA-Adapter's fine-tuning code; the no-input one is used when ``input`` is missing
-or exactly "". The response is appended directly after "### Response:" (training target = output, then EOS).
+The file is a JSON list of {"instruction", "input", "output"} objects. A record is prompted by a ``PromptTemplate``
+(data/prompts.py): by default the two exact Alpaca templates of stanford_alpaca's train.py, reused verbatim by
+LLaMA-Adapter's fine-tuning code; the no-input one is used when ``input`` is missing or exactly "". The response is
+appended directly after "### Response:" (training target = output, then EOS).
 
 The real file has 28 records whose ``output`` is "" (stanford_alpaca issue #265); the official training code trains
 on them with EOS alone as the target, and so do we: they load, and one ``EmptyOutputWarning`` gives their count.
@@ -16,24 +17,7 @@ from pathlib import Path
 
 from data import DataError, InvalidRecords, read_json
 from data.collate import Example
-
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-
-
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt: the with-input template when ``input`` is non-empty, else the no-input one."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+from data.prompts import ALPACA, PromptTemplate, Query
 
 
 class EmptyOutputWarning(UserWarning):
@@ -98,16 +82,12 @@ def _check(rec: object) -> str | None:
     return None
 
 
-def to_example(record: AlpacaRecord) -> Example:
-    """A text-only training ``Example``: Alpaca prompt -> output."""
-    return Example(
-        prompt=format_prompt(record.instruction, record.input),
-        target=record.output,
-        image=None,
-        meta={"index": record.index},
-    )
+def to_example(record: AlpacaRecord, template: PromptTemplate = ALPACA) -> Example:
+    """A text-only training ``Example``: the instruction (and input) prompted by ``template`` -> output."""
+    prompt, target = template.example(Query(record.instruction, record.input), record.output)
+    return Example(prompt=prompt, target=target, image=None, meta={"index": record.index})
 
 
-def load_examples(path: str | Path, *, skip_invalid: bool = False) -> list[Example]:
+def load_examples(path: str | Path, *, skip_invalid: bool = False, template: PromptTemplate = ALPACA) -> list[Example]:
     """Training examples of an alpaca_data.json file."""
-    return [to_example(r) for r in load_records(path, skip_invalid=skip_invalid)]
+    return [to_example(r, template) for r in load_records(path, skip_invalid=skip_invalid)]

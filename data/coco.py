@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from data import DataError, ImageFolder, InvalidRecords, read_json
-from data.alpaca import format_prompt
 from data.collate import Example
+from data.prompts import ALPACA, PromptTemplate, Query
 
 KARPATHY_FILE = "dataset_coco.json"
 KARPATHY_SPLITS = {"train": ("train", "restval"), "restval": ("restval",), "val": ("val",), "test": ("test",)}
@@ -45,9 +45,10 @@ class CocoImage:
     references: list[str]
 
 
-def caption_prompt() -> str:
-    """The captioning prompt: Alpaca no-input template, instruction "Generate caption of this image"."""
-    return format_prompt(CAPTION_INSTRUCTION)
+def caption_prompt(template: PromptTemplate = ALPACA) -> str:
+    """The captioning prompt: the instruction "Generate caption of this image" in ``template`` (by default the
+    Alpaca no-input template)."""
+    return template.prompt(Query(CAPTION_INSTRUCTION))
 
 
 def _is_int(x: Any) -> bool:
@@ -215,14 +216,16 @@ def load_images(root: str | Path, split: str = "test", *, skip_invalid: bool = F
     return load_karpathy(root, split, skip_invalid=skip_invalid)
 
 
-def load_examples(root: str | Path, split: str = "train", *, skip_invalid: bool = False) -> list[Example]:
-    """Training examples: one per (image, caption), prompt ``caption_prompt()``, target the caption."""
-    prompt = caption_prompt()
-    return [
-        Example(prompt=prompt, target=caption, image=image.path, meta={"image_id": image.image_id})
-        for image in load_images(root, split, skip_invalid=skip_invalid)
-        for caption in image.references
-    ]
+def load_examples(
+    root: str | Path, split: str = "train", *, skip_invalid: bool = False, template: PromptTemplate = ALPACA
+) -> list[Example]:
+    """Training examples: one per (image, caption), prompt ``caption_prompt(template)``, target the caption."""
+    examples = []
+    for image in load_images(root, split, skip_invalid=skip_invalid):
+        for caption in image.references:
+            prompt, target = template.example(Query(CAPTION_INSTRUCTION), caption)
+            examples.append(Example(prompt=prompt, target=target, image=image.path, meta={"image_id": image.image_id}))
+    return examples
 
 
 def ground_truth(images: list[CocoImage]) -> dict[str, Any]:

@@ -5,14 +5,16 @@ The file is a JSON list of {"id", "image", "conversations": [{"from": "human", "
 "000000215677.jpg"). The first human turn carries the tag "<image>" before or after its text; the image enters the
 model through the visual prompt, never as text, so the tag (and the newline joining it) is removed.
 
-Each gpt turn is one training ``Example`` in the demo's chat prompt (``chat_prompt``, also used by app/engine.py), so
-the model learns exactly the prompt the demo's chat sends it. A first turn is the plain Alpaca instruction. A later
-turn is the Alpaca template with a fixed instruction (``CHAT_INSTRUCTION``) and the conversation in its Input field
-as "User: ... / Assistant: ..." lines ending with the new message, so the question to answer is the last line before
+Each gpt turn is one training ``Example`` in the demo's chat prompt (a ``Query`` with the earlier turns, prompted by
+the run's ``PromptTemplate``, data/prompts.py, as app/engine.py prompts it), so the model learns exactly the prompt
+the demo's chat sends it. With the Alpaca templates a first turn is the plain Alpaca instruction; a later turn is the
+Alpaca template with a fixed instruction (``CHAT_INSTRUCTION``) and the conversation in its Input field as
+"User: ... / Assistant: ..." lines ending with the new message, so the question to answer is the last line before
 the response, as in a first turn. (With the new message as the instruction and the earlier turns after it, the tiny
 demo model answered the earlier question again: 12 of 24 size follow-ups after a colour answer were right, 3 of 24
-colour follow-ups after a size answer.) The official LLaMA-Adapter V2 fine-tuning keeps only the first human / gpt
-pair of each conversation, "<image>" tag included.
+colour follow-ups after a size answer.) With a base's chat template the turns are its messages.
+The official LLaMA-Adapter V2 fine-tuning keeps only the first human / gpt pair of each conversation, "<image>" tag
+included.
 
 Checks: a malformed record (not an object, no image or conversations, turns not alternating human / gpt from a
 human one, a non-string or blank value) raises DataError naming the file and record index, or is skipped and counted
@@ -22,34 +24,15 @@ with ``skip_invalid``; image names must stay inside the image folder, as in the 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from data import DataError, ImageFolder, InvalidRecords, read_json
-from data.alpaca import format_prompt
 from data.collate import Example
+from data.prompts import ALPACA, CHAT_MAX_TURNS, PromptTemplate, Query
 
 IMAGE_TAG = re.compile(r"\A\s*<image>\s*|\s*<image>\s*\Z")
 """LLaVA's placeholder for the image, at the start or the end of the first human turn."""
-
-
-CHAT_INSTRUCTION = "Reply to the last message of this conversation."
-"""The instruction of a chat prompt with earlier turns; the conversation is its Input."""
-CHAT_MAX_TURNS = 256
-"""Earlier turns a chat prompt holds at most, in training as in the demo's engine: the newest ones. Keeps the cost
-of a conversation linear in its length (a 1,500-exchange record would otherwise repeat every turn 1,500 times)."""
-
-
-def chat_prompt(history: Sequence[tuple[str, str]], message: str) -> str:
-    """The Alpaca prompt answering ``message`` after the (user, assistant) turns of ``history``: the message alone
-    is the instruction; after earlier turns the instruction is ``CHAT_INSTRUCTION`` and the Input holds the turns as
-    "User: ... / Assistant: ..." lines, then "User: {message}" (an Alpaca adapter has only ever seen a single
-    instruction with optional context)."""
-    if not history:
-        return format_prompt(message)
-    lines = [f"User: {user}\nAssistant: {assistant}" for user, assistant in history]
-    return format_prompt(CHAT_INSTRUCTION, "\n".join([*lines, f"User: {message}"]))
 
 
 @dataclass
@@ -113,23 +96,23 @@ def _turns(rec: object) -> tuple[list[tuple[str, str]], str | None]:
     return list(zip(texts[::2], texts[1::2])), None
 
 
-def to_examples(conversation: Conversation) -> list[Example]:
+def to_examples(conversation: Conversation, template: PromptTemplate = ALPACA) -> list[Example]:
     """One example per answer: the chat prompt of its question after the earlier turns (the newest
     ``CHAT_MAX_TURNS``) -> the answer."""
-    turns = conversation.turns
-    return [
-        Example(
-            prompt=chat_prompt(turns[max(0, k - CHAT_MAX_TURNS) : k], user),
-            target=assistant,
-            image=conversation.image,
-            meta={"id": f"{conversation.id}#{k}"},
-        )
-        for k, (user, assistant) in enumerate(turns)
-    ]
+    turns, examples = conversation.turns, []
+    for k, (user, assistant) in enumerate(turns):
+        prompt, target = template.example(Query(user, history=tuple(turns[max(0, k - CHAT_MAX_TURNS) : k])), assistant)
+        examples.append(Example(prompt, target, image=conversation.image, meta={"id": f"{conversation.id}#{k}"}))
+    return examples
 
 
 def load_examples(
-    file: str | Path, image_dir: str | Path | None = None, *, skip_invalid: bool = False
+    file: str | Path,
+    image_dir: str | Path | None = None,
+    *,
+    skip_invalid: bool = False,
+    template: PromptTemplate = ALPACA,
 ) -> list[Example]:
     """Training examples of a LLaVA instruction file (one per answered turn)."""
-    return [ex for c in load_conversations(file, image_dir, skip_invalid=skip_invalid) for ex in to_examples(c)]
+    conversations = load_conversations(file, image_dir, skip_invalid=skip_invalid)
+    return [ex for c in conversations for ex in to_examples(c, template)]

@@ -54,6 +54,7 @@ from typing import Any
 
 from data import DataError, ImageFolder, InvalidRecords, read_json
 from data.collate import Example
+from data.prompts import ALPACA, PromptTemplate, Query
 
 BASE_SPLITS = ("train", "val", "test")
 HF_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
@@ -329,11 +330,11 @@ def build_target(problem: Problem, fmt: str = "llama_adapter") -> str:
     return _clean(f"{explanation} The answer is {letter}.")
 
 
-def to_example(problem: Problem, fmt: str = "llama_adapter", *, use_caption: bool = False) -> Example:
-    """``problem`` as a training / evaluation ``Example`` (image: path or encoded bytes; meta: ``problem.meta()``)."""
-    return Example(
-        prompt=build_prompt(problem, fmt, use_caption=use_caption),
-        target=build_target(problem, fmt),
-        image=problem.image,
-        meta=problem.meta(),
-    )
+def to_example(
+    problem: Problem, fmt: str = "llama_adapter", *, use_caption: bool = False, template: PromptTemplate = ALPACA
+) -> Example:
+    """``problem`` as a training / evaluation ``Example`` (image: path or encoded bytes; meta: ``problem.meta()``):
+    the prompt of format ``fmt`` as one message of ``template`` (as it is with the Alpaca templates)."""
+    query = Query(build_prompt(problem, fmt, use_caption=use_caption), whole=True)
+    prompt, target = template.example(query, build_target(problem, fmt))
+    return Example(prompt=prompt, target=target, image=problem.image, meta=problem.meta())

@@ -44,8 +44,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from data import DataError
-from data.alpaca import format_prompt
 from data.coco import CAPTION_INSTRUCTION, caption_prompt
+from data.prompts import format_prompt
 
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "yellow": (240, 200, 20)}
 SHAPES = ("circle", "square", "triangle")

@@ -1,6 +1,6 @@
 """A synthetic ``mix`` folder: every format the demo serves, each in its real format, generated in seconds.
 
-``make_mix(root)`` writes the folder the ``mix`` task reads (data/tasks.py):
+``make_mix(root)`` writes the folder the ``mix`` task reads (training/tasks.py):
 
 - ``scienceqa/``: the synthetic ScienceQA of data.synthetic (questions with choices; the Image tab's Answer).
 - ``coco/``: Karpathy-split COCO captions (the Caption button): one caption per image naming its size, colour and

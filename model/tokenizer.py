@@ -81,8 +81,13 @@ class Tokenizer(ABC):
     pad_id: int | None
     vocab_size: int
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of ``text``, with BOS first / EOS last when asked (BOS only if the tokenizer has one)."""
+    def encode(self, text: str, bos: bool = True, eos: bool = False, *, specials: bool = False) -> list[int]:
+        """Token ids of ``text``, with BOS first / EOS last when asked (BOS only if the tokenizer has one).
+
+        specials: read special tokens written in the text (``<s>``, ``</s>``, ``<|eot_id|>``) as their ids, as
+        transformers does, for a rendered chat template (model.chat_template). A tokenizer.json always does (the
+        tokenizers library matches its added tokens first); a sentencepiece model only when asked.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         lone = _LONE_SURROGATE.search(text)
@@ -91,7 +96,7 @@ class Tokenizer(ABC):
                 f"text to encode holds a lone surrogate \\u{ord(lone.group()):04x} at character {lone.start()}: "
                 "not Unicode text (a broken escape or a cut UTF-16 pair); remove or replace it"
             )
-        ids = self._encode_text(text)
+        ids = self._encode_specials(text) if specials else self._encode_text(text)
         if bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         if eos:
@@ -116,8 +121,16 @@ class Tokenizer(ABC):
         and encodes with as ``encode(text)`` does (file name -> content)."""
 
     @abstractmethod
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a special (control) token, which ``decode`` drops."""
+
+    @abstractmethod
     def _encode_text(self, text: str) -> list[int]:
         """Ids of ``text`` without any special token."""
+
+    def _encode_specials(self, text: str) -> list[int]:
+        """Ids of ``text`` with the special tokens written in it read as their ids."""
+        return self._encode_text(text)
 
     @abstractmethod
     def _decode_ids(self, ids: list[int]) -> str:
@@ -151,9 +164,29 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"{self.path}: the sentencepiece model defines no end-of-sequence token (eos_id -1)")
         self.eos_id = eos
         self.pad_id = _optional_id(self.sp.pad_id())
+        self._specials: tuple[re.Pattern[str], dict[str, int]] | None = None
 
     def _encode_text(self, text: str) -> list[int]:
         return list(self.sp.encode(text))
+
+    def is_special(self, token_id: int) -> bool:
+        return bool(self.sp.is_control(token_id) or self.sp.is_unknown(token_id))
+
+    def _encode_specials(self, text: str) -> list[int]:
+        """Each stretch of text between special pieces encoded on its own (a "▁" put before each, as the
+        tokenizer.json of ``hf_files`` and transformers' Llama tokenizers do), the special pieces as their ids."""
+        if self._specials is None:
+            pieces = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.is_special(i)}
+            pattern = "|".join(re.escape(p) for p in sorted(pieces, key=len, reverse=True))
+            self._specials = (re.compile(f"({pattern})"), pieces)
+        split, pieces = self._specials
+        ids: list[int] = []
+        for n, part in enumerate(split.split(text)):
+            if n % 2:
+                ids.append(pieces[part])
+            elif part:
+                ids += self.sp.encode(part)
+        return ids
 
     def hf_files(self) -> dict[str, bytes]:
         """tokenizer.model itself, and a tokenizer.json for transformers built from it: LLaMA's byte-fallback BPE
@@ -241,6 +274,10 @@ class HFTokenizer(Tokenizer):
 
     def _encode_text(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def is_special(self, token_id: int) -> bool:
+        added = self.tok.get_added_tokens_decoder().get(token_id)
+        return bool(added is not None and added.special) or token_id in (self.bos_id, self.eos_id, self.pad_id)
 
     def hf_files(self) -> dict[str, bytes]:
         """tokenizer.json and the config files beside it that name its special tokens; without a

@@ -54,7 +54,7 @@ from app.ui import (
     to_turns,
 )
 from app.uploads import files_under
-from data.alpaca import format_prompt
+from data.prompts import format_prompt
 from model.checkpoint import save_adapter
 from model.config import VisualConfig, preset
 from model.generate import generate

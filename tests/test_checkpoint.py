@@ -402,7 +402,7 @@ def test_the_official_v1_file_is_taken_wherever_a_run_is(tmp_path, capsys):
     import train
     from app.__main__ import build_parser, load_engine
     from app.engine import CHAT_STOP
-    from data.alpaca import format_prompt
+    from data.prompts import format_prompt
     from data.synthetic import make_coco, make_scienceqa
     from eval import coco, scienceqa
     from model import export

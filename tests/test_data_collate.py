@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from data import DataError
-from data.alpaca import format_prompt
 from data.collate import (
     IGNORE_INDEX,
     Collator,
@@ -15,6 +14,7 @@ from data.collate import (
     TargetTooLongError,
     drop_overlong,
 )
+from data.prompts import format_prompt
 from data.scienceqa import load_problems, to_example
 from data.synthetic import make_scienceqa, synthetic_corpus, train_tokenizer
 from model.tokenizer import load_tokenizer

@@ -192,7 +192,8 @@ def test_a_caption_of_twenty_megabytes_is_refused_at_once(tmp_path, capsys):
 def test_a_conversation_of_1500_exchanges_costs_linear_time(tmp_path):
     from PIL import Image
 
-    from data.llava import CHAT_MAX_TURNS, load_examples
+    from data.llava import load_examples
+    from data.prompts import CHAT_MAX_TURNS
 
     (tmp_path / "images").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.jpg")

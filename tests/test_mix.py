@@ -8,10 +8,11 @@ import train
 from app.engine import Turn
 from app.engine import chat_prompt as demo_chat_prompt
 from data import DataError
-from data.llava import chat_prompt, load_conversations, load_examples
+from data.llava import load_conversations, load_examples
+from data.prompts import chat_prompt
 from data.synthetic import synthetic_corpus, train_tokenizer
 from data.synthetic_mix import make_mix
-from data.tasks import TASKS
+from training.tasks import TASKS
 
 SMALL = dict(n_scienceqa=(24, 4, 6), n_coco=(6, 2, 3), n_llava=8, n_alpaca=10)
 

@@ -57,7 +57,7 @@ def test_the_script_writes_a_loadable_base_and_documents_it(tmp_path):
 
 
 def test_the_demo_base_has_read_the_demos_chats_and_its_settings_are_recorded(tmp_path):
-    from data.llava import chat_prompt
+    from data.prompts import chat_prompt
 
     model = load_model(REPO_ROOT / "assets" / "tiny-demo-base")
     assert model.config.llama == PRESETS["tiny"]

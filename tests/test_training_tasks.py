@@ -1,4 +1,4 @@
-"""data/tasks.py: each task described once (reader, prompt format, images, evaluator, data hint), and what the
+"""training/tasks.py: each task described once (reader, prompt format, images, evaluator, data hint), and what the
 training package takes from it."""
 
 import typing
@@ -10,10 +10,10 @@ from data.alpaca import to_example as alpaca_example
 from data.coco import caption_prompt
 from data.scienceqa import load_problems, to_example
 from data.synthetic import make_alpaca, make_coco, make_scienceqa
-from data.tasks import TASKS
 from training import TrainingError
 from training.batching import load_examples
 from training.config import DataArgs, TrainConfig, load_recipe
+from training.tasks import TASKS
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,10 @@ from typing import Any
 from torch import nn
 
 from data.collate import Example
-from data.tasks import TASKS
 from training import TrainingError
 from training.config import TrainConfig
 from training.dist import Dist, barrier
+from training.tasks import TASKS
 
 MicroBatch = tuple[list[int], dict[str, Any]]
 """(dataset indices, collated batch): the indices name the examples in error messages."""

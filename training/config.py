@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
-from data.tasks import TASKS
 from model.config import VisualConfig
+from training.tasks import TASKS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = REPO_ROOT / "assets" / "tiny-base"

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from data.tasks import TASKS
 from model.devices import resolve_dtype
 from model.methods import MethodConfig
 from training import TrainingError
@@ -48,6 +47,7 @@ from training.state import (
     seed_everything,
     write_run_config,
 )
+from training.tasks import TASKS
 from training.trainer import Trainer, train_loop
 
 
@@ -305,7 +305,7 @@ def resume_position(
 
 
 def evaluate(cfg: TrainConfig, model: nn.Module, run_dir: Path, fresh: bool) -> dict[str, Any]:
-    """The task's evaluator (data.tasks) on data.eval_split, written into the run directory; ``fresh``: the adapter
+    """The task's evaluator (training.tasks) on data.eval_split, written into the run directory; ``fresh``: the adapter
     changed in this invocation, so answers an earlier evaluation logged are stale and generated again."""
     from eval.common import GENERATIONS_FILE
 

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from data.tasks import TASKS
 from model.checkpoint import (
     CheckpointError,
     WriteError,
@@ -35,6 +34,7 @@ from model.checkpoint import (
 from training import TrainingError
 from training.config import REPO_ROOT, TrainConfig, config_to_dict
 from training.dist import Dist
+from training.tasks import TASKS
 
 if TYPE_CHECKING:
     from training.cli import Resume

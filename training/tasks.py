@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data import DataError, alpaca, coco, llava, scienceqa
 from data.collate import Example
+from data.prompts import PromptTemplate
+from data.synthetic import ensure_scienceqa
+from data.synthetic_mix import ensure_mix
+from eval import coco as eval_coco
+from eval import scienceqa as eval_scienceqa
+from eval.common import METRICS_FILE, file_sha256, write_json
 
 
 @dataclass(frozen=True)
@@ -20,8 +27,8 @@ class Task:
     name: str
     data_hint: str
     """What ``--data`` names for this task (in the error when it is missing)."""
-    reader: Callable[[Path, str, str], list[Example]]
-    """(data path, split, prompt format) -> the training examples of the split."""
+    reader: Callable[[Path, str, str, PromptTemplate], list[Example]]
+    """(data path, split, ScienceQA prompt format, prompt template) -> the training examples of the split."""
     prompt_format: str | None
     """The prompt format recorded in the adapter sidecar; None: the configurable ``data.prompt_format``."""
     has_images: bool
@@ -46,22 +53,16 @@ class Task:
         return self.prompt_format or configured
 
 
-def _read_scienceqa(root: Path, split: str, prompt_format: str) -> list[Example]:
-    from data.scienceqa import load_problems, to_example
-
-    return [to_example(p, prompt_format) for p in load_problems(root, split)]
+def _read_scienceqa(root: Path, split: str, prompt_format: str, template: PromptTemplate) -> list[Example]:
+    return [scienceqa.to_example(p, prompt_format, template=template) for p in scienceqa.load_problems(root, split)]
 
 
-def _read_coco(root: Path, split: str, prompt_format: str) -> list[Example]:
-    from data.coco import load_examples
-
-    return load_examples(root, split)
+def _read_coco(root: Path, split: str, prompt_format: str, template: PromptTemplate) -> list[Example]:
+    return coco.load_examples(root, split, template=template)
 
 
-def _read_alpaca(root: Path, split: str, prompt_format: str) -> list[Example]:
-    from data.alpaca import load_examples
-
-    return load_examples(root)  # one file, no splits
+def _read_alpaca(root: Path, split: str, prompt_format: str, template: PromptTemplate) -> list[Example]:
+    return alpaca.load_examples(root, template=template)  # one file, no splits
 
 
 def _evaluate_scienceqa(
@@ -78,13 +79,9 @@ def _evaluate_scienceqa(
 ) -> dict[str, Any]:
     """eval.scienceqa.evaluate on the first ``limit`` problems of ``split``, written into the run directory (which
     holds the adapter); prints the category table."""
-    from data.scienceqa import load_problems
-    from eval.common import file_sha256
-    from eval.scienceqa import evaluate, format_table
-
-    metrics = evaluate(
+    metrics = eval_scienceqa.evaluate(
         model,
-        load_problems(root, split)[:limit],
+        scienceqa.load_problems(root, split)[:limit],
         run_dir,
         checkpoint=run_dir,
         adapter_sha256=file_sha256(run_dir / "adapter.safetensors"),
@@ -94,7 +91,7 @@ def _evaluate_scienceqa(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
     )
-    print(format_table(metrics, label=label))
+    print(eval_scienceqa.format_table(metrics, label=label))
     return metrics
 
 
@@ -113,8 +110,6 @@ COCO_EVAL_DIR = "coco"
 
 def mix_parts(root: Path) -> dict[str, Path]:
     """The parts present in the mix folder ``root``; DataError when it holds none."""
-    from data import DataError
-
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such mix folder")
     parts = {name: root / place for name, place in MIX_PARTS.items() if (root / place).exists()}
@@ -123,20 +118,18 @@ def mix_parts(root: Path) -> dict[str, Path]:
     return parts
 
 
-def _read_mix(root: Path, split: str, prompt_format: str) -> list[Example]:
-    from data.llava import load_examples as load_llava
-
+def _read_mix(root: Path, split: str, prompt_format: str, template: PromptTemplate) -> list[Example]:
     parts = mix_parts(root)
     examples = []
     if "scienceqa" in parts:
-        examples += _read_scienceqa(parts["scienceqa"], split, prompt_format)
+        examples += _read_scienceqa(parts["scienceqa"], split, prompt_format, template)
     if "coco" in parts:
-        examples += _read_coco(parts["coco"], split, prompt_format)
+        examples += _read_coco(parts["coco"], split, prompt_format, template)
     if split == "train":
         if "llava" in parts:
-            examples += load_llava(parts["llava"])
+            examples += llava.load_examples(parts["llava"], template=template)
         if "alpaca" in parts:
-            examples += _read_alpaca(parts["alpaca"], split, prompt_format)
+            examples += _read_alpaca(parts["alpaca"], split, prompt_format, template)
     return examples
 
 
@@ -154,17 +147,13 @@ def _evaluate_mix(
 ) -> dict[str, Any]:
     """The ScienceQA table (into the run directory) and the COCO caption scores (into its coco/ folder) of the
     parts present; the metrics are ScienceQA's with the caption scores under "coco"."""
-    from data.coco import load_images
-    from eval.coco import format_table, predict, score_captions
-    from eval.common import METRICS_FILE, file_sha256, write_json
-
     parts = mix_parts(root)
     metrics: dict[str, Any] = {}
     if "scienceqa" in parts:
         settings = dict(prompt_format=prompt_format, batch_size=batch_size, max_new_tokens=max_new_tokens)
         metrics = _evaluate_scienceqa(model, run_dir, parts["scienceqa"], split, limit=limit, label=label, **settings)
     if "coco" in parts and getattr(model, "visual", None) is not None:
-        images = load_images(parts["coco"], split)[:limit]
+        images = coco.load_images(parts["coco"], split)[:limit]
         header = {
             "checkpoint": str(run_dir.resolve()),
             "adapter_sha256": file_sha256(run_dir / "adapter.safetensors"),
@@ -173,24 +162,22 @@ def _evaluate_mix(
             "max_new_tokens": max_new_tokens,
         }
         out = run_dir / COCO_EVAL_DIR
-        results = predict(model, images, out, header=header, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        results = eval_coco.predict(
+            model, images, out, header=header, batch_size=batch_size, max_new_tokens=max_new_tokens
+        )
         references = {im.image_id: im.references for im in images}
-        scores = score_captions(references, {r["image_id"]: r["caption"] for r in results})
+        scores = eval_coco.score_captions(references, {r["image_id"]: r["caption"] for r in results})
         write_json(out / METRICS_FILE, {"annotations": str(parts["coco"]), "split": split, **scores})
-        print(format_table(scores, label=label))
+        print(eval_coco.format_table(scores, label=label))
         metrics["coco"] = scores
     return metrics
 
 
 def _ensure_scienceqa(root: Path, kind: str) -> Path:
-    from data.synthetic import ensure_scienceqa
-
     return ensure_scienceqa(root, kind=kind)
 
 
 def _ensure_mix(root: Path, kind: str) -> Path:
-    from data.synthetic_mix import ensure_mix
-
     return ensure_mix(root)
 
 

@@ -6,7 +6,11 @@ Gradio app (app/ui.py) only converts its message format, accumulates the pieces 
 
 Prompts:
 
-- Chat: one Alpaca prompt per answer (``data.alpaca.format_prompt``, the template the instruction-tuned adapter was
+Every prompt is built by the run's ``PromptTemplate`` (data/prompts.py): the Alpaca templates below, or, for a run
+trained with ``--data.prompt_template chat-template``, its base's chat template with the conversation as messages
+(the reply then ends at the template's end-of-turn token, not at the Alpaca markers).
+
+- Chat: one Alpaca prompt per answer (``data.prompts.format_prompt``, the template the instruction-tuned adapter was
   trained on). A first message is the instruction; after earlier turns the instruction asks for a reply to the
   conversation, which rides in the template's "Input" field as "User: ... / Assistant: ..." lines ending with the new
   message, since an Alpaca adapter has only ever seen a single instruction with optional context (``data.llava``
@@ -47,9 +51,9 @@ from typing import Any
 from PIL import Image
 
 from data.coco import caption_prompt
-from data.prompts import CHAT_INSTRUCTION, CHAT_MAX_TURNS, format_prompt
-from data.prompts import chat_prompt as llava_chat_prompt
+from data.prompts import ALPACA, CHAT_INSTRUCTION, CHAT_MAX_TURNS, PromptTemplate, Query, format_prompt, template_of
 from data.scienceqa import FORMATS, Problem, build_prompt
+from model.chat_template import encode_prompt
 from model.generate import stream
 from model.visual import load_image
 
@@ -118,21 +122,28 @@ class Reply:
         return self.pieces
 
 
-def chat_prompt(history: Sequence[Turn], message: str) -> str:
-    """The Alpaca prompt answering ``message`` after the turns of ``history`` (carried in the Input field before
-    it): the prompt LLaVA-format conversations train (``data.llava.chat_prompt``)."""
-    return llava_chat_prompt([(turn.user, turn.assistant) for turn in history], message)
+def chat_prompt(history: Sequence[Turn], message: str, template: PromptTemplate = ALPACA) -> str:
+    """The prompt answering ``message`` after the turns of ``history``: the prompt LLaVA-format conversations train
+    (``data.llava``); with the Alpaca templates the turns ride in the Input field before the message."""
+    return template.prompt(Query(message, history=tuple((turn.user, turn.assistant) for turn in history)))
 
 
-def question_prompt(question: str, context: str = "", choices: Sequence[str] = (), fmt: str = "llama_adapter") -> str:
-    """A ScienceQA problem prompt in format ``fmt`` when there are choices, else an open Alpaca instruction."""
+def question_prompt(
+    question: str,
+    context: str = "",
+    choices: Sequence[str] = (),
+    fmt: str = "llama_adapter",
+    template: PromptTemplate = ALPACA,
+) -> str:
+    """A ScienceQA problem prompt in format ``fmt`` when there are choices, else an open instruction (Alpaca: the
+    context as its input)."""
     if not choices:
-        return format_prompt(question, context)
+        return template.prompt(Query(question, context))
     problem = Problem(  # only the fields build_prompt reads matter; the rest describe a dataset record
         pid="demo", question=question, choices=list(choices), answer=0, hint=context, image_path=None, task="",
         grade="", subject="", topic="", category="", skill="", lecture="", solution="", split="demo",
     )  # fmt: skip
-    return build_prompt(problem, fmt)
+    return template.prompt(Query(build_prompt(problem, fmt), whole=True))
 
 
 def with_chosen_option(pieces: Iterator[str], choices: Sequence[str]) -> Iterator[str]:
@@ -230,6 +241,9 @@ class Engine:
             raise ValueError(f"unknown ScienceQA prompt format {question_format!r}; choose one of {', '.join(FORMATS)}")
         self.model = model
         self.tokenizer = model.tokenizer
+        self.template = template_of(model)
+        chat = self.template.chat_template is not None  # a chat template's turns end at its end-of-turn token
+        self.chat_stop, self.question_stop = ((), ()) if chat else (CHAT_STOP, QUESTION_STOP)
         self.question_format = question_format
         self.name = name
         self.about = about
@@ -285,8 +299,9 @@ class Engine:
         if dropped:
             left_out = "oldest turn of the conversation was" if dropped == 1 else f"{dropped} oldest turns were"
             notes.append(f"The {left_out} left out to fit the model's context ({self.max_seq_len} tokens).")
-        message = self._fit(lambda m: chat_prompt(kept, m), message, budget, "message", notes)
-        return self._reply(chat_prompt(kept, message), image, notes, CHAT_STOP, temperature, top_p, max_new_tokens)
+        message = self._fit(lambda m: chat_prompt(kept, m, self.template), message, budget, "message", notes)
+        prompt = chat_prompt(kept, message, self.template)
+        return self._reply(prompt, image, notes, self.chat_stop, temperature, top_p, max_new_tokens)
 
     def caption(
         self,
@@ -299,7 +314,8 @@ class Engine:
         temperature, top_p, max_new_tokens = _sampling(temperature, top_p, max_new_tokens)
         if image is None:
             raise ValueError("Upload an image to caption.")
-        return self._reply(caption_prompt(), image, [], CHAT_STOP, temperature, top_p, max_new_tokens)
+        prompt = caption_prompt(self.template)
+        return self._reply(prompt, image, [], self.chat_stop, temperature, top_p, max_new_tokens)
 
     def answer(
         self,
@@ -327,11 +343,11 @@ class Engine:
         if image is None:
             self._check_image_needed(f"{question}\n{context}", "in the Image box")
         choices = [_cap_chars(c, f"choice {letter}", notes) for letter, c in zip("ABCDEFGH", choices)]
-        stop = QUESTION_STOP if choices else CHAT_STOP
+        stop = self.question_stop if choices else self.chat_stop
         budget = self._prompt_budget(max_new_tokens)
 
         def build(ctx: str) -> str:
-            return question_prompt(question, ctx, choices, self.question_format)
+            return question_prompt(question, ctx, choices, self.question_format, self.template)
 
         context = self._fit(build, context, budget, "context", notes)
         reply = self._reply(build(context), image, notes, stop, temperature, top_p, max_new_tokens)
@@ -351,7 +367,7 @@ class Engine:
             )
 
     def _n_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer.encode(prompt, bos=True, eos=False))
+        return len(encode_prompt(self.tokenizer, prompt, self.template.chat_template))
 
     def _prompt_budget(self, max_new_tokens: int) -> int:
         """Tokens a prompt may use: the context minus room for the answer (at most half, so that a large
@@ -364,7 +380,12 @@ class Engine:
         is the end of the conversation. A turn is tokenized only when it stays within the history's character
         allowance (``HISTORY_CHARS_PER_TOKEN`` per token of ``budget``): the work does not grow with the turns."""
         chars_left = HISTORY_CHARS_PER_TOKEN * budget
-        tokens_left = budget - self._n_tokens(format_prompt(CHAT_INSTRUCTION, f"User: {message}"))  # without turns
+        alone = (  # the prompt without turns (Alpaca: in the form it takes once there are some)
+            format_prompt(CHAT_INSTRUCTION, f"User: {message}")
+            if self.template.chat_template is None
+            else chat_prompt([], message, self.template)
+        )
+        tokens_left = budget - self._n_tokens(alone)
         kept: list[Turn] = []
         for turn in reversed(turns):
             n_chars = len("User: \nAssistant: \n") + len(turn.user) + len(turn.assistant)

@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from data import DataError, lone_surrogate
+from model.chat_template import ChatTemplate, encode_example
 from model.loss import IGNORE_INDEX  # label of positions without loss (prompt and padding): one definition
 
 ImageInput = str | Path | bytes | Image.Image
@@ -45,7 +46,7 @@ class TokenizerLike(Protocol):
     eos_id: int
     pad_id: int | None
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+    def encode(self, text: str, bos: bool = True, eos: bool = False, *, specials: bool = False) -> list[int]: ...
 
 
 @dataclass
@@ -99,6 +100,8 @@ class Collator:
         tensor, e.g. ``model.visual.preprocess``; None for text-only training (an example with an image is then
         an error: drop images explicitly).
     truncation: where an over-long prompt loses tokens: "middle" (keep its start and end) or "left".
+    chat_template: the base's chat template the examples were rendered with (data.prompts): each example is then
+        encoded whole with its special tokens, no BOS / EOS added (model.chat_template.encode_example).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class Collator:
         image_transform: Callable[[Any], Tensor] | None = None,
         *,
         truncation: Literal["middle", "left"] = "middle",
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2 (one prompt token and EOS), got {max_len}")
@@ -119,6 +123,7 @@ class Collator:
             image_transform,
             truncation,
         )
+        self.chat_template = chat_template
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.n_truncated = 0
         """Examples whose prompt was shortened so far (by this process)."""
@@ -129,8 +134,8 @@ class Collator:
             bad = lone_surrogate(text)
             if bad:  # the tokenizer would fail with a raw pybind11 / Rust error
                 raise DataError(f"{describe(example)}: the {name} holds a lone surrogate {bad}, which is not text")
-        prompt = self.tokenizer.encode(example.prompt, bos=True, eos=False)
-        target = self.tokenizer.encode(example.target, bos=False, eos=True)  # an empty target: EOS alone
+        # an empty target: EOS alone (a chat template's target always holds its end-of-turn tokens)
+        prompt, target = encode_example(self.tokenizer, example.prompt, example.target, self.chat_template)
         budget = self.max_len - len(target)
         n_cut = max(len(prompt) - budget, 0)
         if n_cut:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from model.chat_template import ChatTemplate, find_chat_template
 
@@ -113,6 +114,17 @@ class PromptTemplate:
 
 
 ALPACA = PromptTemplate()
+
+
+def template_of(model: Any) -> PromptTemplate:
+    """The template a loaded model is prompted with: its run's chat template (``model.chat_template``) or Alpaca."""
+    return PromptTemplate(getattr(model, "chat_template", None))
+
+
+def log_fields(template: PromptTemplate) -> dict[str, str]:
+    """What an evaluation's generation log records of the template: nothing for Alpaca (logs written before
+    templates existed stay valid), the chat template's fingerprint otherwise."""
+    return {} if template.chat_template is None else {"chat_template_sha256": template.chat_template.sha256}
 
 
 def load_prompt_template(name: str, tokenizer_path: str | Path | None) -> PromptTemplate:

@@ -34,6 +34,7 @@ from typing import Any
 
 from data import read_json
 from data.coco import CocoImage, caption_prompt, load_annotations, load_karpathy
+from data.prompts import log_fields, template_of
 from eval.common import (
     GENERATIONS_FILE,
     METRICS_FILE,
@@ -221,8 +222,9 @@ def predict(
     if getattr(model, "visual", None) is None:
         raise EvalError("this run has no visual path (a text-only adapter); it cannot caption images")
     output_dir = Path(output_dir)
-    log = GenerationLog(output_dir / GENERATIONS_FILE, header, key_field="image_id")
-    prompt = caption_prompt()
+    template = template_of(model)
+    log = GenerationLog(output_dir / GENERATIONS_FILE, {**header, **log_fields(template)}, key_field="image_id")
+    prompt = caption_prompt(template)
     items = [GenerationItem(im.image_id, prompt, im.path) for im in images]
     outputs = generate_all(
         model, items, log, batch_size=batch_size, max_new_tokens=max_new_tokens, desc="COCO", compile=compile

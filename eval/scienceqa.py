@@ -223,11 +223,15 @@ def predict(
     ``header`` identifies the model and settings in the generation log (a mismatch with an existing log is an
     error); ``evaluate`` passes the run directory and adapter hash.
     """
+    from data.prompts import Query, log_fields, template_of
     from data.scienceqa import build_prompt
 
     output_dir = Path(output_dir)
-    log = GenerationLog(output_dir / GENERATIONS_FILE, {**header, "prompt_format": prompt_format}, key_field="pid")
-    items = [GenerationItem(str(p.pid), build_prompt(p, prompt_format), _image_input(p)) for p in problems]
+    template = template_of(model)
+    header = {**header, "prompt_format": prompt_format, **log_fields(template)}
+    log = GenerationLog(output_dir / GENERATIONS_FILE, header, key_field="pid")
+    prompts = {p.pid: template.prompt(Query(build_prompt(p, prompt_format), whole=True)) for p in problems}
+    items = [GenerationItem(str(p.pid), prompts[p.pid], _image_input(p)) for p in problems]
     outputs = generate_all(
         model, items, log, batch_size=batch_size, max_new_tokens=max_new_tokens, desc="ScienceQA", compile=compile
     )

@@ -34,6 +34,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from model.chat_template import encode_prompt
+
 ImageInput = Image.Image | str | os.PathLike | Tensor | None
 
 COMPILE_BUCKET = 128
@@ -83,7 +85,7 @@ def generate_tokens(
     max_new_tokens: int = 128,
     temperature: float = 0.1,
     top_p: float = 0.75,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     compile: bool = False,
 ) -> Iterator[Tensor]:
@@ -91,7 +93,8 @@ def generate_tokens(
 
     prompt_ids: one token list per row (any lengths, each at most ``model.max_tokens - 1``; longer raises). images
     (B, 3, H, W) preprocessed, image_mask (B,) bool for rows that really have one. A row that produced
-    ``eos_id`` keeps yielding ``eos_id``; iteration ends when every row has, or after ``max_new_tokens`` steps
+    ``eos_id`` keeps yielding ``eos_id`` (several ids: any of them ends a row, which then yields the first);
+    iteration ends when every row has, or after ``max_new_tokens`` steps
     (capped by ``model.max_tokens``). Stop iterating early to stop decoding. ``seed`` fixes the sampling (a private
     ``torch.Generator``; the global RNG is never used). ``compile``: the decode step through ``torch.compile``
     (the first call of each batch size and cache bucket compiles; see the module docstring).
@@ -125,6 +128,9 @@ def generate_tokens(
     else:
         generator.manual_seed(seed)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    stop_ids = (
+        None if eos_id is None else torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
+    )
 
     step_fn = compiled_decode_step(device) if compile else _decode_step
     cache = _cache(model, batch, prompt_len + max_new_tokens, compile)
@@ -139,11 +145,11 @@ def generate_tokens(
         for step in range(max_new_tokens):
             with torch.inference_mode():
                 next_token = sample_next(logits[:, -1], temperature, top_p, generator)
-                if eos_id is not None:
-                    next_token = next_token.masked_fill(finished, eos_id)
-                    finished |= next_token == eos_id
+                if stop_ids is not None:
+                    next_token = next_token.masked_fill(finished, stop_ids[0])
+                    finished |= torch.isin(next_token, stop_ids)
             yield next_token
-            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+            if step == max_new_tokens - 1 or (stop_ids is not None and bool(finished.all())):
                 return
             with torch.inference_mode():
                 if compile:
@@ -224,7 +230,7 @@ def _token_limit(model: nn.Module) -> str:
 def _encode(tokenizer: Any, prompt: Any, index: int, model: nn.Module) -> list[int]:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt {index} must be a str, got {type(prompt).__name__}")
-    ids = tokenizer.encode(prompt, bos=True, eos=False)
+    ids = encode_prompt(tokenizer, prompt, getattr(model, "chat_template", None))
     if not ids:
         raise ValueError(f"prompt {index} is empty and the tokenizer adds no BOS")
     limit = model.max_tokens - 1  # room for at least one new token
@@ -289,6 +295,13 @@ def _held_back(text: str, stops: list[str]) -> int:
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
+def stop_ids(model: nn.Module) -> list[int]:
+    """The tokens that end a reply: EOS, and the end-of-turn tokens of the model's chat template when it has one."""
+    tokenizer = _tokenizer(model)
+    template = getattr(model, "chat_template", None)
+    return [tokenizer.eos_id] if template is None else template.stop_ids(tokenizer)
+
+
 def _start(
     model: nn.Module,
     prompts: list[str],
@@ -298,11 +311,12 @@ def _start(
     top_p: float,
     seed: int | None,
     compile: bool,
-) -> tuple[Any, Iterator[Tensor]]:
+) -> tuple[Any, Iterator[Tensor], list[int]]:
     tokenizer = _tokenizer(model)
     _check_sampling(max_new_tokens, temperature, top_p)
     ids = [_encode(tokenizer, p, i, model) for i, p in enumerate(prompts)]
     pixels, mask = _prepare_images(model, images)
+    stops = stop_ids(model)
     steps = generate_tokens(
         model,
         ids,
@@ -311,11 +325,11 @@ def _start(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
-        eos_id=tokenizer.eos_id,
+        eos_id=stops,
         seed=seed,
         compile=compile,
     )
-    return tokenizer, steps
+    return tokenizer, steps, stops
 
 
 def generate(
@@ -343,7 +357,7 @@ def generate(
     if not texts:
         return []
     stops = _normalize_stop(stop)
-    tokenizer, steps = _start(
+    tokenizer, steps, ends = _start(
         model, texts, _align_images(images, len(texts), single), max_new_tokens, temperature, top_p, seed, compile
     )
     out_ids: list[list[int]] = [[] for _ in texts]
@@ -352,7 +366,7 @@ def generate(
         for i, t in enumerate(next_token.tolist()):
             if done[i]:
                 continue
-            if t == tokenizer.eos_id:
+            if t in ends:
                 done[i] = True
                 continue
             out_ids[i].append(t)
@@ -388,17 +402,17 @@ def stream(
     if not isinstance(prompt, str):
         raise TypeError(f"stream takes one prompt (str), got {type(prompt).__name__}; use generate for a batch")
     stops = _normalize_stop(stop)
-    tokenizer, steps = _start(model, [prompt], [image], max_new_tokens, temperature, top_p, seed, compile)
-    return _stream_pieces(tokenizer, steps, stops)
+    tokenizer, steps, ends = _start(model, [prompt], [image], max_new_tokens, temperature, top_p, seed, compile)
+    return _stream_pieces(tokenizer, steps, stops, ends)
 
 
-def _stream_pieces(tokenizer: Any, steps: Iterator[Tensor], stops: list[str]) -> Iterator[str]:
+def _stream_pieces(tokenizer: Any, steps: Iterator[Tensor], stops: list[str], ends: list[int]) -> Iterator[str]:
     decoder = tokenizer.decode_stream()
     ids: list[int] = []
     text, emitted = "", 0
     for next_token in steps:
         t = int(next_token[0])
-        if t == tokenizer.eos_id:
+        if t in ends:
             break
         ids.append(t)
         text += decoder.push(t)

@@ -224,6 +224,7 @@ class Transformer(nn.Module):
         if not self.tok_embeddings.weight.is_meta:  # on the meta device load_model materializes and inits later
             self.method.reset_parameters(self, None)
         self.tokenizer: Any = None  # set by load_model when a tokenizer is known; used by generate / stream
+        self.chat_template: Any = None  # set by load_model for a run prompted by its base's chat template
         self.base_weights_fingerprint: str | None = None  # set by load_model; recorded by save_adapter
         self._rope: tuple[Tensor, Tensor] | None = None
         # Recompute each block in the backward pass instead of keeping its activations (when gradients are taken;

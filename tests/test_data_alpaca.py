@@ -1,4 +1,4 @@
-"""data/alpaca.py: the two exact Alpaca templates and alpaca_data.json reading."""
+"""data/alpaca.py: alpaca_data.json reading, and the two exact Alpaca templates (data/prompts.py)."""
 
 import json
 import warnings
@@ -6,15 +6,9 @@ import warnings
 import pytest
 
 from data import DataError
-from data.alpaca import (
-    PROMPT_NO_INPUT,
-    PROMPT_WITH_INPUT,
-    EmptyOutputWarning,
-    format_prompt,
-    load_examples,
-    load_records,
-)
+from data.alpaca import EmptyOutputWarning, load_examples, load_records
 from data.collate import IGNORE_INDEX, Collator
+from data.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
 from data.synthetic import make_alpaca, synthetic_corpus, train_tokenizer
 from model.tokenizer import load_tokenizer
 

@@ -32,6 +32,7 @@ from typing import Any
 from torch import nn
 
 from data.collate import Example
+from data.prompts import ALPACA, PromptTemplate
 from training import TrainingError
 from training.config import TrainConfig
 from training.dist import Dist, barrier
@@ -53,11 +54,12 @@ def ensure_synthetic(cfg: TrainConfig, d: Dist) -> None:
     barrier(d)
 
 
-def load_examples(cfg: TrainConfig, split: str) -> list[Example]:
-    """Training examples of a split, read by the task's reader; images dropped when the run is text-only."""
+def load_examples(cfg: TrainConfig, split: str, template: PromptTemplate = ALPACA) -> list[Example]:
+    """Training examples of a split, read by the task's reader and prompted by ``template``; images dropped when
+    the run is text-only."""
     task, root = TASKS[cfg.data.task], Path(cfg.data.path)
     try:
-        examples = task.reader(root, split, cfg.data.prompt_format)
+        examples = task.reader(root, split, cfg.data.prompt_format, template)
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(str(e)) from e
     if not examples:
@@ -91,8 +93,9 @@ def training_set(cfg: TrainConfig, model: nn.Module) -> IndexedCollate:
 
     transform = model.visual.preprocess if cfg.uses_images else None
     max_len = min(cfg.data.max_len, model.max_tokens)  # the method's soft tokens take room in max_seq_len too
-    collator = Collator(model.tokenizer, max_len, image_transform=transform)
-    examples = drop_overlong(load_examples(cfg, cfg.data.train_split), collator)  # warns with the count
+    collator = Collator(model.tokenizer, max_len, image_transform=transform, chat_template=model.chat_template)
+    template = PromptTemplate(model.chat_template)
+    examples = drop_overlong(load_examples(cfg, cfg.data.train_split, template), collator)  # warns with the count
     if not examples:
         raise TrainingError(f"no training example fits in {max_len} tokens (data.max_len={cfg.data.max_len}); raise it")
     return IndexedCollate(examples, collator)

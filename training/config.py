@@ -133,6 +133,11 @@ class DataArgs:
     """Split evaluated after training (scienceqa, and mix's ScienceQA and COCO parts)."""
     prompt_format: str = "llama_adapter"
     """ScienceQA prompt layout (data.scienceqa.build_prompt); recorded in the adapter sidecar."""
+    prompt_template: Literal["alpaca", "chat-template"] = "alpaca"
+    """The text around every prompt (data.prompts): alpaca, the official LLaMA-Adapter prompts (the Alpaca
+    templates; ScienceQA's own layout); chat-template, the base's chat template from its tokenizer_config.json or
+    chat_template.jinja (Llama-2-chat, Llama-3-instruct), rendered as transformers does. Recorded in the run;
+    evaluation and the demo prompt the way the run was trained."""
     max_len: int = 512
     """Longest training sequence in tokens (prompt + answer + EOS); longer examples are truncated."""
     num_workers: int = 0

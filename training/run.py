@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.prompts import load_prompt_template
 from model.devices import resolve_dtype
 from model.methods import MethodConfig
 from training import TrainingError
@@ -45,6 +46,7 @@ from training.state import (
     prepare_run_dir,
     save_adapter_files,
     seed_everything,
+    tokenizer_source,
     write_run_config,
 )
 from training.tasks import TASKS
@@ -78,6 +80,10 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> n
         raise TrainingError(with_flag_names(str(e))) from e
     if model.tokenizer is None:
         raise TrainingError(f"no tokenizer found for base {cfg.model.base}; pass --tokenizer PATH")
+    try:  # the examples are rendered with it, and the final evaluation's generation prompts with it
+        model.chat_template = load_prompt_template(cfg.data.prompt_template, tokenizer_source(cfg)).chat_template
+    except ValueError as e:
+        raise TrainingError(f"--data.prompt_template: {e}") from e
     hold_still(model, cfg.optim.trainable)
     return model
 

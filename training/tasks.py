@@ -12,7 +12,7 @@ from typing import Any
 
 from data import DataError, alpaca, coco, llava, scienceqa
 from data.collate import Example
-from data.prompts import PromptTemplate
+from data.prompts import ALPACA, PromptTemplate
 from data.synthetic import ensure_scienceqa
 from data.synthetic_mix import ensure_mix
 from eval import coco as eval_coco
@@ -53,15 +53,15 @@ class Task:
         return self.prompt_format or configured
 
 
-def _read_scienceqa(root: Path, split: str, prompt_format: str, template: PromptTemplate) -> list[Example]:
+def _read_scienceqa(root: Path, split: str, prompt_format: str, template: PromptTemplate = ALPACA) -> list[Example]:
     return [scienceqa.to_example(p, prompt_format, template=template) for p in scienceqa.load_problems(root, split)]
 
 
-def _read_coco(root: Path, split: str, prompt_format: str, template: PromptTemplate) -> list[Example]:
+def _read_coco(root: Path, split: str, prompt_format: str, template: PromptTemplate = ALPACA) -> list[Example]:
     return coco.load_examples(root, split, template=template)
 
 
-def _read_alpaca(root: Path, split: str, prompt_format: str, template: PromptTemplate) -> list[Example]:
+def _read_alpaca(root: Path, split: str, prompt_format: str, template: PromptTemplate = ALPACA) -> list[Example]:
     return alpaca.load_examples(root, template=template)  # one file, no splits
 
 
@@ -118,7 +118,7 @@ def mix_parts(root: Path) -> dict[str, Path]:
     return parts
 
 
-def _read_mix(root: Path, split: str, prompt_format: str, template: PromptTemplate) -> list[Example]:
+def _read_mix(root: Path, split: str, prompt_format: str, template: PromptTemplate = ALPACA) -> list[Example]:
     parts = mix_parts(root)
     examples = []
     if "scienceqa" in parts:

@@ -1,9 +1,10 @@
 """Our adapter format: the trainable tensors (``Transformer.adapter_state_dict()``) as safetensors, plus a JSON
-sidecar with the configs, the base, the tokenizer, the CLIP weights, the prompt format and two fingerprints of the
-base: its architecture (refused when it differs) and its weights' content (``weights_fingerprint``; a warning, or
-an error under ``strict_base``). The sidecar also records a digest of the tensors (``tensors_digest``), so that a
-tensor file from another save (a process killed between renaming the two files, or a file copied from elsewhere) or
-with damaged values is refused instead of loading under the wrong configs.
+sidecar with the configs, the base, the tokenizer, the CLIP weights, the prompt format, the chat template (when the
+run was prompted with its base's) and two fingerprints of the base: its architecture (refused when it differs) and
+its weights' content (``weights_fingerprint``; a warning, or an error under ``strict_base``). The sidecar also
+records a digest of the tensors (``tensors_digest``), so that a tensor file from another save (a process killed
+between renaming the two files, or a file copied from elsewhere) or with damaged values is refused instead of
+loading under the wrong configs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from model.chat_template import ChatTemplate, ChatTemplateError
 from model.checkpoint.files import CheckpointError, atomic_write_files, load_safetensors, read_json
 from model.checkpoint.keys import check_adapter_values, check_keys
 from model.config import ConfigError, LlamaConfig, ModelConfig, VisualConfig
@@ -102,6 +104,7 @@ def save_adapter(
         "tokenizer": _path_or_name(tokenizer),
         "clip_weights": _path_or_name(clip_weights),
         "prompt_format": prompt_format,
+        "chat_template": model.chat_template.to_record() if model.chat_template is not None else None,
         "base_fingerprint": base_fingerprint(model.config.llama),
         "base_weights_fingerprint": model.base_weights_fingerprint,
         "tensors_sha256": tensors_digest(tensors),
@@ -126,6 +129,9 @@ class AdapterWeights:
     visual: VisualConfig | None
     source: Path
     sidecar: dict[str, Any] | None = None  # our own format only
+    chat_template: ChatTemplate | None = None
+    """The base's chat template the adapter was trained with (``data.prompt_template chat-template``); None: the
+    Alpaca prompts. ``load_trainable`` puts it on the model, which generation then prompts with."""
 
 
 def read_sidecar(sidecar_path: Path) -> dict[str, Any]:
@@ -157,9 +163,14 @@ def read_adapter(path: str | Path) -> AdapterWeights:
         raise CheckpointError(f"{sidecar_path}: field model_config.llama.{e.field}: {e.problem}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{sidecar_path}: invalid model_config ({e!r})") from e
+    try:
+        record = sidecar.get("chat_template")
+        chat_template = None if record is None else ChatTemplate.from_record(record, str(sidecar_path))
+    except ChatTemplateError as e:
+        raise CheckpointError(str(e)) from None
     tensors = load_safetensors(tensor_path)
     check_adapter_values(tensors, tensor_path)
-    return AdapterWeights(tensors, config.method, config.visual, tensor_path, sidecar)
+    return AdapterWeights(tensors, config.method, config.visual, tensor_path, sidecar, chat_template)
 
 
 def check_fingerprint(weights: AdapterWeights, llama: LlamaConfig, base_name: str) -> None:
@@ -233,6 +244,7 @@ def load_trainable(model: Transformer, weights: AdapterWeights) -> None:
         for name, tensor in weights.tensors.items():
             if not params[name].is_meta:
                 params[name].copy_(tensor)
+    model.chat_template = weights.chat_template
 
 
 def init_trainable(model: Transformer, weights: AdapterWeights) -> list[str]:

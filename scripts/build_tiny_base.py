@@ -50,9 +50,8 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere: import the repository's packages
 
-from data.alpaca import format_prompt  # noqa: E402
 from data.coco import caption_prompt  # noqa: E402
-from data.prompts import chat_prompt  # noqa: E402
+from data.prompts import chat_prompt, format_prompt  # noqa: E402
 from data.scienceqa import FORMATS, Problem, build_prompt, build_target  # noqa: E402
 from data.synthetic import alpaca_records, scienceqa_drafts, synthetic_corpus, train_tokenizer  # noqa: E402
 from data.synthetic_mix import conversation, demo_drawing, text_instruction  # noqa: E402

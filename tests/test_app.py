@@ -225,7 +225,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch, continuation: str) -> None:
     ids = [*tokenizer.encode(continuation, bos=False, eos=False), tokenizer.eos_id]
 
     def start(model, prompts, images, *args):
-        return tokenizer, (torch.tensor([i]) for i in ids)
+        return tokenizer, (torch.tensor([i]) for i in ids), [tokenizer.eos_id]
 
     monkeypatch.setattr(model_generate, "_start", start)
 

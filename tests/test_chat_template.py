@@ -246,3 +246,18 @@ def test_a_base_without_a_chat_template_is_refused_before_training(tmp_path, cap
             "--run.device", "cpu", "--out", str(tmp_path / "run")]  # fmt: skip
     assert train.main(argv) != 0
     assert "holds no chat template" in capsys.readouterr().err
+
+
+def test_the_scienceqa_evaluation_prompts_with_the_template_and_their_logs_record_it(tmp_path, llama2_dir):
+    from eval.scienceqa import predict
+
+    template = load_prompt_template("chat-template", llama2_dir)
+    model = _tiny(load_tokenizer(llama2_dir), template)
+    seen: list[str] = []
+    encode = model.tokenizer.encode
+    model.tokenizer.encode = lambda text, *a, **k: seen.append(text) or encode(text, *a, **k)
+    make_scienceqa(tmp_path / "sqa", n_train=1, n_val=1, n_test=2)
+    problems = load_problems(tmp_path / "sqa", "test")
+    predict(model, problems, tmp_path / "out", prompt_format="llama_adapter", header={}, max_new_tokens=1)
+    assert f"<s>[INST] {build_prompt(problems[0])} [/INST]" in seen
+    assert template.chat_template.sha256 in (tmp_path / "out" / "generations.jsonl").read_text()

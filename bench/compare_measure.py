@@ -182,7 +182,7 @@ def load_trained(cfg: TrainConfig, run_dir: Path) -> Transformer:
 def decode_tokens_per_s(model: Transformer, prompt: str, image: Any) -> float:
     """Greedy decode speed, batch 1: tokens after the first over the time after the first (prefill excluded)."""
     from bench.measure import now
-    from model.generate import generate_tokens
+    from model.decode import generate_tokens
 
     device = model.tok_embeddings.weight.device
     ids = model.tokenizer.encode(prompt, bos=True)

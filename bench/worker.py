@@ -93,7 +93,7 @@ class Loaded:
 def load_ours(spec: SideSpec, device: torch.device, dtype: torch.dtype) -> Loaded:
     """Our Transformer through the public loader: HF base (q/k rows permuted back) + PEFT adapter import."""
     from model import load_model
-    from model.generate import generate_tokens
+    from model.decode import generate_tokens
 
     model = load_model(spec.base_dir, spec.adapter_dir, dtype=dtype, device=device)
     if model.method.name != spec.method:

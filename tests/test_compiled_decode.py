@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model.config import VisualConfig, preset
-from model.generate import generate_tokens
+from model.decode import generate_tokens
 from model.llama import Transformer
 from model.methods import AdapterConfig, MethodConfig
 from model.methods.llama_adapter_v2 import AdapterV2Config

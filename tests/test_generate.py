@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from model.config import VisualConfig, preset
-from model.generate import generate, generate_tokens, stream, top_p_filter
+from model.decode import generate_tokens, top_p_filter
+from model.generate import generate, stream
 from model.llama import Transformer
 from model.methods import LlamaAdapter, MethodConfig
 from model.methods.prompt import PromptConfig

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, ModelConfig, load_model
 from model.checkpoint import open_base
-from model.generate import generate_tokens
+from model.decode import generate_tokens
 from model.llama import Transformer
 from model.methods.prompt import PromptConfig
 from tests.test_checkpoint import VOCAB, make_hf_model

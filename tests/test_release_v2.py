@@ -24,7 +24,7 @@ from PIL import Image
 
 from model import CheckpointError, load_model
 from model.checkpoint.release_v2 import write_release_v2
-from model.generate import generate_tokens
+from model.decode import generate_tokens
 from tests.test_method_contract import TINY_BASE
 
 pytestmark = pytest.mark.usefixtures("one_thread")

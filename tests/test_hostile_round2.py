@@ -307,8 +307,9 @@ def test_a_quantize_value_outside_the_choices_is_refused_before_any_weight_is_re
 def test_a_quantize_value_outside_the_choices_is_one_usage_error_from_the_command_line_and_from_config_json(
     tmp_path, capsys
 ):
-    from training.cli import ConfigError, parse_args, read_run_config
+    from training.cli import ConfigError, parse_args
     from training.config import config_to_dict
+    from training.state import read_run_config
 
     for value in ("nf4 ", "int3"):
         with pytest.raises(SystemExit) as stop:

@@ -32,10 +32,11 @@ import train
 from data.synthetic import make_scienceqa, synthetic_corpus, train_tokenizer
 from model import CheckpointError, load_model
 from model.checkpoint import atomic_write
-from training.cli import Resume, parse_args, read_run_config
+from training.cli import parse_args
 from training.metrics import CURVE_FILE, read_metrics
 from training.phases import is_phased, run_phases
 from training.run import run
+from training.state import Resume, read_run_config
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

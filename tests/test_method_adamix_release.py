@@ -12,10 +12,9 @@ from model.loss import IGNORE_INDEX
 from model.methods import config_from_dict
 from model.methods.adamix import AdaMixConfig, step_route
 from tests.test_method_adamix import BOTH, TOKENS, houlsby_with, mixed
-from training.cli import read_run_config
 from training.config import TrainConfig, config_to_dict
 from training.optim import hold_slices
-from training.state import CONFIG_FILE
+from training.state import CONFIG_FILE, read_run_config
 
 LABELS = TOKENS.clone()
 LABELS[:, :4] = IGNORE_INDEX  # a prompt without targets, as data.collate writes it

@@ -8,8 +8,9 @@ import yaml
 
 from model import AdapterConfig
 from training import config as settings
-from training.cli import RESUME_FREE, SHORT_FLAGS, Resume, parse_args
+from training.cli import SHORT_FLAGS, parse_args
 from training.config import TrainConfig, config_to_dict, load_recipe, recipe_names
+from training.state import RESUME_FREE, Resume
 
 
 def resolved(*argv: str) -> TrainConfig:

@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import re
 import sys
 import typing
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -34,9 +32,8 @@ from training.config import (
     config_to_dict,
     load_recipe,
     recipe_names,
-    with_recorded_method_defaults,
 )
-from training.state import CONFIG_FILE
+from training.state import CONFIG_FILE, Resume, describe_changes, read_run_config, resume_changes
 
 SECTIONS = ("model", "data", "optim", "train", "dist", "run")
 
@@ -53,42 +50,8 @@ SHORT_FLAGS: dict[str, str] = {
     "--seed": "run.seed",
 }
 """Short flag -> the setting it sets; ``--no-images`` is short for ``--data.images false``."""
-
-RESUME_FREE = frozenset(
-    {
-        "data.num_workers",
-        "data.eval_split",
-        "dist.strategy",  # the same updates under ddp and fsdp; only where the frozen base lives changes
-        "optim.batch_size",  # with grad_accum: load_state refuses a changed product (samples per step)
-        "optim.grad_accum",
-        "run.out",  # always the resumed directory
-        "run.log_every",
-        "run.save_every",
-        "run.stop_after",
-        "run.eval",
-        "run.eval_batch_size",
-        "run.eval_max_new_tokens",
-        "run.eval_limit",
-        "run.progress",
-        "run.tensorboard",
-        # how the step spends memory and time, not what it computes (gradients equal, or to rounding): a run that
-        # ran out of memory resumes with checkpointing on
-        "train.activation_checkpointing",
-        "train.loss_chunk",
-        "train.compile",
-    }
-)
-"""Settings a resume may change without --allow-changes: they do not change the adapter a run trains."""
-
-
-@dataclass
-class Resume:
-    """A --resume request: the run directory, and the settings the user changes on purpose (--allow-changes)."""
-
-    run_dir: Path
-    allow_changes: bool = False
-    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
-    """Setting path -> (recorded value, new value), for settings outside RESUME_FREE."""
+SHORT_FLAG_OF = {path: flag for flag, path in SHORT_FLAGS.items()}
+"""Setting -> its short flag (SHORT_FLAGS reversed)."""
 
 
 @dataclass
@@ -98,41 +61,6 @@ class Invocation:
 
     config: TrainConfig
     resume: Resume | None
-
-
-# ==== recipes and recorded runs =====================================================================================
-def read_run_config(run_dir: Path) -> TrainConfig:
-    """The settings recorded in a run directory; run.stop_after is per invocation and is not carried over, and the
-    record of accepted changes (see write_run_config) is not a setting."""
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; --resume takes a run directory written by train.py")
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from e
-    if isinstance(values, dict):
-        values.pop("changes", None)
-        if isinstance(values.get("run"), dict):
-            values["run"]["stop_after"] = None
-        with_recorded_method_defaults(values)
-    try:
-        return config_from_dict(TrainConfig, values)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
-
-
-def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
-    """'--optim.lr 0.01 -> 0.02, --run.seed 0 -> 1'."""
-    return ", ".join(f"--{path} {_show(old)} -> {_show(new)}" for path, (old, new) in changes.items())
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) or '""'
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 # ==== the command line ==============================================================================================
@@ -159,7 +87,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
             defaults = load_recipe(_chosen_recipe(argv))
     except ConfigError as e:
         _fail(str(e))
-    parser = _build_parser(defaults, known.resume, description)
+    parser = _build_parser(defaults, known.resume, description, types)
     try:
         namespace = parser.parse_args(argv)
     except argparse.ArgumentError as e:
@@ -176,10 +104,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         if known.allow_changes:
             _fail("--allow-changes applies to --resume RUN_DIR only")
         return Invocation(cfg, None)
-    recorded, new = dict(_flat(config_to_dict(defaults))), dict(_flat(config_to_dict(cfg)))
-    changes = {
-        path: (recorded[path], new[path]) for path in new if path not in RESUME_FREE and recorded[path] != new[path]
-    }
+    changes = resume_changes(defaults, cfg)
     if changes and not known.allow_changes:
         _fail(
             f"--resume {known.resume} continues the run with the settings of {known.resume / CONFIG_FILE}; these "
@@ -193,9 +118,11 @@ class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter)
     """jsonargparse's help (type and default after each docstring), with train.py's examples kept as laid out."""
 
 
-def _build_parser(defaults: TrainConfig, resume: Path | None, description: str | None) -> ArgumentParser:
-    """--recipe, --config, --print_config, the flags of parse_args, and --section.field for every setting, with the
-    recipe's (or the resumed run's) values as defaults."""
+def _build_parser(
+    defaults: TrainConfig, resume: Path | None, description: str | None, types: dict[str, Any]
+) -> ArgumentParser:
+    """--recipe, --config, --print_config, the flags of parse_args, and --section.field for every setting (``types``:
+    those of _setting_types), with the recipe's (or the resumed run's) values as defaults."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the string under each field is its help
     source = f"the run in {resume}" if resume is not None else f"recipe {defaults.recipe!r}"
     parser = ArgumentParser(
@@ -230,8 +157,9 @@ def _build_parser(defaults: TrainConfig, resume: Path | None, description: str |
     )
     parser.add_class_arguments(TrainConfig, nested_key=None, skip={"recipe"}, fail_untyped=True)
     parser.set_defaults(config_to_dict(defaults))
-    shorts = {path: flag for flag, path in SHORT_FLAGS.items()} | {"data.images": "--no-images (false)"}
-    groups = {f"--{path}" for path in _groups(TrainConfig, "")}
+    shorts = SHORT_FLAG_OF | {"data.images": "--no-images (false)"}
+    # the sections (--model, --model.visual ...): every proper prefix of a setting's dotted path
+    groups = {f"--{path.rsplit('.', n)[0]}" for path in types for n in range(1, path.count(".") + 1)}
     for action in parser._actions:  # noqa: SLF001 (argparse has no public iterator over its actions)
         flag = action.option_strings[0] if action.option_strings else ""
         if flag in groups:  # jsonargparse's "--data CONFIG" per section: --data is short for --data.path here
@@ -282,22 +210,6 @@ def _setting_types(cls: type, prefix: str = "") -> dict[str, Any]:
     return types
 
 
-def _groups(cls: type, prefix: str) -> Iterator[str]:
-    """Dotted paths of the nested dataclasses: model, model.adapter, ..."""
-    for name, tp in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            yield f"{prefix}{name}"
-            yield from _groups(tp, f"{prefix}{name}.")
-
-
-def _flat(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in values.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def _expand(argv: list[str], types: dict[str, Any]) -> list[str]:
     """Short flags -> their dotted names (exact matches only), and the value forms kept from the command line
     before jsonargparse: ``none`` -> null, and ``0.9,0.95`` or ``""`` -> a list, for the settings of those types."""
@@ -323,14 +235,19 @@ def _expand(argv: list[str], types: dict[str, Any]) -> list[str]:
 
 
 def _old_value_form(text: str, tp: Any) -> str:
-    args = typing.get_args(tp)
-    if type(None) in args:
+    if type(None) in typing.get_args(tp):
         if text.strip().lower() == "none":
             return "null"
-        (tp,) = [a for a in args if a is not type(None)]
+        tp = _without_none(tp)
     if typing.get_origin(tp) is tuple and not text.lstrip().startswith("["):
         return f"[{text}]"
     return text
+
+
+def _without_none(tp: Any) -> Any:
+    """``X`` of the optional type ``X | None``."""
+    (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return inner
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -342,8 +259,7 @@ def _expected(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(map(str, args))
     if type(None) in args:
-        (inner,) = [a for a in args if a is not type(None)]
-        return f"{_expected(inner)} or null"
+        return f"{_expected(_without_none(tp))} or null"
     if origin is tuple:
         if args[-1] is Ellipsis:
             return f"comma-separated values, each {_expected(args[0])}"
@@ -368,7 +284,6 @@ def _near(flag: str, types: dict[str, Any]) -> list[str]:
     """Known flags close to an unknown one, by the spelling of the dotted name, its last part or a short flag, or
     by initials (--learning-rate: lr)."""
     word = flag.lstrip("-").replace("-", "_").lower()
-    shorts = {path: flag for flag, path in SHORT_FLAGS.items()}
     flags = {path: f"--{path}" for path in types} | {path.rsplit(".", 1)[-1]: f"--{path}" for path in types}
     for flag in (*SHORT_FLAGS, "--no-images", "--recipe", "--config", "--print_config", "--resume", "--allow-changes"):
         flags.setdefault(flag[2:].replace("-", "_"), f"--{SHORT_FLAGS[flag]}" if flag in SHORT_FLAGS else flag)
@@ -376,7 +291,7 @@ def _near(flag: str, types: dict[str, Any]) -> list[str]:
     initials = "".join(part[0] for part in word.split("_") if part)
     if len(initials) > 1 and initials in flags:
         near.insert(0, flags[initials])
-    return [f"{flag} ({shorts[flag[2:]]})" if flag[2:] in shorts else flag for flag in dict.fromkeys(near)]
+    return [f"{f} ({SHORT_FLAG_OF[f[2:]]})" if f[2:] in SHORT_FLAG_OF else f for f in dict.fromkeys(near)]
 
 
 def _fail(message: str) -> NoReturn:

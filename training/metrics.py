@@ -1,12 +1,24 @@
-"""Metrics of a run: metrics.jsonl (one record per logged step), TensorBoard events (tb/) and loss_curve.png."""
+"""Metrics of a run: metrics.jsonl (one record per logged step), TensorBoard events (tb/) and loss_curve.png, and
+the training loop's bookkeeping that fills them (``StepLog``: the progress bar, the records, the epoch summaries)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from model.checkpoint import write_text_atomic
+from training.batching import MicroBatch
+from training.config import TrainConfig
+from training.dist import Dist, all_reduce_sum, memory_mib
+from training.optim import StepPlan
+from training.state import Position
+
+if TYPE_CHECKING:
+    from training.trainer import StepResult
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
@@ -91,3 +103,101 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class StepLog:
+    """The training loop's bookkeeping, called once after every optimizer step (``after_step``): the progress bar,
+    and a metrics.jsonl record every run.log_every steps, at the last step, on a stop request and at the end of every
+    epoch, averaging the steps since the previous record.
+
+    A record's "useful_tokens" is the share of the computed token positions (micro-batches padded to their longest
+    row) that hold real tokens, over those steps; the record ending an epoch adds "epoch_useful_tokens", the same over
+    the epoch (since the resume, when the run resumed inside it), which is also printed. Every process calls it at the
+    same steps (the shares are summed over the processes); rank 0 alone writes and prints.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, d: Dist, plan: StepPlan, pos: Position) -> None:
+        from tqdm.auto import tqdm
+
+        self.cfg, self.d, self.plan = cfg, d, plan
+        self.records = MetricsLog(run_dir, d.main, cfg.run.tensorboard, pos.step)
+        total_steps = plan.schedule.total_steps
+        self.bar = tqdm(total=total_steps, initial=pos.step, unit="step", disable=not (d.main and cfg.run.progress))
+        self._start_window()
+        self._start_epoch(pos.step, resumed_inside=pos.sample > 0)
+
+    def _start_window(self) -> None:
+        self.window_loss, self.window_steps, self.window_tokens = 0.0, 0, 0
+        self.window_padding, self.window_start = [0, 0], time.perf_counter()
+
+    def _start_epoch(self, step: int, resumed_inside: bool) -> None:
+        self.epoch_padding, self.epoch_from = [0, 0], (step, resumed_inside)
+
+    def after_step(self, pos: Position, micro: list[MicroBatch], result: StepResult, epoch_end: bool) -> None:
+        """Count the step that brought the run to ``pos`` (``epoch_end``: it ended an epoch) and log what is due."""
+        self.window_loss += result.loss
+        self.window_steps += 1
+        self.window_tokens += result.tokens
+        real, computed = padded_counts(micro)
+        for counts in (self.window_padding, self.epoch_padding):
+            counts[0], counts[1] = counts[0] + real, counts[1] + computed
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+        total_steps = self.plan.schedule.total_steps
+        if pos.step % self.cfg.run.log_every == 0 or pos.step == total_steps or result.stop or epoch_end:
+            self._write_record(pos, result.lr, epoch_end)
+        if epoch_end:
+            self._start_epoch(pos.step, resumed_inside=False)
+
+    def _write_record(self, pos: Position, lr: float, epoch_end: bool) -> None:
+        from tqdm.auto import tqdm
+
+        elapsed = time.perf_counter() - self.window_start
+        useful = useful_fractions([self.window_padding, self.epoch_padding], self.d)  # the same steps on every rank
+        record = {
+            "step": pos.step,
+            "epoch": round(pos.step / self.plan.steps_per_epoch, 4),
+            "loss": self.window_loss / self.window_steps,
+            "lr": lr,
+            "tokens_per_s": round(self.window_tokens / max(elapsed, 1e-9), 1),
+            "useful_tokens": useful[0],
+            "max_memory_mib": round(memory_mib(self.d.device), 1),
+        }
+        if epoch_end:
+            record["epoch_useful_tokens"] = useful[1]
+            if self.d.main:
+                tqdm.write(epoch_summary(self.cfg, pos, self.epoch_from, useful[1]))
+        self.records.write(record)
+        self._start_window()
+
+    def close(self) -> None:
+        """End the progress bar and the TensorBoard events."""
+        self.bar.close()
+        self.records.close()
+
+
+def padded_counts(micro: list[MicroBatch]) -> list[int]:
+    """[real tokens, computed token positions] of one step's micro-batches on this process (each micro-batch is
+    padded to its longest row)."""
+    return [sum(int(b["lengths"].sum()) for _, b in micro), sum(b["tokens"].numel() for _, b in micro)]
+
+
+def useful_fractions(counts: list[list[int]], d: Dist) -> list[float]:
+    """Real / computed tokens of each [real, computed] pair, summed over the processes (one collective)."""
+    totals = all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=d.device), d)
+    return [round(real / max(computed, 1.0), 4) for real, computed in totals.tolist()]
+
+
+def epoch_summary(cfg: TrainConfig, pos: Position, epoch_from: tuple[int, bool], useful: float) -> str:
+    """The line printed at the end of an epoch (``pos`` is already at the next one): its share of real tokens."""
+    first_step, resumed_inside = epoch_from
+    since = f", steps {first_step + 1}-{pos.step} since the resume" if resumed_inside else ""
+    how = (
+        "batches grouped by length"
+        if cfg.data.group_by_length
+        else "random batches; --data.group_by_length true pads less"
+    )
+    return (
+        f"epoch {pos.epoch}/{cfg.optim.epochs} done at step {pos.step}: {useful:.1%} of the computed tokens were "
+        f"real, the rest padding ({how}{since})"
+    )

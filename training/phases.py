@@ -26,9 +26,8 @@ from typing import Any
 
 from model.checkpoint import write_text_atomic
 from training import TrainingError
-from training.cli import Resume
 from training.config import TrainConfig
-from training.state import CONFIG_FILE, check_run_dir, default_run_dir, write_run_config
+from training.state import CONFIG_FILE, Resume, check_run_dir, default_run_dir, write_run_config
 
 PHASES_FILE = "phases.json"
 

@@ -23,7 +23,6 @@ from model.devices import resolve_dtype
 from model.methods import MethodConfig
 from training import TrainingError
 from training.batching import ensure_synthetic, training_set
-from training.cli import Resume, describe_changes
 from training.config import REPO_ROOT, TrainConfig, settings_section
 from training.dist import (
     Dist,
@@ -40,8 +39,10 @@ from training.state import (
     CONFIG_FILE,
     STATE_FILE,
     Position,
+    Resume,
     check_run_dir,
     data_position_fits,
+    describe_changes,
     load_state,
     prepare_run_dir,
     save_adapter_files,

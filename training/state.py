@@ -1,4 +1,5 @@
-"""Run-directory state: the files of a run, the RNG states and data position, and saving / loading them.
+"""Run-directory state: the files of a run, the RNG states and data position, saving / loading them, and what a
+--resume request may change (``RESUME_FREE``, ``Resume``).
 
 A run directory holds config.json (the resolved settings), adapter.safetensors + adapter.json (model.checkpoint),
 metrics.jsonl, loss_curve.png and TensorBoard events (tb/; training.metrics), state.pt (everything needed to resume:
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,12 +34,16 @@ from model.checkpoint import (
     write_text_atomic,
 )
 from training import TrainingError
-from training.config import REPO_ROOT, TrainConfig, config_to_dict
+from training.config import (
+    REPO_ROOT,
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    with_recorded_method_defaults,
+)
 from training.dist import Dist
 from training.tasks import TASKS
-
-if TYPE_CHECKING:
-    from training.cli import Resume
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -54,6 +60,91 @@ def write_run_config(run_dir: Path, cfg: TrainConfig, change: dict[str, Any] | N
     if changes:
         values["changes"] = changes
     write_text_atomic(path, json.dumps(values, indent=2) + "\n")
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    """The settings recorded in a run directory; run.stop_after is per invocation and is not carried over, and the
+    record of accepted changes (see write_run_config) is not a setting."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; --resume takes a run directory written by train.py")
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from e
+    if isinstance(values, dict):
+        values.pop("changes", None)
+        if isinstance(values.get("run"), dict):
+            values["run"]["stop_after"] = None
+        with_recorded_method_defaults(values)
+    try:
+        return config_from_dict(TrainConfig, values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+RESUME_FREE = frozenset(
+    {
+        "data.num_workers",
+        "data.eval_split",
+        "dist.strategy",  # the same updates under ddp and fsdp; only where the frozen base lives changes
+        "optim.batch_size",  # with grad_accum: load_state refuses a changed product (samples per step)
+        "optim.grad_accum",
+        "run.out",  # always the resumed directory
+        "run.log_every",
+        "run.save_every",
+        "run.stop_after",
+        "run.eval",
+        "run.eval_batch_size",
+        "run.eval_max_new_tokens",
+        "run.eval_limit",
+        "run.progress",
+        "run.tensorboard",
+        # how the step spends memory and time, not what it computes (gradients equal, or to rounding): a run that
+        # ran out of memory resumes with checkpointing on
+        "train.activation_checkpointing",
+        "train.loss_chunk",
+        "train.compile",
+    }
+)
+"""Settings a resume may change without --allow-changes: they do not change the adapter a run trains."""
+
+
+@dataclass
+class Resume:
+    """A --resume request: the run directory, and the settings the user changes on purpose (--allow-changes)."""
+
+    run_dir: Path
+    allow_changes: bool = False
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """Setting path -> (recorded value, new value), for settings outside RESUME_FREE."""
+
+
+def resume_changes(recorded: TrainConfig, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Setting path -> (recorded value, new value) of every setting outside RESUME_FREE that ``cfg`` changes."""
+    old, new = dict(_flat(config_to_dict(recorded))), dict(_flat(config_to_dict(cfg)))
+    return {path: (old[path], new[path]) for path in new if path not in RESUME_FREE and old[path] != new[path]}
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """'--optim.lr 0.01 -> 0.02, --run.seed 0 -> 1'."""
+    return ", ".join(f"--{path} {_show(old)} -> {_show(new)}" for path, (old, new) in changes.items())
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or '""'
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def default_run_dir(recipe: str) -> Path:

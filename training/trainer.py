@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from training import TrainingError
 from training.batching import IndexedCollate, MicroBatch, epoch_steps, step_batches
 from training.config import TrainConfig
 from training.dist import Dist, all_reduce_sum, average_gradients, is_sharded, leave_together, memory_mib
-from training.metrics import MetricsLog
+from training.metrics import StepLog
 from training.optim import Schedule, StepPlan, hold_slices
 from training.state import Position, save_checkpoint
 
@@ -80,6 +79,8 @@ class StepResult:
     """Token-mean loss over the global batch."""
     tokens: int
     """Non-padding tokens processed, all processes together."""
+    lr: float
+    """The learning rate of the step."""
     stop: bool
     """Some process received SIGINT / SIGTERM."""
 
@@ -176,7 +177,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=flags[0].item(), tokens=int(flags[3].item()), stop=bool(flags[2] > 0))
+        return StepResult(loss=flags[0].item(), tokens=int(flags[3].item()), lr=lr, stop=bool(flags[2] > 0))
 
     def _example_ids(self, indices: list[int]) -> list[str]:
         ids = []
@@ -218,45 +219,19 @@ class Trainer:
         )
 
 
-def padded_counts(micro: list[MicroBatch]) -> list[int]:
-    """[real tokens, computed token positions] of one step's micro-batches on this process (each micro-batch is
-    padded to its longest row)."""
-    return [sum(int(b["lengths"].sum()) for _, b in micro), sum(b["tokens"].numel() for _, b in micro)]
-
-
-def useful_fractions(counts: list[list[int]], d: Dist) -> list[float]:
-    """Real / computed tokens of each [real, computed] pair, summed over the processes (one collective)."""
-    totals = all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=d.device), d)
-    return [round(real / max(computed, 1.0), 4) for real, computed in totals.tolist()]
-
-
 def train_loop(
     cfg: TrainConfig, trainer: Trainer, run_dir: Path, pos: Position, plan: StepPlan, handle_signals: bool
 ) -> str:
-    """Steps until done, run.stop_after or a stop request (StopRequest); saves on the way. Returns done | stopped |
-    SIGINT | SIGTERM.
-
-    metrics.jsonl gets a record every run.log_every steps and at the end of every epoch. Its "useful_tokens" is the
-    share of the computed token positions (micro-batches padded to their longest row) that hold real tokens, over
-    the steps since the previous record; the record ending an epoch adds "epoch_useful_tokens", the same over the
-    epoch (since the resume, when the run resumed inside it), which is also printed.
-    """
-    from tqdm.auto import tqdm
-
-    d, total_steps = trainer.d, plan.schedule.total_steps
-
-    log = MetricsLog(run_dir, d.main, cfg.run.tensorboard, pos.step)
-    bar = tqdm(total=total_steps, initial=pos.step, unit="step", disable=not (d.main and cfg.run.progress))
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    saved_step = pos.step
-    outcome = "done"
-    o = cfg.optim
+    """Steps until done, run.stop_after or a stop request (StopRequest); saves on the way and logs every step
+    (training.metrics.StepLog). Returns done | stopped | SIGINT | SIGTERM."""
+    d, total_steps, o = trainer.d, plan.schedule.total_steps, cfg.optim
     lengths = trainer.collate.lengths if cfg.data.group_by_length else None  # tokenizes the set once
-    window_padding = [0, 0]
+    log = StepLog(cfg, run_dir, d, plan, pos)
+    saved_step, outcome = pos.step, "done"
     with StopRequest(handle_signals) as stop:
         while pos.step < total_steps and outcome == "done":
             steps = epoch_steps(len(trainer.examples), d, cfg.run.seed, pos.epoch, o.batch_size * o.grad_accum, lengths)
-            epoch_samples, epoch_padding, epoch_from = sum(map(len, steps)), [0, 0], (pos.step, pos.sample > 0)
+            epoch_samples = sum(map(len, steps))
             for micro in step_batches(steps, pos.sample, o.batch_size, trainer.collate, cfg.data.num_workers):
                 try:
                     result = trainer.step(micro, pos, stop)
@@ -264,41 +239,12 @@ def train_loop(
                     if d.world == 1 and pos.step > saved_step:  # parameters are those of the last completed step
                         save_checkpoint(cfg, run_dir, trainer.model, trainer.optimizer, trainer.scaler, pos, d)
                     raise
-                lr = trainer.schedule.lr(pos.step)
                 pos.step += 1
-                pos.sample += sum(len(indices_) for indices_, _ in micro)
+                pos.sample += sum(len(indices) for indices, _ in micro)
                 epoch_end = pos.sample >= epoch_samples
                 if epoch_end:
                     pos.epoch, pos.sample = pos.epoch + 1, 0
-                window_loss, window_steps, window_tokens = (
-                    window_loss + result.loss,
-                    window_steps + 1,
-                    window_tokens + result.tokens,
-                )
-                real, computed = padded_counts(micro)
-                for counts in (window_padding, epoch_padding):
-                    counts[0], counts[1] = counts[0] + real, counts[1] + computed
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
-                if pos.step % cfg.run.log_every == 0 or pos.step == total_steps or result.stop or epoch_end:
-                    elapsed = time.perf_counter() - window_start
-                    useful = useful_fractions([window_padding, epoch_padding], d)  # the same steps on every rank
-                    record = {
-                        "step": pos.step,
-                        "epoch": round(pos.step / plan.steps_per_epoch, 4),
-                        "loss": window_loss / window_steps,
-                        "lr": lr,
-                        "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
-                        "useful_tokens": useful[0],
-                        "max_memory_mib": round(memory_mib(d.device), 1),
-                    }
-                    if epoch_end:
-                        record["epoch_useful_tokens"] = useful[1]
-                        if d.main:
-                            tqdm.write(epoch_summary(cfg, pos, epoch_from, useful[1]))
-                    log.write(record)
-                    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-                    window_padding = [0, 0]
+                log.after_step(pos, micro, result, epoch_end)
                 if result.stop:
                     outcome = stop.signal or "SIGTERM"  # another process received the signal
                 elif cfg.run.stop_after is not None and pos.step >= cfg.run.stop_after:
@@ -308,21 +254,5 @@ def train_loop(
                     saved_step = pos.step
                 if outcome != "done" or pos.step >= total_steps:
                     break
-    bar.close()
     log.close()
     return outcome
-
-
-def epoch_summary(cfg: TrainConfig, pos: Position, epoch_from: tuple[int, bool], useful: float) -> str:
-    """The line printed at the end of an epoch (``pos`` is already at the next one): its share of real tokens."""
-    first_step, resumed_inside = epoch_from
-    since = f", steps {first_step + 1}-{pos.step} since the resume" if resumed_inside else ""
-    how = (
-        "batches grouped by length"
-        if cfg.data.group_by_length
-        else "random batches; --data.group_by_length true pads less"
-    )
-    return (
-        f"epoch {pos.epoch}/{cfg.optim.epochs} done at step {pos.step}: {useful:.1%} of the computed tokens were "
-        f"real, the rest padding ({how}{since})"
-    )

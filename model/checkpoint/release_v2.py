@@ -33,7 +33,8 @@ from model.checkpoint.files import CheckpointError, atomic_write
 from model.checkpoint.keys import check_adapter_values, listing
 from model.config import LlamaConfig, VisualConfig
 from model.llama import Transformer
-from model.methods.llama_adapter_v2 import LINEAR_OWNERS, AdapterV2Config
+from model.methods.base import LINEAR_SUBLAYER
+from model.methods.llama_adapter_v2 import AdapterV2Config
 
 RELEASE_BIASES = ("wq", "wo", "w1", "w2", "w3")
 """The linears the release model gives a bias (phase finetune, every file)."""
@@ -146,7 +147,7 @@ def read_release_v2(path: str | Path, llama: LlamaConfig, obj: dict[str, Any]) -
             value = torch.ones(1) if new_gate is None else new_gate.reshape(-1)
             tensors[prefix + "attention.adapter_new_gate"] = value
         for target in RELEASE_BIASES:
-            name = f"{LINEAR_OWNERS[target]}.{target}"
+            name = f"{LINEAR_SUBLAYER[target]}.{target}"
             bias = layer_keys.pop((i, f"{name}.bias"), None)
             out = llama.ffn_dim if target in ("w1", "w3") else llama.dim
             tensors[f"{prefix}{name}.adapter_bias"] = torch.zeros(out) if bias is None else bias
@@ -154,8 +155,8 @@ def read_release_v2(path: str | Path, llama: LlamaConfig, obj: dict[str, Any]) -
             weight = layer_keys.pop((i, f"{norm}.weight"), None)
             if weight is not None:
                 tensors[f"{prefix}{norm}.adapter_norm_weight"] = weight
-        for target in LINEAR_OWNERS:
-            owner = LINEAR_OWNERS[target]
+        for target in LINEAR_SUBLAYER:
+            owner = LINEAR_SUBLAYER[target]
             pair = [layer_keys.pop((i, f"{owner}.lora_{target}_l{n}.weight"), None) for n in (1, 2)]
             if not w_lora:
                 unexpected += [f"llama.layers.{i}.{owner}.lora_{target}_l{n}.weight" for n, t in zip((1, 2), pair) if
@@ -198,7 +199,7 @@ def release_state(model: Transformer) -> dict[str, Any]:
         (c.visual_entry != "late", "visual_entry must be late"),
         (visual.query_heads != RELEASE_QUERY_HEADS, f"query_heads must be {RELEASE_QUERY_HEADS}"),
         (not set(c.bias_targets) <= set(RELEASE_BIASES), f"bias_targets must be among {', '.join(RELEASE_BIASES)}"),
-        (bool(c.lora_rank) and set(c.lora_targets) != set(LINEAR_OWNERS), "LoRA must target all seven linears"),
+        (bool(c.lora_rank) and set(c.lora_targets) != set(LINEAR_SUBLAYER), "LoRA must target all seven linears"),
         (bool(c.lora_rank) != c.new_gate, "the release has new gates exactly when it has LoRA"),
     ]
     scales = [n for n, p in model.trainable_parameters() if n.endswith(".adapter_scale") and not torch.all(p == 1)]
@@ -222,14 +223,14 @@ def release_state(model: Transformer) -> dict[str, Any]:
             new_gate = params.get(f"{src}attention.adapter_new_gate")
             out[attention + "new_gate"] = (new_gate if new_gate is not None else torch.ones(1)).view(1, 1, 1, 1)
         for target in RELEASE_BIASES:
-            name = f"{LINEAR_OWNERS[target]}.{target}"
+            name = f"{LINEAR_SUBLAYER[target]}.{target}"
             bias = params.get(f"{src}{name}.adapter_bias")
             out[f"llama.layers.{i}.{name}.bias"] = bias if bias is not None else torch.zeros(
                 params[f"{src}{name}.weight"].shape[0])  # fmt: skip
             for n, ours in ((1, "a"), (2, "b")):
                 lora = params.get(f"{src}{name}.adapter_lora_{ours}")
                 if lora is not None:
-                    out[f"llama.layers.{i}.{LINEAR_OWNERS[target]}.lora_{target}_l{n}.weight"] = lora
+                    out[f"llama.layers.{i}.{LINEAR_SUBLAYER[target]}.lora_{target}_l{n}.weight"] = lora
         for target in ("wk", "wv"):
             for n, ours in ((1, "a"), (2, "b")):
                 lora = params.get(f"{src}attention.{target}.adapter_lora_{ours}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -44,14 +44,44 @@ class MethodConfig:
         (default: any number can)."""
 
 
+LINEAR_SUBLAYER = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+                   "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}  # fmt: skip
+"""The linears of a TransformerBlock a method may wrap (in their canonical order) -> the sublayer holding each."""
+
+
 class WrappedLinear(nn.Linear):
     """Base of the linears a method puts in place of a frozen one (LoRA, DoRA, IA3, V2), keeping the frozen weight
     as ``weight`` under its Meta name. ``frozen(x)`` is that weight's output alone, without the method's update:
     what the gated visual prompt reads (model/methods/visual_prompt.py). Under FSDP it gathers the shards as the
     forward does (training/dist.py registers it)."""
 
+    def __init__(self, linear: nn.Linear) -> None:
+        """Take over the bias-free ``linear``'s frozen weight: no copy, base checkpoints load under its name."""
+        if linear.bias is not None:
+            raise ValueError(f"{type(self).__name__} wraps bias-free linears only (Meta LLaMA has no biases)")
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")  # nothing allocated
+        self.weight = linear.weight  # (out, in)
+
     def frozen(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)
+
+
+def wrap_linears(
+    blocks: Iterable[TransformerBlock], targets: Iterable[str], wrap: Callable[[nn.Linear, str], WrappedLinear]
+) -> None:
+    """Put ``wrap(linear, target)`` in place of each linear named in ``targets`` (keys of LINEAR_SUBLAYER) of
+    every block: the ``attach`` of a method with wrapped linears."""
+    targets = tuple(targets)
+    for block in blocks:
+        for target in targets:
+            sublayer = getattr(block, LINEAR_SUBLAYER[target])
+            setattr(sublayer, target, wrap(getattr(sublayer, target), target))
+
+
+def wrapped_linears(blocks: Iterable[TransformerBlock], targets: Iterable[str]) -> list[Any]:
+    """The linears ``wrap_linears`` put in place: block by block, in the order of ``targets`` within a block."""
+    targets = tuple(targets)
+    return [getattr(getattr(block, LINEAR_SUBLAYER[t]), t) for block in blocks for t in targets]
 
 
 def check_tokens_fit(config: MethodConfig, field: str, n_tokens: int) -> None:
@@ -72,8 +102,8 @@ class Method(nn.Module):
 
     - ``attach(model)``: once, when the model is built. Add the method's tensors (empty, possibly on the meta
       device) to the backbone's modules or to the method itself. Wrapped linear layers (LoRA, V2 bias / scale)
-      are made here too: replace e.g. ``block.attention.wq`` by an ``nn.Linear`` subclass that keeps the frozen
-      weight as ``.weight``, so base checkpoints load under their Meta names unchanged.
+      are made here too: ``wrap_linears`` replaces e.g. ``block.attention.wq`` by a ``WrappedLinear`` subclass that
+      keeps the frozen weight as ``.weight``, so base checkpoints load under their Meta names unchanged.
     - ``reset_parameters(model, generator)``: the one init rule of a fresh adapter (identity at start where the
       method has one). Draw on the CPU from ``generator`` (None: the global RNG), then copy to each tensor's
       device, so a seed gives the same adapter on every device.

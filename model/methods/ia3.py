@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import MethodConfig, WrappedLinear, register_method
-from model.methods.lora import LINEAR_SUBLAYER, WrappedLinears, check_mergeable, meta_rows, read_peft_linears
+from model.methods.base import LINEAR_SUBLAYER, MethodConfig, WrappedLinear, register_method
+from model.methods.lora import WrappedLinears, check_mergeable, meta_rows, read_peft_linears
 from model.methods.visual_prompt import check_visual_layers
 
 if TYPE_CHECKING:
@@ -92,8 +92,7 @@ class IA3Linear(WrappedLinear):
     elementwise by ``adapter_ia3_scale``: (in,) or (out,)."""
 
     def __init__(self, base: nn.Linear, on_input: bool) -> None:
-        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
-        self.weight = base.weight  # the frozen weight itself: no copy, base checkpoints load under its name
+        super().__init__(base)
         self.on_input = on_input
         self.adapter_ia3_scale = nn.Parameter(torch.empty(base.in_features if on_input else base.out_features))
 

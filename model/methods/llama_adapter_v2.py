@@ -47,16 +47,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import WrappedLinear, base_weights, register_method
+from model.methods.base import (
+    LINEAR_SUBLAYER,
+    WrappedLinear,
+    base_weights,
+    register_method,
+    wrap_linears,
+    wrapped_linears,
+)
 from model.methods.llama_adapter import AdapterConfig, LlamaAdapter
 from model.methods.norms import attach_tuned_norms, merge_tuned_norms, reset_tuned_norms
 from model.quantize import refuse_quantized_merge
 
 if TYPE_CHECKING:
     from model.llama import Transformer
-
-LINEAR_OWNERS = dict.fromkeys(("wq", "wk", "wv", "wo"), "attention") | dict.fromkeys(("w1", "w2", "w3"), "feed_forward")
-"""Each linear a bias and scale may target -> the sublayer of a TransformerBlock that holds it."""
 
 
 @dataclass
@@ -93,10 +97,10 @@ class AdapterV2Config(AdapterConfig):
                 raise ValueError(f"AdapterV2Config.{field} must be a list of linear names, got the string {targets!r}")
             targets = tuple(targets)  # a sidecar's JSON list compares equal after a round trip
             setattr(self, field, targets)
-            unknown = [t for t in targets if t not in LINEAR_OWNERS]
+            unknown = [t for t in targets if t not in LINEAR_SUBLAYER]
             if unknown or len(set(targets)) != len(targets):
                 raise ValueError(
-                    f"AdapterV2Config.{field}={list(targets)}: names among {', '.join(LINEAR_OWNERS)}, "
+                    f"AdapterV2Config.{field}={list(targets)}: names among {', '.join(LINEAR_SUBLAYER)}, "
                     "each at most once"
                 )
         for field in ("input_scales", "new_gate"):
@@ -119,7 +123,7 @@ class AdapterV2Config(AdapterConfig):
     def wrapped(self) -> list[str]:
         """The linears of each layer that get a bias, a scale or LoRA, in wq .. w3 order."""
         lora = self.lora_targets if self.lora_rank else ()
-        return [t for t in LINEAR_OWNERS if t in self.bias_targets or t in lora]
+        return [t for t in LINEAR_SUBLAYER if t in self.bias_targets or t in lora]
 
 
 class V2Linear(WrappedLinear):
@@ -130,12 +134,7 @@ class V2Linear(WrappedLinear):
     """
 
     def __init__(self, linear: nn.Linear, *, bias: bool, scale: bool, lora_rank: int) -> None:
-        nn.Module.__init__(self)  # not nn.Linear.__init__: the frozen weight is taken over, not allocated
-        if linear.bias is not None:
-            raise ValueError("LLaMA-Adapter V2 wraps bias-free linears only (Meta LLaMA has no biases)")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight  # (out, in)
-        self.register_parameter("bias", None)
+        super().__init__(linear)
         self.adapter_scale = nn.Parameter(torch.empty(self.in_features)) if scale else None  # (in,)
         self.adapter_bias = nn.Parameter(torch.empty(self.out_features)) if bias else None  # (out,)
         self.adapter_lora_a = nn.Parameter(torch.empty(lora_rank, self.in_features)) if lora_rank else None
@@ -188,7 +187,7 @@ class LlamaAdapterV2(LlamaAdapter):
 
     def tuned_linears(self, model: Transformer) -> list[V2Linear]:
         """The wrapped linears, layer by layer in wq .. w3 order."""
-        return [getattr(getattr(b, LINEAR_OWNERS[t]), t) for b in model.layers for t in self.config.wrapped()]
+        return wrapped_linears(model.layers, self.config.wrapped())
 
     def tuned_norms(self, model: Transformer) -> list[nn.Module]:
         """Every RMSNorm (each layer's attention_norm and ffn_norm, then the final norm); none with norm_tuning none."""
@@ -199,18 +198,19 @@ class LlamaAdapterV2(LlamaAdapter):
     def attach(self, model: Transformer) -> None:
         super().attach(model)
         c = self.config
-        for block in model.layers:
-            for target in c.wrapped():
-                owner = getattr(block, LINEAR_OWNERS[target])
-                biased = target in c.bias_targets
-                rank = c.lora_rank if target in c.lora_targets else 0
-                linear = V2Linear(getattr(owner, target), bias=biased, scale=biased and c.input_scales, lora_rank=rank)
-                setattr(owner, target, linear)
+        wrap_linears(model.layers, c.wrapped(), self.wrap)
         if c.new_gate:
             for attention in self.adapted(model):
                 attention.adapter_new_gate = nn.Parameter(torch.empty(1))  # (1,): one scalar per layer
         if c.norm_tuning != "none":
             attach_tuned_norms(self.tuned_norms(model), c.norm_tuning)  # model/methods/norms.py
+
+    def wrap(self, linear: nn.Linear, target: str) -> V2Linear:
+        """The V2Linear put in place of ``linear`` (the target named ``target``): the parts its settings give it."""
+        c = self.config
+        biased = target in c.bias_targets
+        rank = c.lora_rank if target in c.lora_targets else 0
+        return V2Linear(linear, bias=biased, scale=biased and c.input_scales, lora_rank=rank)
 
     def reset_parameters(self, model: Transformer, generator: torch.Generator | None) -> None:
         """V1's prompts (N(0, 1)) and gates (0), then biases 0, scales and new gates 1, LoRA A drawn and B 0, norm
@@ -275,11 +275,10 @@ class LlamaAdapterV2(LlamaAdapter):
             )
         self.merge(model)
         weights = base_weights(model)
-        for i, block in enumerate(model.layers):
-            for target in self.config.bias_targets:
-                linear = getattr(getattr(block, LINEAR_OWNERS[target]), target)
-                name = f"layers.{i}.{LINEAR_OWNERS[target]}.{target}.bias"
-                weights[name] = linear.adapter_bias.detach().to(linear.weight.dtype)  # (out,)
+        targets = self.config.bias_targets
+        names = [f"layers.{i}.{LINEAR_SUBLAYER[t]}.{t}.bias" for i in range(len(model.layers)) for t in targets]
+        for name, linear in zip(names, wrapped_linears(model.layers, targets)):
+            weights[name] = linear.adapter_bias.detach().to(linear.weight.dtype)  # (out,)
         return weights
 
     def describe(self) -> str:

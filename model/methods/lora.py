@@ -31,18 +31,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.methods.base import MethodConfig, WrappedLinear, base_weights, register_method
+from model.methods.base import (
+    LINEAR_SUBLAYER,
+    MethodConfig,
+    WrappedLinear,
+    base_weights,
+    register_method,
+    wrap_linears,
+    wrapped_linears,
+)
 from model.methods.visual_prompt import GatedVisualPrompt, check_visual_layers
 from model.quantize import refuse_quantized_merge
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig
     from model.llama import Transformer
-
-LINEAR_SUBLAYER = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
-                   "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}  # fmt: skip
-"""Where each linear lives in a TransformerBlock."""
-
 
 MAX_ALPHA = 1e6
 """Largest LoRA alpha accepted (published adapters use 1..1024)."""
@@ -111,8 +114,7 @@ class LoraLinear(WrappedLinear):
     """A frozen nn.Linear (``weight`` under its Meta name) plus the low-rank update scale * B A."""
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float) -> None:
-        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
-        self.weight = base.weight  # the frozen weight itself: no copy, base checkpoints load under its name
+        super().__init__(base)
         self.adapter_lora_a = nn.Parameter(torch.empty(rank, base.in_features))  # (r, in)
         self.adapter_lora_b = nn.Parameter(torch.empty(base.out_features, rank))  # (out, r)
         self.scale = scale
@@ -245,19 +247,18 @@ class WrappedLinears(GatedVisualPrompt):
         """The wrapped linear put in place of ``linear`` (the target named ``target``)."""
         raise NotImplementedError
 
+    @property
+    def first_layer(self) -> int:
+        """The lowest wrapped layer: the top ``config.n_layers`` are wrapped (all when None)."""
+        return self.llama.n_layers - (self.config.n_layers or self.llama.n_layers)
+
     def adapted(self, model: Transformer) -> list[Any]:
         """The wrapped linears, bottom layer first, in the order of ``config.targets`` within a layer."""
-        first = self.llama.n_layers - (self.config.n_layers or self.llama.n_layers)
-        targets = self.config.targets
-        return [getattr(getattr(block, LINEAR_SUBLAYER[t]), t) for block in model.layers[first:] for t in targets]
+        return wrapped_linears(model.layers[self.first_layer :], self.config.targets)
 
     def attach(self, model: Transformer) -> None:
         super().attach(model)
-        first = self.llama.n_layers - (self.config.n_layers or self.llama.n_layers)
-        for block in model.layers[first:]:
-            for target in self.config.targets:
-                sublayer = getattr(block, LINEAR_SUBLAYER[target])
-                setattr(sublayer, target, self.wrap(getattr(sublayer, target), target))
+        wrap_linears(model.layers[self.first_layer :], self.config.targets, self.wrap)
 
     def merge(self, model: Transformer) -> None:
         """Fold every wrapped linear into its frozen weight (its tensors at their identity values after). Exact up to

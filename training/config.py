@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from data.tasks import TASKS
-from model.config import VisualConfig
+from model.config import ConfigError, VisualConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = REPO_ROOT / "assets" / "tiny-base"
@@ -323,10 +323,6 @@ class TrainConfig:
     def uses_images(self) -> bool:
         """Alpaca has no images; ScienceQA and COCO use them unless --no-images."""
         return self.data.images and TASKS[self.data.task].has_images
-
-
-class ConfigError(ValueError):
-    """A setting given on the command line or in a run's config.json is unknown or invalid."""
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from model.checkpoint import (
     read_json,
     save_adapter,
 )
-from model.config import PRESETS, AdapterConfig, ConfigError, LlamaConfig, ModelConfig, VisualConfig, preset
+from model.config import PRESETS, ConfigError, LlamaAdapterConfig, LlamaConfig, ModelConfig, VisualConfig, preset
 from model.hub import resolve_base, resolve_clip_weights
 from model.llama import Transformer, count_trainable, is_trainable
 from model.methods import Method, MethodConfig, method_names, register_method
@@ -40,7 +40,7 @@ from model.quantize import check_kind, quantize_base
 from model.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 __all__ = [
-    "AdapterConfig",
+    "LlamaAdapterConfig",
     "BaseWeightsWarning",
     "CheckpointError",
     "ConfigError",
@@ -68,9 +68,9 @@ __all__ = [
 ]
 
 
-def default_adapter_config(llama: LlamaConfig) -> AdapterConfig:
+def default_adapter_config(llama: LlamaConfig) -> LlamaAdapterConfig:
     """Official V1 proportions for a fresh adapter: K=10 prompts on all but the bottom two layers (30 of 32 for 7B)."""
-    return AdapterConfig(prompt_len=10, n_layers=max(llama.n_layers - 2, 1))
+    return LlamaAdapterConfig(prompt_len=10, n_layers=max(llama.n_layers - 2, 1))
 
 
 def find_tokenizer(base_dir: Path) -> Path | None:

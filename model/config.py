@@ -2,7 +2,7 @@
 
 One source of truth for every architectural setting. Field docstrings double as user documentation
 (train.py turns them into ``--help``). Presets: ``tiny`` (tests and the embedded default), ``7B``, ``13B``.
-Each PEFT method's config lives beside the method (model/methods/); ``AdapterConfig`` (the adaption prompts) is
+Each PEFT method's config lives beside the method (model/methods/); ``LlamaAdapterConfig`` (the adaption prompts) is
 re-exported here.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from model.methods import AdapterConfig, MethodConfig, config_from_dict, config_to_dict, method_of
+from model.methods import LlamaAdapterConfig, MethodConfig, config_from_dict, config_to_dict, method_of
 
 
 class ConfigError(ValueError):
@@ -350,7 +350,7 @@ class ModelConfig:
         if "method" in d:
             method = config_from_dict(d["method"], d.get("method_config"))
         else:
-            method = AdapterConfig(**d.get("adapter", {}))
+            method = LlamaAdapterConfig(**d.get("adapter", {}))
         return cls(llama=LlamaConfig(**d["llama"]), method=method, visual=VisualConfig(**visual) if visual else None)
 
 
@@ -361,10 +361,10 @@ PRESETS: dict[str, LlamaConfig] = {
     "13B": LlamaConfig(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, ffn_dim=13824),
 }
 
-ADAPTER_PRESETS: dict[str, AdapterConfig] = {
-    "tiny": AdapterConfig(prompt_len=10, n_layers=3),
-    "7B": AdapterConfig(prompt_len=10, n_layers=30),
-    "13B": AdapterConfig(prompt_len=10, n_layers=38),
+ADAPTER_PRESETS: dict[str, LlamaAdapterConfig] = {
+    "tiny": LlamaAdapterConfig(prompt_len=10, n_layers=3),
+    "7B": LlamaAdapterConfig(prompt_len=10, n_layers=30),
+    "13B": LlamaAdapterConfig(prompt_len=10, n_layers=38),
 }
 
 

@@ -44,9 +44,12 @@ def method_values(sidecar: dict) -> dict:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda s: method_values(s).update(prompt_len=4.0), r"AdapterConfig\.prompt_len = 4\.0 is not int"),
-        (lambda s: method_values(s).update(prompt_len=True), r"AdapterConfig\.prompt_len = True is not int"),
-        (lambda s: method_values(s).update(gate_fn=["tanh"]), r"AdapterConfig\.gate_fn = \['tanh'\] is not Literal"),
+        (lambda s: method_values(s).update(prompt_len=4.0), r"LlamaAdapterConfig\.prompt_len = 4\.0 is not int"),
+        (lambda s: method_values(s).update(prompt_len=True), r"LlamaAdapterConfig\.prompt_len = True is not int"),
+        (
+            lambda s: method_values(s).update(gate_fn=["tanh"]),
+            r"LlamaAdapterConfig\.gate_fn = \['tanh'\] is not Literal",
+        ),
         (lambda s: s.update(version=99), r"field version is 99; this code reads sidecar versions 1 and 2"),
         # 10**9 prompts of width 64 would be 256 GB: refused from the meta-device shapes, before any allocation
         (

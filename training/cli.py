@@ -1,6 +1,6 @@
 """The command line of train.py: jsonargparse over the dataclasses of ``training.config``.
 
-Every setting is a flag ``--section.field VALUE`` (nested: ``--model.adapter.prompt_len 10``) whose ``--help`` text
+Every setting is a flag ``--section.field VALUE`` (nested: ``--model.visual.query_len 10``) whose ``--help`` text
 is the field's docstring. ``--recipe NAME`` takes the defaults from ``training/recipes/NAME.yaml`` (tiny when
 absent), ``--config FILE`` (YAML or JSON, such as the output of ``--print_config``) sets any of them, and later
 flags override earlier ones; ``--resume RUN_DIR`` starts from the settings recorded in the run's config.json
@@ -34,8 +34,8 @@ from training.config import (
     config_to_dict,
     load_recipe,
     recipe_names,
-    with_recorded_method_defaults,
 )
+from training.migration import check_renamed_flags, migrate_recorded_settings
 from training.state import CONFIG_FILE
 
 SECTIONS = ("model", "data", "optim", "train", "dist", "run")
@@ -115,7 +115,7 @@ def read_run_config(run_dir: Path) -> TrainConfig:
         values.pop("changes", None)
         if isinstance(values.get("run"), dict):
             values["run"]["stop_after"] = None
-        with_recorded_method_defaults(values)
+        migrate_recorded_settings(values)
     try:
         return config_from_dict(TrainConfig, values)
     except ConfigError as e:
@@ -150,6 +150,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     types = _setting_types(TrainConfig)
     argv = _expand(argv, types)
     try:
+        check_renamed_flags(argv)
         if known.resume is not None:
             if any(arg.split("=")[0] == "--recipe" for arg in argv):
                 raise ConfigError("--resume continues a run with its recorded settings; drop --recipe")
@@ -283,7 +284,7 @@ def _setting_types(cls: type, prefix: str = "") -> dict[str, Any]:
 
 
 def _groups(cls: type, prefix: str) -> Iterator[str]:
-    """Dotted paths of the nested dataclasses: model, model.adapter, ..."""
+    """Dotted paths of the nested dataclasses: model, model.llama_adapter, ..."""
     for name, tp in typing.get_type_hints(cls).items():
         if dataclasses.is_dataclass(tp):
             yield f"{prefix}{name}"

@@ -12,7 +12,7 @@ from model.checkpoint.files import CheckpointError, load_safetensors, read_json,
 from model.checkpoint.keys import check_adapter_values, listing
 from model.checkpoint.release_v2 import is_release_v2, read_release_v2
 from model.config import LlamaConfig
-from model.methods import AdapterConfig, method_class, method_names
+from model.methods import LlamaAdapterConfig, method_class, method_names
 
 
 def read_official_v1(
@@ -69,7 +69,7 @@ def read_official_v1(
                 raise CheckpointError(f"{path}: {key} is non-zero but layer {layer} carries no prompts")
             continue
         tensors[f"layers.{layer}.attention.adapter_gate"] = gate.flatten().expand(llama.n_heads).clone()
-    adapter = AdapterConfig(prompt_len=prompt_len, n_layers=n_adapted, gate_fn=gate_fn)
+    adapter = LlamaAdapterConfig(prompt_len=prompt_len, n_layers=n_adapted, gate_fn=gate_fn)
     return AdapterWeights(tensors, adapter, None, path)
 
 

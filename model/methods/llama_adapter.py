@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class AdapterConfig(MethodConfig):
+class LlamaAdapterConfig(MethodConfig):
     """Zero-init gated adaption prompts (LLaMA-Adapter V1, arXiv 2303.16199, Sec. 3)."""
 
     prompt_len: int = 10
@@ -69,8 +69,8 @@ _PEFT_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gat
 class LlamaAdapter(Method):
     """Adaption prompts and per-head gates on the attention of the top ``config.n_layers`` layers."""
 
-    config: AdapterConfig
-    config_class = AdapterConfig
+    config: LlamaAdapterConfig
+    config_class = LlamaAdapterConfig
     takes_visual = True
     peft_type = "ADAPTION_PROMPT"
     fold_refusal = "its adaption prompts are extra keys and values in a separate gated softmax"
@@ -145,13 +145,13 @@ class LlamaAdapter(Method):
     @classmethod
     def from_peft(
         cls, peft_config: dict[str, Any], state: dict[str, Tensor], llama: LlamaConfig, source: Path
-    ) -> tuple[AdapterConfig, dict[str, Tensor]]:
+    ) -> tuple[LlamaAdapterConfig, dict[str, Tensor]]:
         """PEFT's ADAPTION_PROMPT: one prompt (1, K, hidden) and ONE raw scalar gate (1,) per adapted layer,
         applied without tanh: imported as gate_fn="raw" with the scalar copied to every head (the same output)."""
         if peft_config.get("target_modules", "self_attn") != "self_attn":
             raise ValueError(f"target_modules={peft_config['target_modules']!r}; expected 'self_attn'")
         try:
-            config = AdapterConfig(
+            config = LlamaAdapterConfig(
                 prompt_len=int(peft_config["adapter_len"]), n_layers=int(peft_config["adapter_layers"]), gate_fn="raw"
             )
         except (KeyError, TypeError) as e:
@@ -173,13 +173,13 @@ class LlamaAdapter(Method):
 
     @classmethod
     def to_peft(
-        cls, config: AdapterConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+        cls, config: LlamaAdapterConfig, tensors: dict[str, Tensor], llama: LlamaConfig
     ) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """PEFT's ADAPTION_PROMPT: per adapted layer a prompt (1, K, dim) and one raw scalar gate (1,). PEFT applies
         the gate as it is, so a tanh gate is written as tanh(g); a layer whose heads have different gates has no
         PEFT form and is refused."""
         if config.n_layers == 0:
-            raise ValueError("AdapterConfig.n_layers=0: PEFT's adaption prompt needs at least one adapted layer")
+            raise ValueError("LlamaAdapterConfig.n_layers=0: PEFT's adaption prompt needs at least one adapted layer")
         first, state = llama.n_layers - config.n_layers, {}
         rest = dict(tensors)
         for layer in range(first, llama.n_layers):

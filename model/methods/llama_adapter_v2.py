@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.methods.base import WrappedLinear, base_weights, register_method
-from model.methods.llama_adapter import AdapterConfig, LlamaAdapter
+from model.methods.llama_adapter import LlamaAdapter, LlamaAdapterConfig
 from model.methods.norms import attach_tuned_norms, merge_tuned_norms, reset_tuned_norms
 from model.quantize import refuse_quantized_merge
 
@@ -60,7 +60,7 @@ LINEAR_OWNERS = dict.fromkeys(("wq", "wk", "wv", "wo"), "attention") | dict.from
 
 
 @dataclass
-class AdapterV2Config(AdapterConfig):
+class AdapterV2Config(LlamaAdapterConfig):
     """LLaMA-Adapter V2 (arXiv 2304.15010): V1's adaption prompts plus bias, scale, LoRA and RMSNorm tuning."""
 
     n_layers: int = 31

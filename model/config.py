@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from model.methods import LlamaAdapterConfig, MethodConfig, config_from_dict, config_to_dict, method_of
+from model.methods.llama_adapter import default_config_for
 
 
 class ConfigError(ValueError):
@@ -361,15 +362,12 @@ PRESETS: dict[str, LlamaConfig] = {
     "13B": LlamaConfig(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, ffn_dim=13824),
 }
 
-ADAPTER_PRESETS: dict[str, LlamaAdapterConfig] = {
-    "tiny": LlamaAdapterConfig(prompt_len=10, n_layers=3),
-    "7B": LlamaAdapterConfig(prompt_len=10, n_layers=30),
-    "13B": LlamaAdapterConfig(prompt_len=10, n_layers=38),
-}
-
 
 def preset(name: str) -> ModelConfig:
-    """A fresh ModelConfig for a preset name (``tiny``, ``7B``, ``13B``), text-only."""
+    """A fresh ModelConfig for a preset name (``tiny``, ``7B``, ``13B``), text-only, with the default adaption
+    prompts for its depth (``default_config_for``; tiny, the tests' model: the top 3 of its 4 layers)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return ModelConfig(llama=dataclasses.replace(PRESETS[name]), method=dataclasses.replace(ADAPTER_PRESETS[name]))
+    llama = dataclasses.replace(PRESETS[name])
+    method = LlamaAdapterConfig(n_layers=3) if name == "tiny" else default_config_for(llama)
+    return ModelConfig(llama=llama, method=method)

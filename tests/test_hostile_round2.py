@@ -300,7 +300,7 @@ def test_a_checklist_that_does_not_fit_is_one_error_naming_the_line_or_file(tmp_
 # ---- --model.quantize -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["int3", "", "nf4 ", "4", "NF4", 4])
 def test_a_quantize_value_outside_the_choices_is_refused_before_any_weight_is_read(value, monkeypatch):
-    monkeypatch.setattr("model.open_base", lambda *a, **k: pytest.fail("the base was opened"))
+    monkeypatch.setattr("model.loading.open_base", lambda *a, **k: pytest.fail("the base was opened"))
     refusal = rf"^quantize={re.escape(repr(value))} is not supported; choose one of nf4, int8$"
     with pytest.raises(ValueError, match=refusal):
         load_model(TINY_BASE, quantize=value)

@@ -31,8 +31,9 @@ def read_official_v1(
     too; they never trained, so they must be zero.
 
     gate_fn: the official training code scales by tanh(gate) while its released inference code (llama/model.py)
-    multiplies by the raw gate (issue #39). We default to "tanh", the semantics the weights were trained under;
-    pass "raw" to reproduce the released inference code. ``obj``: the file's content when already read.
+    multiplies by the raw gate (issue #39). We default to "tanh", the semantics the weights were trained under, and
+    ``open_adapter`` / ``load_model`` read it so; "raw" reproduces the released inference code (build the model
+    with the returned config and load these tensors). ``obj``: the file's content when already read.
     """
     path = Path(path)
     raw = torch_load(path, obj)
@@ -104,12 +105,11 @@ def read_peft(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
     return AdapterWeights(tensors, config, None, weight_file)
 
 
-def open_adapter(
-    path: str | Path, llama: LlamaConfig, *, official_gate_fn: Literal["tanh", "raw"] = "tanh"
-) -> AdapterWeights:
+def open_adapter(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
     """Detect and read an adapter: ours (``.safetensors`` file or directory with ``adapter.safetensors``), a PEFT
     directory (``adapter_config.json``), an official V2 multimodal release file (``.pth`` holding ``{'model',
-    'config'}``) or an official V1 file (``.pth`` holding a flat state dict)."""
+    'config'}``) or an official V1 file (``.pth`` holding a flat state dict; its gates as trained, tanh: see
+    ``read_official_v1``)."""
     path = Path(path)
     if path.is_dir():
         if (path / ADAPTER_FILE).is_file():
@@ -127,5 +127,5 @@ def open_adapter(
         obj = torch_load_object(path)
         if is_release_v2(obj):
             return read_release_v2(path, llama, obj)
-        return read_official_v1(path, llama, gate_fn=official_gate_fn, obj=obj)
+        return read_official_v1(path, llama, obj=obj)
     raise CheckpointError(f"{path}: unknown adapter format (expected .safetensors, .pth or a directory)")

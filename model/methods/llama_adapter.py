@@ -39,7 +39,8 @@ class LlamaAdapterConfig(MethodConfig):
     prompt_len: int = 10
     """K: learnable prompt vectors per adapted layer."""
     n_layers: int = 30
-    """L: number of adapted layers, counted from the top of the stack."""
+    """L: number of adapted layers, counted from the top of the stack (official V1: 30, all but the bottom
+    UNADAPTED_LAYERS of LLaMA-7B's 32; ``default_config_for`` keeps that on a base of any depth)."""
     gate_fn: Literal["tanh", "raw"] = "tanh"
     """How the per-head gate scales the prompt attention: tanh(g) (official training code) or g (PEFT, lit-llama)."""
 
@@ -60,6 +61,16 @@ class LlamaAdapterConfig(MethodConfig):
 
     def check_visual_tokens(self, n_tokens: int) -> None:
         check_tokens_fit(self, "prompt_len", n_tokens)
+
+
+UNADAPTED_LAYERS = 2
+"""Bottom layers the official V1 adapter leaves without prompts (30 of LLaMA-7B's 32 adapted)."""
+
+
+def default_config_for(llama: LlamaConfig) -> LlamaAdapterConfig:
+    """The default adaption prompts on ``llama``: the default K on all but its bottom UNADAPTED_LAYERS layers (at
+    least one), the official V1 proportions (7B: 30 of 32, 13B: 38 of 40)."""
+    return LlamaAdapterConfig(n_layers=max(llama.n_layers - UNADAPTED_LAYERS, 1))
 
 
 _PEFT_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gate)")

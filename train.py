@@ -13,7 +13,7 @@
                                                       # phases: captions, then instructions (train.py --resume OUT)
 
 Settings live in four typed dataclasses (model, data, optim, run) filled by a named recipe; every field can be
-overridden as ``--section.field VALUE`` (nested: ``--model.adapter.prompt_len 10``), and a few common ones have a
+overridden as ``--section.field VALUE`` (nested: ``--model.llama_adapter.prompt_len 10``), and a few common ones have a
 short alias (``--base``, ``--clip``, ``--data``, ``--lr`` ...). Field docstrings are the ``--help`` text.
 
 The training code is the package ``training`` (one module per concern; the run directory's files are described in

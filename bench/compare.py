@@ -237,7 +237,7 @@ def run_config(
 def settings_record(plan: Plan, argv_settings: list[str]) -> dict[str, Any]:
     """What two invocations sharing OUT must agree on (the methods may differ), as JSON values: the command's
     options and every resolved setting the runs share (``config``) but the methods' own sections."""
-    from training.config import config_to_dict, settings_section
+    from training.config import config_to_dict
 
     record = {
         "recipe": plan.base.recipe,
@@ -252,18 +252,18 @@ def settings_record(plan: Plan, argv_settings: list[str]) -> dict[str, Any]:
         "seed": plan.base.run.seed,
         "config": config_to_dict(plan.base),
     }
-    sections = {settings_section(n) for n in shipped_methods()}
+    sections = set(shipped_methods())
     record["config"]["model"] = {k: v for k, v in record["config"]["model"].items() if k not in sections}
     return json.loads(json.dumps(record))
 
 
 def method_settings(plan: Plan, method: str) -> dict[str, Any]:
-    """``method``'s own section of the shared settings (``--model.<section>.*``), as JSON values: recorded in each
+    """``method``'s own section of the shared settings (``--model.<method>.*``), as JSON values: recorded in each
     of its units, which are redone when it changed (settings.json leaves the methods' sections out, so that a
     method added later runs into the same OUT)."""
-    from training.config import config_to_dict, settings_section
+    from training.config import config_to_dict
 
-    return json.loads(json.dumps(config_to_dict(plan.base)["model"].get(settings_section(method))))
+    return json.loads(json.dumps(config_to_dict(plan.base)["model"].get(method)))
 
 
 def settings_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -100,15 +100,16 @@ class Setup:
 
 def method_config(setup: Setup, llama: LlamaConfig) -> Any:
     """The method's default settings (as ``--model.method NAME`` trains with), its adapted layers fitted to the
-    shape: LLaMA-Adapter on the bench shape's layers (7B: the top 30 of 32) or all but the bottom two."""
-    from model.methods import AdapterConfig, method_class
+    shape: LLaMA-Adapter on the bench shape's layers (7B: the top 30 of 32) or its default for the depth."""
+    from model.methods import LlamaAdapterConfig, method_class
+    from model.methods.llama_adapter import default_config_for
 
     cls = method_class(setup.method)  # ValueError naming the registered methods
     config = cls.config_class()
-    if type(config) is AdapterConfig:
-        top = SHAPES[setup.shape].adapter_layers if setup.shape in SHAPES else max(llama.n_layers - 2, 1)
+    if type(config) is LlamaAdapterConfig:
+        top = SHAPES[setup.shape].adapter_layers if setup.shape in SHAPES else default_config_for(llama).n_layers
         return dataclasses.replace(config, n_layers=top)
-    if isinstance(config, AdapterConfig) and config.n_layers >= llama.n_layers:  # V2: all but the bottom layer
+    if isinstance(config, LlamaAdapterConfig) and config.n_layers >= llama.n_layers:  # V2: all but the bottom layer
         config = dataclasses.replace(config, n_layers=max(llama.n_layers - 1, 1))
     return config
 

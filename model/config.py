@@ -2,7 +2,7 @@
 
 One source of truth for every architectural setting. Field docstrings double as user documentation
 (train.py turns them into ``--help``). Presets: ``tiny`` (tests and the embedded default), ``7B``, ``13B``.
-Each PEFT method's config lives beside the method (model/methods/); ``AdapterConfig`` (the adaption prompts) is
+Each PEFT method's config lives beside the method (model/methods/); ``LlamaAdapterConfig`` (the adaption prompts) is
 re-exported here.
 """
 
@@ -14,17 +14,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from model.methods import AdapterConfig, MethodConfig, config_from_dict, config_to_dict, method_of
+from model.methods import LlamaAdapterConfig, MethodConfig, config_from_dict, config_to_dict, method_of
+from model.methods.llama_adapter import default_config_for
 
 
 class ConfigError(ValueError):
-    """A LlamaConfig field of the wrong type or out of range: ``field`` names it, ``problem`` says what is wrong.
+    """A setting that is unknown, of the wrong type or out of range, wherever it was given: a LlamaConfig field, a
+    key of a base's params.json / config.json, a train.py flag or a setting of a run's config.json.
 
-    Checkpoint loaders turn it into a CheckpointError naming the file and the file's own key for the field.
+    ``ConfigError(message)`` says it in the caller's words. ``ConfigError(problem, field=..., owner=...)`` names the
+    field: ``LlamaConfig.<field>: <problem>``, or ``<owner>: field <field>: <problem>`` for a value read from the
+    file ``owner``; checkpoint loaders turn that form into a CheckpointError naming the file and the file's own key
+    for the field (``field`` and ``problem``; ``field`` is None for the first form).
     """
 
-    def __init__(self, field: str, problem: str, owner: str | None = None) -> None:
-        super().__init__(f"LlamaConfig.{field}: {problem}" if owner is None else f"{owner}: field {field}: {problem}")
+    def __init__(self, problem: str, *, field: str | None = None, owner: str | None = None) -> None:
+        if field is None:
+            message = problem
+        else:
+            message = f"LlamaConfig.{field}: {problem}" if owner is None else f"{owner}: field {field}: {problem}"
+        super().__init__(message)
         self.field, self.problem = field, problem
 
 
@@ -47,17 +56,17 @@ MAX_ROPE_TABLE = 2**28
 def _check_int(name: str, value: Any, limit: int, owner: str | None = None) -> None:
     """A real int (not a bool, not a float such as 64.0) in 1..limit."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an integer, got {value!r} ({type(value).__name__})", owner)
+        raise ConfigError(f"must be an integer, got {value!r} ({type(value).__name__})", field=name, owner=owner)
     if not 0 < value <= limit:
-        raise ConfigError(name, f"must be in 1..{limit:,}, got {value:,}", owner)
+        raise ConfigError(f"must be in 1..{limit:,}, got {value:,}", field=name, owner=owner)
 
 
 def _check_real(name: str, value: Any, bound: str, ok: Callable[[float], bool], owner: str | None = None) -> None:
     """A finite int or float (not a bool) for which ``ok`` holds (``bound`` says which range that is)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(name, f"must be a number, got {value!r} ({type(value).__name__})", owner)
+        raise ConfigError(f"must be a number, got {value!r} ({type(value).__name__})", field=name, owner=owner)
     if not math.isfinite(value) or not ok(value):
-        raise ConfigError(name, f"must be finite and {bound}, got {value!r}", owner)
+        raise ConfigError(f"must be finite and {bound}, got {value!r}", field=name, owner=owner)
 
 
 @dataclass
@@ -98,17 +107,18 @@ class LlamaConfig:
         for name, limit in _INT_LIMITS.items():
             _check_int(name, getattr(self, name), limit)
         if self.dim % self.n_heads:
-            raise ConfigError("n_heads", f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}", field="n_heads")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError("n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+            problem = f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
+            raise ConfigError(problem, field="n_kv_heads")
         if self.head_dim % 2:
-            raise ConfigError("n_heads", f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
+            raise ConfigError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE", field="n_heads")
         rope_values = self.max_seq_len * self.head_dim // 2
         if rope_values > MAX_ROPE_TABLE:
             raise ConfigError(
-                "max_seq_len",
                 f"{self.max_seq_len} positions x head_dim {self.head_dim} need a RoPE table of {rope_values:,} values "
                 f"per cos/sin, over the limit of {MAX_ROPE_TABLE:,}",
+                field="max_seq_len",
             )
         _check_real("norm_eps", self.norm_eps, "0 < norm_eps < 1", lambda x: 0 < x < 1)
         _check_real("rope_theta", self.rope_theta, "> 1", lambda x: x > 1)
@@ -141,7 +151,7 @@ class LlamaConfig:
         owner = "params.json"
         for key in ("dim", "n_layers", "n_heads"):
             if key not in params:
-                raise ConfigError(key, "missing", owner)
+                raise ConfigError("missing", field=key, owner=owner)
         dim, multiple_of, multiplier = params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier")
         _check_int("dim", dim, _INT_LIMITS["dim"], owner)  # the FFN rule below needs a sane dim and multiple_of
         _check_int("multiple_of", multiple_of, _INT_LIMITS["ffn_dim"], owner)
@@ -153,7 +163,8 @@ class LlamaConfig:
         try:
             return cls(**values, ffn_dim=cls.meta_ffn_dim(dim, multiple_of, multiplier))
         except ConfigError as e:  # ffn_dim comes from ffn_dim_multiplier
-            raise ConfigError(e.field if e.field in _META_KEYS else "ffn_dim_multiplier", e.problem, owner) from None
+            field = e.field if e.field in _META_KEYS else "ffn_dim_multiplier"
+            raise ConfigError(e.problem, field=field, owner=owner) from None
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaConfig:
@@ -166,11 +177,12 @@ class LlamaConfig:
         rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
         for key in ("rope_scaling", "rope_parameters"):
             if cfg.get(key) is not None and not isinstance(cfg[key], dict):
-                raise ConfigError(key, f"must be an object, got {cfg[key]!r}", owner)
+                raise ConfigError(f"must be an object, got {cfg[key]!r}", field=key, owner=owner)
         rope = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "llama3"):
-            raise ConfigError(f"{rope_key}.rope_type", f"{kind!r}: only default and llama3 RoPE are supported", owner)
+            problem = f"{kind!r}: only default and llama3 RoPE are supported"
+            raise ConfigError(problem, field=f"{rope_key}.rope_type", owner=owner)
         keys = dict(_HF_KEYS)  # LlamaConfig field -> config.json key ("section.key" inside the RoPE section)
         required = set(_HF_REQUIRED)
         if "rope_theta" in rope:
@@ -184,14 +196,14 @@ class LlamaConfig:
             if entry in section:
                 values[name] = section[entry]
             elif key in required:
-                raise ConfigError(key, "missing", owner)
+                raise ConfigError("missing", field=key, owner=owner)
         try:
             llama = cls(**values)
         except ConfigError as e:
-            raise ConfigError(keys[e.field], e.problem, owner) from None
+            raise ConfigError(e.problem, field=keys[e.field], owner=owner) from None
         if cfg.get("head_dim") not in (None, llama.head_dim):
             problem = f"{cfg['head_dim']!r} differs from hidden_size / num_attention_heads = {llama.head_dim}"
-            raise ConfigError("head_dim", problem, owner)
+            raise ConfigError(problem, field="head_dim", owner=owner)
         return llama
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -339,7 +351,7 @@ class ModelConfig:
         if "method" in d:
             method = config_from_dict(d["method"], d.get("method_config"))
         else:
-            method = AdapterConfig(**d.get("adapter", {}))
+            method = LlamaAdapterConfig(**d.get("adapter", {}))
         return cls(llama=LlamaConfig(**d["llama"]), method=method, visual=VisualConfig(**visual) if visual else None)
 
 
@@ -350,15 +362,12 @@ PRESETS: dict[str, LlamaConfig] = {
     "13B": LlamaConfig(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, ffn_dim=13824),
 }
 
-ADAPTER_PRESETS: dict[str, AdapterConfig] = {
-    "tiny": AdapterConfig(prompt_len=10, n_layers=3),
-    "7B": AdapterConfig(prompt_len=10, n_layers=30),
-    "13B": AdapterConfig(prompt_len=10, n_layers=38),
-}
-
 
 def preset(name: str) -> ModelConfig:
-    """A fresh ModelConfig for a preset name (``tiny``, ``7B``, ``13B``), text-only."""
+    """A fresh ModelConfig for a preset name (``tiny``, ``7B``, ``13B``), text-only, with the default adaption
+    prompts for its depth (``default_config_for``; tiny, the tests' model: the top 3 of its 4 layers)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return ModelConfig(llama=dataclasses.replace(PRESETS[name]), method=dataclasses.replace(ADAPTER_PRESETS[name]))
+    llama = dataclasses.replace(PRESETS[name])
+    method = LlamaAdapterConfig(n_layers=3) if name == "tiny" else default_config_for(llama)
+    return ModelConfig(llama=llama, method=method)

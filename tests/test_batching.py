@@ -177,7 +177,8 @@ def data(tmp_path_factory):
 def run_args(data, out, *extra: str) -> list[str]:
     return [
         "--recipe", "alpaca", "--base", "tiny", "--tokenizer", str(data / "tokenizer.model"),
-        "--data", str(data / "alpaca.json"), "--model.adapter.n_layers", "2", "--model.adapter.prompt_len", "3",
+        "--data", str(data / "alpaca.json"), "--model.llama_adapter.n_layers", "2",
+        "--model.llama_adapter.prompt_len", "3",
         "--optim.batch_size", "2", "--epochs", "2", "--optim.warmup_epochs", "1", "--run.device", "cpu",
         "--out", str(out), *QUIET, *extra,
     ]  # fmt: skip

@@ -20,7 +20,14 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
 from model import BaseWeightsWarning, CheckpointError, WriteError, load_adapter, load_model, save_adapter
-from model.checkpoint import atomic_write, detect_base_format, hf_rows_to_meta, open_adapter, read_official_v1
+from model.checkpoint import (
+    atomic_write,
+    detect_base_format,
+    hf_rows_to_meta,
+    load_trainable,
+    open_adapter,
+    read_official_v1,
+)
 from model.config import ConfigError, LlamaConfig
 
 # hidden 64, 4 query heads, 2 key/value heads (GQA), 3 layers, vocab 100. ffn 176 = Meta's rule for dim 64 with
@@ -375,8 +382,15 @@ def test_official_v1_file_gives_the_per_layer_prompts_and_gates(tmp_path, hf_dir
         gate = state[f"layers.{layer}.attention.gate"].float().flatten()
         assert torch.equal(attn.adapter_gate, gate if per_head else gate.expand(HEADS))
     assert not hasattr(model.layers[0].attention, "adapter_prompt")
-    raw = load_model(hf_dir, tmp_path / "release.pth", official_gate_fn="raw")
-    assert raw.config.method.gate_fn == "raw"
+    # The released inference code's raw gate: an option of the V1 reader, its tensors loaded onto a model built
+    # with the config it returns.
+    weights = read_official_v1(tmp_path / "release.pth", model.config.llama, gate_fn="raw")
+    raw = load_model(hf_dir, adapter_config=weights.method)
+    load_trainable(raw, weights)
+    assert raw.config.method.gate_fn == "raw" and raw.config.method.n_layers == 2
+    tanh_tensors, raw_tensors = model.adapter_state_dict(), raw.adapter_state_dict()
+    assert raw_tensors.keys() == tanh_tensors.keys()
+    assert all(torch.equal(raw_tensors[n], t) for n, t in tanh_tensors.items())
 
 
 def test_official_v1_rejects_trained_gates_below_the_prompts_and_odd_shapes(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from model.config import VisualConfig, preset
 from model.decode import generate_tokens
 from model.llama import Transformer
-from model.methods import AdapterConfig, MethodConfig
+from model.methods import LlamaAdapterConfig, MethodConfig
 from model.methods.llama_adapter_v2 import AdapterV2Config
 from model.methods.lora import LoraConfig
 from model.methods.prefix import PrefixConfig
@@ -25,7 +25,7 @@ from model.methods.ptuning import PTuningConfig
 from model.visual import build_visual
 
 SETTINGS: dict[str, MethodConfig] = {
-    "llama_adapter": AdapterConfig(prompt_len=4, n_layers=1),  # the bottom layer has no prompts: None in the state
+    "llama_adapter": LlamaAdapterConfig(prompt_len=4, n_layers=1),  # the bottom layer has no prompts: None in the state
     "llama_adapter_v2": AdapterV2Config(prompt_len=4, n_layers=2, bias_targets=("wq", "wk", "wv", "wo", "w1")),
     "prefix": PrefixConfig(prefix_len=4, mlp_hidden=16),
     "prompt": PromptConfig(n_tokens=4, init="random"),

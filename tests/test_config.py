@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.config import PRESETS, AdapterConfig, ConfigError, LlamaConfig, ModelConfig, preset
+from model.config import PRESETS, ConfigError, LlamaAdapterConfig, LlamaConfig, ModelConfig, preset
 
 # Llama 3.1 405B (the largest released LLaMA), 128K context, llama3 RoPE scaling
 LLAMA_405B = dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, vocab_size=128256, ffn_dim=53248,
@@ -43,7 +43,7 @@ def test_model_config_records_the_method_by_name_and_reads_the_old_adapter_entry
     plain = ModelConfig(llama=cfg.llama)
     assert plain.to_dict()["method"] is None and ModelConfig.from_dict(plain.to_dict()) == plain
     old = {"llama": cfg.to_dict()["llama"], "adapter": {"prompt_len": 4, "n_layers": 2, "gate_fn": "raw"}}
-    assert ModelConfig.from_dict(old).method == AdapterConfig(prompt_len=4, n_layers=2, gate_fn="raw")
+    assert ModelConfig.from_dict(old).method == LlamaAdapterConfig(prompt_len=4, n_layers=2, gate_fn="raw")
     with pytest.raises(ValueError, match="unknown PEFT method 'no_such_method'; registered: adamix, dora, houlsby"):
         ModelConfig.from_dict({**cfg.to_dict(), "method": "no_such_method"})
     with pytest.raises(ValueError, match="settings of PEFT method 'lora': .*unexpected keyword argument 'prompt_len'"):

@@ -17,7 +17,7 @@ from model.checkpoint.peft_export import write_peft
 from model.config import LlamaConfig
 from model.methods.dora import DoraConfig
 from model.methods.houlsby import HoulsbyConfig
-from model.methods.llama_adapter import AdapterConfig
+from model.methods.llama_adapter import LlamaAdapterConfig
 from model.methods.llama_adapter_v2 import AdapterV2Config
 from model.methods.lora import LoraConfig
 from model.methods.prefix import PrefixConfig
@@ -71,8 +71,8 @@ def peft_logits(folder, base=None):
 
 
 PEFT_CASES = {
-    "adaption prompt, raw gate": AdapterConfig(prompt_len=4, n_layers=2, gate_fn="raw"),
-    "adaption prompt, tanh gate": AdapterConfig(prompt_len=3, n_layers=3, gate_fn="tanh"),
+    "adaption prompt, raw gate": LlamaAdapterConfig(prompt_len=4, n_layers=2, gate_fn="raw"),
+    "adaption prompt, tanh gate": LlamaAdapterConfig(prompt_len=3, n_layers=3, gate_fn="tanh"),
     "lora, every linear of the top 2 layers, rslora": LoraConfig(rank=2, alpha=5, targets=ALL_LINEARS, n_layers=2,
                                                                  rslora=True),
     "lora, defaults": LoraConfig(),
@@ -103,7 +103,7 @@ def test_peft_loads_each_exported_method_with_our_logits_and_we_read_it_back(hf_
     # round trip: our import of the directory is the exported tensors (a tanh gate comes back as the raw tanh(g))
     back = load_model(hf_dir, adapter=tmp_path / "peft")
     _, exported = model.method.exported(model)
-    tanh_gate = isinstance(config, AdapterConfig) and config.gate_fn == "tanh"
+    tanh_gate = isinstance(config, LlamaAdapterConfig) and config.gate_fn == "tanh"
     for name, tensor in back.adapter_state_dict().items():
         expected = exported[name].tanh() if tanh_gate and name.endswith("adapter_gate") else exported[name]
         assert torch.equal(tensor, expected), name
@@ -114,7 +114,7 @@ def test_peft_loads_each_exported_method_with_our_logits_and_we_read_it_back(hf_
 @pytest.mark.parametrize(
     "config, message",
     [
-        (AdapterConfig(prompt_len=2, n_layers=2), r"layers\.1\.attention\.adapter_gate differs across heads"),
+        (LlamaAdapterConfig(prompt_len=2, n_layers=2), r"layers\.1\.attention\.adapter_gate differs across heads"),
         (PrefixConfig(prefix_len=2, n_layers=2), r"PrefixConfig.n_layers=2: PEFT's prefix tuning puts prefixes on ev"),
         (AdapterV2Config(n_layers=1), r"PEFT has no llama_adapter_v2; the methods that export to PEFT: dora, "
                                       r"llama_adapter, lora, prefix, prompt, ptuning, ptuning_v2$"),
@@ -124,7 +124,7 @@ def test_peft_loads_each_exported_method_with_our_logits_and_we_read_it_back(hf_
 )  # fmt: skip
 def test_what_peft_cannot_express_is_refused_by_name_and_nothing_is_written(hf_dir, tmp_path, config, message):
     model = perturbed(hf_dir, config)
-    if isinstance(config, AdapterConfig) and not isinstance(config, AdapterV2Config):
+    if isinstance(config, LlamaAdapterConfig) and not isinstance(config, AdapterV2Config):
         with torch.no_grad():
             model.layers[1].attention.adapter_gate[0] += 1  # one head's gate differs
     with pytest.raises(ValueError, match=message):
@@ -185,7 +185,7 @@ def test_transformers_loads_the_merged_checkpoint_with_our_logits(hf_dir, tmp_pa
     "config, message",
     [
         (AdapterV2Config(n_layers=2), r"llama_adapter_v2 cannot be folded .* adaption prompts \(n_layers=2, gates not"),
-        (AdapterConfig(prompt_len=2, n_layers=2), r"llama_adapter cannot be folded .* separate gated softmax"),
+        (LlamaAdapterConfig(prompt_len=2, n_layers=2), r"llama_adapter cannot be folded .* separate gated softmax"),
         (PrefixConfig(prefix_len=2), r"prefix cannot be folded into plain LLaMA weights: its prefixes are extra keys"),
         (PTuningConfig(n_tokens=2), r"ptuning cannot be folded .* soft tokens are extra input positions"),
         (HoulsbyConfig(bottleneck=4), r"houlsby cannot be folded .* bottleneck adapters"),
@@ -242,7 +242,7 @@ def test_the_command_exports_a_run_to_peft_and_hf_and_names_what_it_refuses(tmp_
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(TOKENS).logits
     assert (merged - ours).abs().max().item() <= 1e-4
-    save_adapter(perturbed(TINY_BASE, AdapterConfig(prompt_len=2, n_layers=2)), tmp_path / "v1", base=TINY_BASE)
+    save_adapter(perturbed(TINY_BASE, LlamaAdapterConfig(prompt_len=2, n_layers=2)), tmp_path / "v1", base=TINY_BASE)
     assert export_cli.main([str(tmp_path / "v1"), "--to", "hf", str(tmp_path / "no")]) == 2
     assert "llama_adapter cannot be folded into plain LLaMA weights" in capsys.readouterr().err
 

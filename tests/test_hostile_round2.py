@@ -44,9 +44,12 @@ def method_values(sidecar: dict) -> dict:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda s: method_values(s).update(prompt_len=4.0), r"AdapterConfig\.prompt_len = 4\.0 is not int"),
-        (lambda s: method_values(s).update(prompt_len=True), r"AdapterConfig\.prompt_len = True is not int"),
-        (lambda s: method_values(s).update(gate_fn=["tanh"]), r"AdapterConfig\.gate_fn = \['tanh'\] is not Literal"),
+        (lambda s: method_values(s).update(prompt_len=4.0), r"LlamaAdapterConfig\.prompt_len = 4\.0 is not int"),
+        (lambda s: method_values(s).update(prompt_len=True), r"LlamaAdapterConfig\.prompt_len = True is not int"),
+        (
+            lambda s: method_values(s).update(gate_fn=["tanh"]),
+            r"LlamaAdapterConfig\.gate_fn = \['tanh'\] is not Literal",
+        ),
         (lambda s: s.update(version=99), r"field version is 99; this code reads sidecar versions 1 and 2"),
         # 10**9 prompts of width 64 would be 256 GB: refused from the meta-device shapes, before any allocation
         (
@@ -298,7 +301,7 @@ def test_a_checklist_that_does_not_fit_is_one_error_naming_the_line_or_file(tmp_
 # ---- --model.quantize -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["int3", "", "nf4 ", "4", "NF4", 4])
 def test_a_quantize_value_outside_the_choices_is_refused_before_any_weight_is_read(value, monkeypatch):
-    monkeypatch.setattr("model.open_base", lambda *a, **k: pytest.fail("the base was opened"))
+    monkeypatch.setattr("model.loading.open_base", lambda *a, **k: pytest.fail("the base was opened"))
     refusal = rf"^quantize={re.escape(repr(value))} is not supported; choose one of nf4, int8$"
     with pytest.raises(ValueError, match=refusal):
         load_model(TINY_BASE, quantize=value)

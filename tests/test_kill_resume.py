@@ -187,7 +187,7 @@ def train_flags(data: Path) -> list[str]:
     """The scienceqa recipe on the tiny preset base and the data above."""
     return [
         "--base", "tiny", "--tokenizer", str(data / "tokenizer.model"), "--data", str(data / "scienceqa"),
-        "--clip", "tiny", "--model.adapter.n_layers", "2", "--model.adapter.prompt_len", "3",
+        "--clip", "tiny", "--model.llama_adapter.n_layers", "2", "--model.llama_adapter.prompt_len", "3",
         "--optim.batch_size", "4", "--epochs", "2", "--optim.warmup_epochs", "1", "--run.device", "cpu", *EVAL,
     ]  # fmt: skip
 

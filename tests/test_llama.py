@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model.config import AdapterConfig, LlamaConfig, ModelConfig, preset
+from model.config import LlamaAdapterConfig, LlamaConfig, ModelConfig, preset
 from model.llama import AttentionContext, Transformer, apply_rope, count_trainable, is_trainable
 from model.methods import Method
 
@@ -170,8 +170,8 @@ def test_images_without_visual_path_is_a_clear_error():
 def test_config_validation_messages():
     with pytest.raises(ValueError, match="n_kv_heads"):
         LlamaConfig(dim=64, n_heads=4, n_kv_heads=3)
-    with pytest.raises(ValueError, match="AdapterConfig.n_layers=3 exceeds the model's n_layers=2"):
-        ModelConfig(llama=LlamaConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=8), method=AdapterConfig(n_layers=3))
+    with pytest.raises(ValueError, match="LlamaAdapterConfig.n_layers=3 exceeds the model's n_layers=2"):
+        ModelConfig(llama=LlamaConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=8), method=LlamaAdapterConfig(n_layers=3))
     with pytest.raises(ValueError, match="gate_fn"):
-        AdapterConfig(gate_fn="sigmoid")
+        LlamaAdapterConfig(gate_fn="sigmoid")
     assert LlamaConfig.meta_ffn_dim(4096) == 11008 and LlamaConfig.meta_ffn_dim(5120) == 13824

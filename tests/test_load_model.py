@@ -10,8 +10,8 @@ from peft import AdaptionPromptConfig, get_peft_model
 from safetensors.torch import load_file
 
 from model import (
-    AdapterConfig,
     CheckpointError,
+    LlamaAdapterConfig,
     VisualConfig,
     count_trainable,
     load_adapter,
@@ -105,8 +105,8 @@ def test_tied_embeddings(tmp_path, tokens):
 def test_fresh_adapter_is_exactly_the_base_model(reference, tokens):
     root = reference[0]
     model = load_model(root / "hf")
-    assert model.config.method == AdapterConfig(prompt_len=10, n_layers=1)  # all but the bottom two layers
-    base = load_model(root / "hf", adapter_config=AdapterConfig(n_layers=0))
+    assert model.config.method == LlamaAdapterConfig(prompt_len=10, n_layers=1)  # all but the bottom two layers
+    base = load_model(root / "hf", adapter_config=LlamaAdapterConfig(n_layers=0))
     with torch.no_grad():
         assert torch.equal(model(tokens), base(tokens))
     assert all(p.dtype == torch.float32 and p.requires_grad for _, p in model.trainable_parameters())
@@ -140,7 +140,7 @@ def peft_reference(reference, tmp_path_factory, tokens):
 def test_peft_adaption_prompt_gives_the_peft_logits(reference, peft_reference, tokens):
     folder, expected = peft_reference
     model = load_model(reference[0] / "hf", adapter=folder)
-    assert model.config.method == AdapterConfig(prompt_len=4, n_layers=2, gate_fn="raw")
+    assert model.config.method == LlamaAdapterConfig(prompt_len=4, n_layers=2, gate_fn="raw")
     gate = model.layers[2].attention.adapter_gate
     assert gate.shape == (HEADS,) and torch.all(gate == gate[0]) and gate[0] != 0  # one scalar broadcast per head
     with torch.no_grad():
@@ -188,7 +188,7 @@ def test_preset_weights_are_fixed_by_the_seed():
 
 def test_adapter_and_adapter_config_together_is_an_error(reference, peft_reference):
     with pytest.raises(ValueError, match="adapter_config shapes a fresh adapter only"):
-        load_model(reference[0] / "hf", peft_reference[0], adapter_config=AdapterConfig(n_layers=1))
+        load_model(reference[0] / "hf", peft_reference[0], adapter_config=LlamaAdapterConfig(n_layers=1))
 
 
 def test_load_run_round_trip(reference, peft_reference, tmp_path, tokens):

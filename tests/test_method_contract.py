@@ -231,7 +231,7 @@ def check_a_moved_image_path(model: Transformer, tokens: torch.Tensor, pixels: t
 
 
 def test_visual_tokens_that_fit_no_prompt_count_name_both_fields():
-    with pytest.raises(ValueError, match=r"AdapterConfig\.prompt_len=4 does not fit 3 visual tokens .*query_len"):
+    with pytest.raises(ValueError, match=r"LlamaAdapterConfig\.prompt_len=4 does not fit 3 visual tokens .*query_len"):
         load_model(
             TINY_BASE,
             adapter_config=method_class("llama_adapter").config_class(prompt_len=4, n_layers=2),

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from model import AdapterConfig, CheckpointError, ModelConfig, load_adapter, load_model, save_adapter
+from model import CheckpointError, LlamaAdapterConfig, ModelConfig, load_adapter, load_model, save_adapter
 from model.llama import AttentionContext, Transformer, apply_rope
 from model.methods import Method, MethodConfig, method_names, register_method
 
@@ -105,7 +105,7 @@ class OutputScale(Method):
 
 
 def base_model():
-    return load_model("tiny", adapter_config=AdapterConfig(n_layers=0))
+    return load_model("tiny", adapter_config=LlamaAdapterConfig(n_layers=0))
 
 
 def perturb(model, seed=1):
@@ -239,7 +239,7 @@ def test_wrapped_linear_keeps_the_base_names_and_merges_exactly():
 
 
 def test_adaption_prompts_describe_themselves_and_group_their_values_for_the_training_log():
-    model = load_model("tiny", adapter_config=AdapterConfig(prompt_len=3, n_layers=2), clip="tiny")
+    model = load_model("tiny", adapter_config=LlamaAdapterConfig(prompt_len=3, n_layers=2), clip="tiny")
     assert model.method.describe() == "adaption prompts K=3 on the top 2 of 4 layers, tanh gate"
     assert model.describe_trainable() == "21,016 trainable values (prompts 384, gates 8, visual projection 20,624)"
     assert Transformer(ModelConfig(llama=model.config.llama)).method.describe() == "no PEFT method (the base model)"

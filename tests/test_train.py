@@ -39,7 +39,7 @@ def base_args(data, task: str, out) -> list[str]:
     path = {"scienceqa": data / "scienceqa", "coco": data / "coco", "alpaca": data / "alpaca.json"}[task]
     return [
         "--recipe", task, "--base", "tiny", "--tokenizer", str(data / "tokenizer.model"), "--data", str(path),
-        "--clip", "tiny", "--model.adapter.n_layers", "2", "--model.adapter.prompt_len", "3",
+        "--clip", "tiny", "--model.llama_adapter.n_layers", "2", "--model.llama_adapter.prompt_len", "3",
         "--optim.batch_size", "4", "--epochs", "5", "--run.device", "cpu", "--out", str(out), *QUIET,
     ]  # fmt: skip
 

@@ -171,7 +171,7 @@ def train_args(data: Path, out: Path, *options: str) -> list[str]:
     return [
         "--recipe", "scienceqa", "--base", "tiny", "--tokenizer", str(data / "tokenizer.model"),
         "--data", str(data / "scienceqa"), "--clip", "tiny", "--method", "llama_adapter",
-        "--model.adapter.prompt_len", "4", "--model.adapter.n_layers", "2", "--optim.batch_size", "2",
+        "--model.llama_adapter.prompt_len", "4", "--model.llama_adapter.n_layers", "2", "--optim.batch_size", "2",
         "--optim.max_steps", "3", "--run.device", "cpu", "--out", str(out), "--run.progress", "false",
         "--run.tensorboard", "false", "--run.log_every", "1", "--run.eval", "false", *options,
     ]  # fmt: skip

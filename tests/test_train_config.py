@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from model import AdapterConfig, load_model
+from model import LlamaAdapterConfig, load_model
 from training.cli import parse_args
 from training.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from training.optim import Schedule, param_groups
@@ -33,7 +33,7 @@ def test_schedule_warms_up_linearly_then_decays_by_half_cosine():
 
 
 def test_only_trainable_tensors_are_optimized_and_1d_ones_get_no_decay():
-    model = load_model("tiny", adapter_config=AdapterConfig(prompt_len=2, n_layers=2))
+    model = load_model("tiny", adapter_config=LlamaAdapterConfig(prompt_len=2, n_layers=2))
     decay, no_decay = param_groups(model, 0.02)
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[id(p)] for p in decay["params"]) == [
@@ -53,11 +53,12 @@ def test_a_recipe_too_deep_for_the_base_names_the_flag_and_writes_nothing(tmp_pa
     argv = ["--recipe", "scienceqa", "--base", "tiny", "--data", str(tmp_path), "--clip", "tiny", "--out", str(out)]
     assert train.main(argv) == 1  # the recipe adapts 30 layers (LLaMA-7B); tiny has 4
     err = capsys.readouterr().err
-    assert "AdapterConfig.n_layers=30 exceeds the model's n_layers=4 (set with --model.adapter.n_layers)" in err
+    message = "LlamaAdapterConfig.n_layers=30 exceeds the model's n_layers=4 (set with --model.llama_adapter.n_layers)"
+    assert message in err
     assert not out.exists()
 
 
 def test_flag_names_are_added_once_per_field():
-    message = "VisualConfig.proj_hidden must be positive; AdapterConfig.n_layers and AdapterConfig.n_layers"
-    assert with_flag_names(message).endswith("(set with --model.visual.proj_hidden, --model.adapter.n_layers)")
+    message = "VisualConfig.proj_hidden must be positive; LlamaAdapterConfig.n_layers and LlamaAdapterConfig.n_layers"
+    assert with_flag_names(message).endswith("(set with --model.visual.proj_hidden, --model.llama_adapter.n_layers)")
     assert with_flag_names("no field here") == "no field here"

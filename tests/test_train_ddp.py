@@ -27,8 +27,8 @@ def data(tmp_path_factory):
 def args(data, out, batch_size: int) -> list[str]:
     return [
         "--recipe", "scienceqa", "--base", "tiny", "--tokenizer", str(data / "tokenizer.model"),
-        "--data", str(data / "scienceqa"), "--clip", "tiny", "--model.adapter.n_layers", "2",
-        "--model.adapter.prompt_len", "3", "--optim.batch_size", str(batch_size), "--epochs", "2",
+        "--data", str(data / "scienceqa"), "--clip", "tiny", "--model.llama_adapter.n_layers", "2",
+        "--model.llama_adapter.prompt_len", "3", "--optim.batch_size", str(batch_size), "--epochs", "2",
         "--optim.warmup_epochs", "1", "--run.device", "cpu", "--out", str(out), "--run.progress", "false",
         "--run.tensorboard", "false", "--run.log_every", "1", "--run.eval", "false",
     ]  # fmt: skip

@@ -165,8 +165,8 @@ def args(data, out, batch_size: int, grad_accum: int = 1) -> list[str]:
     """scienceqa with images (the CLIP path), 2 epochs of 4 steps, gradient clipping on."""
     return [
         "--recipe", "scienceqa", "--base", "tiny", "--tokenizer", str(data / "tokenizer.model"),
-        "--data", str(data / "scienceqa"), "--clip", "tiny", "--model.adapter.n_layers", "2",
-        "--model.adapter.prompt_len", "3", "--optim.batch_size", str(batch_size), "--optim.grad_accum",
+        "--data", str(data / "scienceqa"), "--clip", "tiny", "--model.llama_adapter.n_layers", "2",
+        "--model.llama_adapter.prompt_len", "3", "--optim.batch_size", str(batch_size), "--optim.grad_accum",
         str(grad_accum), "--epochs", "2", "--optim.warmup_epochs", "1", "--optim.grad_clip", "0.05",
         "--run.device", "cpu", "--out", str(out), "--run.progress", "false", "--run.tensorboard", "false",
         "--run.log_every", "1", "--run.eval", "false", "--dist.strategy", "fsdp",

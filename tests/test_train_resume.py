@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import model.checkpoint.adapter
 import train
 from data.synthetic import make_scienceqa, synthetic_corpus, train_tokenizer
+from model import LlamaAdapterConfig, load_run
 from training.metrics import read_metrics
 from training.optim import Schedule
 
@@ -37,9 +38,9 @@ def data(tmp_path_factory):
 def run_args(data, out, *extra: str) -> list[str]:
     return [
         "--recipe", "scienceqa", "--base", "tiny", "--tokenizer", str(data / "tokenizer.model"),
-        "--data", str(data / "scienceqa"), "--clip", "tiny", "--model.adapter.n_layers", "2",
-        "--model.adapter.prompt_len", "3", "--optim.batch_size", "4", "--epochs", "3", "--optim.warmup_epochs", "1",
-        "--run.device", "cpu", "--run.save_every", "1", "--out", str(out), *QUIET, *extra,
+        "--data", str(data / "scienceqa"), "--clip", "tiny", "--model.llama_adapter.n_layers", "2",
+        "--model.llama_adapter.prompt_len", "3", "--optim.batch_size", "4", "--epochs", "3",
+        "--optim.warmup_epochs", "1", "--run.device", "cpu", "--run.save_every", "1", "--out", str(out), *QUIET, *extra,
     ]  # fmt: skip
 
 
@@ -78,6 +79,19 @@ def test_stop_after_then_resume_is_bit_identical(data, reference, tmp_path, caps
     assert losses(out) == losses(reference)
     assert_same_adapter(out, reference)
     # Resuming a finished run changes nothing.
+    assert train.main(["--resume", str(out)]) == 0
+    assert losses(out) == losses(reference)
+    assert_same_adapter(out, reference)
+
+
+def test_a_run_recorded_with_the_old_adapter_section_resumes_bit_identical(data, reference, tmp_path):
+    """config.json as written while LLaMA-Adapter V1's settings were model.adapter (training/migration.py)."""
+    out = tmp_path / "run"
+    assert train.main(run_args(data, out, "--run.stop_after", "7")) == 0
+    values = json.loads((out / "config.json").read_text())
+    values["model"]["adapter"] = values["model"].pop("llama_adapter")
+    (out / "config.json").write_text(json.dumps(values))
+    assert load_run(out).config.method == LlamaAdapterConfig(prompt_len=3, n_layers=2)  # its adapter.json
     assert train.main(["--resume", str(out)]) == 0
     assert losses(out) == losses(reference)
     assert_same_adapter(out, reference)
@@ -221,7 +235,7 @@ def test_an_accepted_change_applies_from_the_saved_step_and_is_recorded(data, re
 def test_an_accepted_change_of_shape_names_the_tensors_and_both_shapes(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(run_args(data, out, "--run.stop_after", "2")) == 0
-    assert train.main(["--resume", str(out), "--model.adapter.prompt_len", "5", "--allow-changes"]) == 1
+    assert train.main(["--resume", str(out), "--model.llama_adapter.prompt_len", "5", "--allow-changes"]) == 1
     err = capsys.readouterr().err
     assert (
         f"error: {out / 'state.pt'}: adapter tensors do not match the model\n"

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from model import AdapterConfig
+from model import LlamaAdapterConfig
 from training import config as settings
 from training.cli import SHORT_FLAGS, parse_args
 from training.config import TrainConfig, config_to_dict, load_recipe, recipe_names
@@ -59,7 +59,7 @@ def test_paper_recipes_keep_the_official_defaults():
     base = ["--base", "/llama/7B", "--data", "/data/x", "--clip-weights", "/clip/ViT-L-14.safetensors"]
     for recipe in ("scienceqa", "coco", "alpaca"):
         cfg = resolved("--recipe", recipe, *base)
-        assert cfg.model.adapter == AdapterConfig(prompt_len=10, n_layers=30, gate_fn="tanh")
+        assert cfg.model.llama_adapter == LlamaAdapterConfig(prompt_len=10, n_layers=30, gate_fn="tanh")
         assert (cfg.optim.blr, cfg.optim.weight_decay, cfg.optim.betas) == (9e-3, 0.02, (0.9, 0.95))
         assert (cfg.optim.batch_size, cfg.optim.warmup_epochs, cfg.optim.lr) == (4, 2.0, None)
         assert cfg.data.task == recipe
@@ -74,7 +74,7 @@ def test_every_setting_can_be_overridden_by_dotted_name_or_short_flag():
     cfg = resolved(
         "--optim.lr", "1e-3",
         "--epochs", "3",
-        "--model.adapter.prompt_len", "4",
+        "--model.llama_adapter.prompt_len", "4",
         "--model.visual.feature_layers", "0,1",
         "--optim.betas", "0.8,0.99",
         "--clip", "ViT-B-32",
@@ -87,7 +87,7 @@ def test_every_setting_can_be_overridden_by_dotted_name_or_short_flag():
         "--seed=7",
         "--model.clip_weights", "null",
     )  # fmt: skip
-    assert cfg.optim.lr == 1e-3 and cfg.optim.epochs == 3 and cfg.model.adapter.prompt_len == 4
+    assert cfg.optim.lr == 1e-3 and cfg.optim.epochs == 3 and cfg.model.llama_adapter.prompt_len == 4
     assert cfg.model.visual.feature_layers == (0, 1) and cfg.optim.betas == (0.8, 0.99)
     assert cfg.model.visual.clip_model == "ViT-B-32" and cfg.run.eval is False and cfg.run.progress is True
     assert cfg.optim.grad_clip is None and cfg.data.images is False and not cfg.uses_images
@@ -109,7 +109,7 @@ def test_help_prints_every_field_doc_with_the_recipe_value(capsys):
     assert out.count("Train it. Defaults below: recipe 'alpaca'.") == 1
     for path in (
         "model.base",
-        "model.adapter.prompt_len",
+        "model.llama_adapter.prompt_len",
         "model.visual.feature_layers",
         "data.max_len",
         "optim.betas",
@@ -150,11 +150,11 @@ def test_every_short_flag_sets_its_setting():
         (["--run.eval", "maybe"], "argument --run.eval: 'maybe': expected true or false"),
         (["--model.dtype", "int8"], "argument --model.dtype: 'int8': expected one of auto, float32, bfloat16, float16"),
         (
-            ["--model.adapter.gate_fn", "sigmoid"],
-            "argument --model.adapter.gate_fn: 'sigmoid': expected one of tanh, raw",
+            ["--model.llama_adapter.gate_fn", "sigmoid"],
+            "argument --model.llama_adapter.gate_fn: 'sigmoid': expected one of tanh, raw",
         ),
         (["--optim.warmup_epochs", "9"], "optim.warmup_epochs must be in [0, epochs=6], got 9.0"),
-        (["--model.adapter.prompt_len", "0"], "AdapterConfig.prompt_len must be positive, got 0"),
+        (["--model.llama_adapter.prompt_len", "0"], "LlamaAdapterConfig.prompt_len must be positive, got 0"),
         (["--recipe", "imagenet"], "argument --recipe: invalid choice: 'imagenet' (choose from 'tiny', 'alpaca',"),
         (["--optim.lr"], "argument --optim.lr: expected one argument"),
         (["--recipe", "coco", "--base", "/b"], "recipe 'coco' needs --data: the COCO folder holding dataset_coco.json"),

@@ -1,6 +1,6 @@
 """The command line of train.py: jsonargparse over the dataclasses of ``training.config``.
 
-Every setting is a flag ``--section.field VALUE`` (nested: ``--model.adapter.prompt_len 10``) whose ``--help`` text
+Every setting is a flag ``--section.field VALUE`` (nested: ``--model.visual.query_len 10``) whose ``--help`` text
 is the field's docstring. ``--recipe NAME`` takes the defaults from ``training/recipes/NAME.yaml`` (tiny when
 absent), ``--config FILE`` (YAML or JSON, such as the output of ``--print_config``) sets any of them, and later
 flags override earlier ones; ``--resume RUN_DIR`` starts from the settings recorded in the run's config.json
@@ -33,6 +33,7 @@ from training.config import (
     load_recipe,
     recipe_names,
 )
+from training.migration import check_renamed_flags
 from training.state import CONFIG_FILE, Resume, describe_changes, read_run_config, resume_changes
 
 SECTIONS = ("model", "data", "optim", "train", "dist", "run")
@@ -78,6 +79,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     types = _setting_types(TrainConfig)
     argv = _expand(argv, types)
     try:
+        check_renamed_flags(argv)
         if known.resume is not None:
             if any(arg.split("=")[0] == "--recipe" for arg in argv):
                 raise ConfigError("--resume continues a run with its recorded settings; drop --recipe")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model.config import VisualConfig
+from model.config import ConfigError, VisualConfig
 from training.tasks import TASKS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ class BaseModelArgs:
     method: str = "llama_adapter"
     """The PEFT method trained on the frozen base, a name registered in model.methods (llama_adapter,
     llama_adapter_v2, lora, dora, ia3, houlsby, adamix, prefix, ptuning_v2, prompt, ptuning). Its settings are the
-    section of the same name below (llama_adapter's: model.adapter)."""
+    section of the same name below (--model.<method>.*)."""
     visual: VisualConfig = field(default_factory=VisualConfig)
     """The visual path: CLIP tower and the trainable projection to the LLaMA width."""
     init_from: str | None = None
@@ -65,40 +65,16 @@ class BaseModelArgs:
     caption-phase file). None: all fresh."""
 
 
-SETTINGS_SECTION = {"llama_adapter": "adapter"}
-"""Method name -> its section under model. when the two differ (llama_adapter's settings predate the others)."""
-
-
-def settings_section(method: str) -> str:
-    """The model.<section> holding ``method``'s settings."""
-    return SETTINGS_SECTION.get(method, method)
-
-
 def _method_sections() -> list[tuple[str, type, Any]]:
-    """One settings section per method shipped in model/methods/ (methods registered elsewhere, e.g. in a test,
-    train with their config's defaults)."""
+    """One settings section per method shipped in model/methods/, named after the method (methods registered
+    elsewhere, e.g. in a test, train with their config's defaults)."""
     from model.methods import method_class, method_names
 
     shipped = [n for n in method_names() if method_class(n).__module__.startswith("model.methods.")]
     return [
-        (settings_section(n), method_class(n).config_class, field(default_factory=method_class(n).config_class))
+        (n, method_class(n).config_class, field(default_factory=method_class(n).config_class))
         for n in sorted(shipped, key=lambda n: n != "llama_adapter")
     ]
-
-
-def with_recorded_method_defaults(values: dict[str, Any]) -> dict[str, Any]:
-    """A recorded run's settings (its config.json) with each method section's missing fields filled from the method
-    config's ``recorded_defaults``: a run from before a field existed resumes with the behaviour it trained with."""
-    from model.methods import method_class, method_names
-    from model.methods.base import with_recorded_defaults
-
-    model = values.get("model")
-    if isinstance(model, dict):
-        for name in method_names():
-            section = settings_section(name)
-            if isinstance(model.get(section), dict):
-                model[section] = with_recorded_defaults(method_class(name).config_class, model[section])
-    return values
 
 
 ModelArgs = dataclasses.make_dataclass("ModelArgs", _method_sections(), bases=(BaseModelArgs,))
@@ -328,10 +304,6 @@ class TrainConfig:
     def uses_images(self) -> bool:
         """Alpaca has no images; ScienceQA and COCO use them unless --no-images."""
         return self.data.images and TASKS[self.data.task].has_images
-
-
-class ConfigError(ValueError):
-    """A setting given on the command line or in a run's config.json is unknown or invalid."""
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

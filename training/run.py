@@ -23,7 +23,7 @@ from model.devices import resolve_dtype
 from model.methods import MethodConfig
 from training import TrainingError
 from training.batching import ensure_synthetic, training_set
-from training.config import REPO_ROOT, TrainConfig, settings_section
+from training.config import REPO_ROOT, TrainConfig
 from training.dist import (
     Dist,
     close_distributed,
@@ -114,11 +114,11 @@ def hold_still(model: nn.Module, parts: tuple[str, ...]) -> None:
 
 
 def method_config(cfg: TrainConfig) -> MethodConfig:
-    """The settings of the PEFT method ``--model.method`` names (its ``--model.<section>.*``; a method registered
+    """The settings of the PEFT method ``--model.method`` names (its ``--model.<method>.*``; a method registered
     outside model/methods/ has no section and starts from its config's defaults)."""
     from model.methods import method_class
 
-    section = getattr(cfg.model, settings_section(cfg.model.method), None)
+    section = getattr(cfg.model, cfg.model.method, None)
     if section is not None:
         return section
     try:
@@ -128,11 +128,11 @@ def method_config(cfg: TrainConfig) -> MethodConfig:
 
 
 def with_flag_names(message: str) -> str:
-    """The model package names config fields (``AdapterConfig.n_layers``); add the flag that sets each one."""
+    """The model package names config fields (``LlamaAdapterConfig.n_layers``); add the flag that sets each one."""
     from model.methods import method_class, method_names
 
     sections = {"VisualConfig": "model.visual"}
-    sections |= {method_class(n).config_class.__name__: f"model.{settings_section(n)}" for n in method_names()}
+    sections |= {method_class(n).config_class.__name__: f"model.{n}" for n in method_names()}
     fields = re.finditer(r"\b(\w+Config)\.(\w+)", message)
     flags = dict.fromkeys(f"--{sections[m[1]]}.{m[2]}" for m in fields if m[1] in sections)
     return f"{message} (set with {', '.join(flags)})" if flags else message

@@ -40,9 +40,9 @@ from training.config import (
     TrainConfig,
     config_from_dict,
     config_to_dict,
-    with_recorded_method_defaults,
 )
 from training.dist import Dist
+from training.migration import migrate_recorded_settings
 from training.tasks import TASKS
 
 STATE_FILE = "state.pt"
@@ -76,7 +76,7 @@ def read_run_config(run_dir: Path) -> TrainConfig:
         values.pop("changes", None)
         if isinstance(values.get("run"), dict):
             values["run"]["stop_after"] = None
-        with_recorded_method_defaults(values)
+        migrate_recorded_settings(values)
     try:
         return config_from_dict(TrainConfig, values)
     except ConfigError as e:

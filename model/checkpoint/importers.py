@@ -12,7 +12,7 @@ from model.checkpoint.files import CheckpointError, load_safetensors, read_json,
 from model.checkpoint.keys import check_adapter_values, listing
 from model.checkpoint.release_v2 import is_release_v2, read_release_v2
 from model.config import LlamaConfig
-from model.methods import AdapterConfig, method_class, method_names
+from model.methods import LlamaAdapterConfig, method_class, method_names
 
 
 def read_official_v1(
@@ -31,8 +31,9 @@ def read_official_v1(
     too; they never trained, so they must be zero.
 
     gate_fn: the official training code scales by tanh(gate) while its released inference code (llama/model.py)
-    multiplies by the raw gate (issue #39). We default to "tanh", the semantics the weights were trained under;
-    pass "raw" to reproduce the released inference code. ``obj``: the file's content when already read.
+    multiplies by the raw gate (issue #39). We default to "tanh", the semantics the weights were trained under, and
+    ``open_adapter`` / ``load_model`` read it so; "raw" reproduces the released inference code (build the model
+    with the returned config and load these tensors). ``obj``: the file's content when already read.
     """
     path = Path(path)
     raw = torch_load(path, obj)
@@ -69,7 +70,7 @@ def read_official_v1(
                 raise CheckpointError(f"{path}: {key} is non-zero but layer {layer} carries no prompts")
             continue
         tensors[f"layers.{layer}.attention.adapter_gate"] = gate.flatten().expand(llama.n_heads).clone()
-    adapter = AdapterConfig(prompt_len=prompt_len, n_layers=n_adapted, gate_fn=gate_fn)
+    adapter = LlamaAdapterConfig(prompt_len=prompt_len, n_layers=n_adapted, gate_fn=gate_fn)
     return AdapterWeights(tensors, adapter, None, path)
 
 
@@ -104,12 +105,11 @@ def read_peft(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
     return AdapterWeights(tensors, config, None, weight_file)
 
 
-def open_adapter(
-    path: str | Path, llama: LlamaConfig, *, official_gate_fn: Literal["tanh", "raw"] = "tanh"
-) -> AdapterWeights:
+def open_adapter(path: str | Path, llama: LlamaConfig) -> AdapterWeights:
     """Detect and read an adapter: ours (``.safetensors`` file or directory with ``adapter.safetensors``), a PEFT
     directory (``adapter_config.json``), an official V2 multimodal release file (``.pth`` holding ``{'model',
-    'config'}``) or an official V1 file (``.pth`` holding a flat state dict)."""
+    'config'}``) or an official V1 file (``.pth`` holding a flat state dict; its gates as trained, tanh: see
+    ``read_official_v1``)."""
     path = Path(path)
     if path.is_dir():
         if (path / ADAPTER_FILE).is_file():
@@ -127,5 +127,5 @@ def open_adapter(
         obj = torch_load_object(path)
         if is_release_v2(obj):
             return read_release_v2(path, llama, obj)
-        return read_official_v1(path, llama, gate_fn=official_gate_fn, obj=obj)
+        return read_official_v1(path, llama, obj=obj)
     raise CheckpointError(f"{path}: unknown adapter format (expected .safetensors, .pth or a directory)")

@@ -18,13 +18,13 @@ from model.methods.base import (
     method_of,
     register_method,
 )
-from model.methods.llama_adapter import AdapterConfig, LlamaAdapter
+from model.methods.llama_adapter import LlamaAdapter, LlamaAdapterConfig
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "AdapterConfig",
+    "LlamaAdapterConfig",
     "LlamaAdapter",
     "Method",
     "MethodConfig",

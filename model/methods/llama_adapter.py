@@ -33,13 +33,14 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class AdapterConfig(MethodConfig):
+class LlamaAdapterConfig(MethodConfig):
     """Zero-init gated adaption prompts (LLaMA-Adapter V1, arXiv 2303.16199, Sec. 3)."""
 
     prompt_len: int = 10
     """K: learnable prompt vectors per adapted layer."""
     n_layers: int = 30
-    """L: number of adapted layers, counted from the top of the stack."""
+    """L: number of adapted layers, counted from the top of the stack (official V1: 30, all but the bottom
+    UNADAPTED_LAYERS of LLaMA-7B's 32; ``default_config_for`` keeps that on a base of any depth)."""
     gate_fn: Literal["tanh", "raw"] = "tanh"
     """How the per-head gate scales the prompt attention: tanh(g) (official training code) or g (PEFT, lit-llama)."""
 
@@ -62,6 +63,16 @@ class AdapterConfig(MethodConfig):
         check_tokens_fit(self, "prompt_len", n_tokens)
 
 
+UNADAPTED_LAYERS = 2
+"""Bottom layers the official V1 adapter leaves without prompts (30 of LLaMA-7B's 32 adapted)."""
+
+
+def default_config_for(llama: LlamaConfig) -> LlamaAdapterConfig:
+    """The default adaption prompts on ``llama``: the default K on all but its bottom UNADAPTED_LAYERS layers (at
+    least one), the official V1 proportions (7B: 30 of 32, 13B: 38 of 40)."""
+    return LlamaAdapterConfig(n_layers=max(llama.n_layers - UNADAPTED_LAYERS, 1))
+
+
 _PEFT_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gate)")
 
 
@@ -69,8 +80,8 @@ _PEFT_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.adaption_(prompt|gat
 class LlamaAdapter(Method):
     """Adaption prompts and per-head gates on the attention of the top ``config.n_layers`` layers."""
 
-    config: AdapterConfig
-    config_class = AdapterConfig
+    config: LlamaAdapterConfig
+    config_class = LlamaAdapterConfig
     takes_visual = True
     peft_type = "ADAPTION_PROMPT"
     fold_refusal = "its adaption prompts are extra keys and values in a separate gated softmax"
@@ -145,13 +156,13 @@ class LlamaAdapter(Method):
     @classmethod
     def from_peft(
         cls, peft_config: dict[str, Any], state: dict[str, Tensor], llama: LlamaConfig, source: Path
-    ) -> tuple[AdapterConfig, dict[str, Tensor]]:
+    ) -> tuple[LlamaAdapterConfig, dict[str, Tensor]]:
         """PEFT's ADAPTION_PROMPT: one prompt (1, K, hidden) and ONE raw scalar gate (1,) per adapted layer,
         applied without tanh: imported as gate_fn="raw" with the scalar copied to every head (the same output)."""
         if peft_config.get("target_modules", "self_attn") != "self_attn":
             raise ValueError(f"target_modules={peft_config['target_modules']!r}; expected 'self_attn'")
         try:
-            config = AdapterConfig(
+            config = LlamaAdapterConfig(
                 prompt_len=int(peft_config["adapter_len"]), n_layers=int(peft_config["adapter_layers"]), gate_fn="raw"
             )
         except (KeyError, TypeError) as e:
@@ -173,13 +184,13 @@ class LlamaAdapter(Method):
 
     @classmethod
     def to_peft(
-        cls, config: AdapterConfig, tensors: dict[str, Tensor], llama: LlamaConfig
+        cls, config: LlamaAdapterConfig, tensors: dict[str, Tensor], llama: LlamaConfig
     ) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """PEFT's ADAPTION_PROMPT: per adapted layer a prompt (1, K, dim) and one raw scalar gate (1,). PEFT applies
         the gate as it is, so a tanh gate is written as tanh(g); a layer whose heads have different gates has no
         PEFT form and is refused."""
         if config.n_layers == 0:
-            raise ValueError("AdapterConfig.n_layers=0: PEFT's adaption prompt needs at least one adapted layer")
+            raise ValueError("LlamaAdapterConfig.n_layers=0: PEFT's adaption prompt needs at least one adapted layer")
         first, state = llama.n_layers - config.n_layers, {}
         rest = dict(tensors)
         for layer in range(first, llama.n_layers):

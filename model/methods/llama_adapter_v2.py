@@ -55,7 +55,7 @@ from model.methods.base import (
     wrap_linears,
     wrapped_linears,
 )
-from model.methods.llama_adapter import AdapterConfig, LlamaAdapter
+from model.methods.llama_adapter import LlamaAdapter, LlamaAdapterConfig
 from model.methods.norms import attach_tuned_norms, merge_tuned_norms, reset_tuned_norms
 from model.quantize import refuse_quantized_merge
 
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class AdapterV2Config(AdapterConfig):
+class AdapterV2Config(LlamaAdapterConfig):
     """LLaMA-Adapter V2 (arXiv 2304.15010): V1's adaption prompts plus bias, scale, LoRA and RMSNorm tuning."""
 
     n_layers: int = 31

@@ -39,6 +39,7 @@ and written by model/checkpoint/release_v2.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -49,6 +50,7 @@ from torch import Tensor, nn
 
 from model.methods.base import WrappedLinear, base_weights, register_method
 from model.methods.llama_adapter import AdapterConfig, LlamaAdapter
+from model.methods.memory import SHARED_INPUT, MemoryTerms, StepShape, block_linear_shapes
 from model.methods.norms import attach_tuned_norms, merge_tuned_norms, reset_tuned_norms
 from model.quantize import refuse_quantized_merge
 
@@ -281,6 +283,18 @@ class LlamaAdapterV2(LlamaAdapter):
                 name = f"layers.{i}.{LINEAR_OWNERS[target]}.{target}.bias"
                 weights[name] = linear.adapter_bias.detach().to(linear.weight.dtype)  # (out,)
         return weights
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        # Bias and scale on every layer's linears and norms: each scaled input is saved once (wq, wk, wv share one;
+        # w1, w3 another), the norms' outputs too; every layer is in the graph.
+        prompts, e, d = super().memory_terms(step), step.dtype_bytes, self.llama.dim
+        saved = {SHARED_INPUT[t]: block_linear_shapes(self.llama)[t][1] for t in self.config.bias_targets}
+        return dataclasses.replace(
+            prompts,
+            per_position=prompts.per_position + e * (sum(saved.values()) + 2 * d),
+            first_layer=0,
+            first_layer_saves="after_attention_norm",
+        )
 
     def describe(self) -> str:
         c = self.config

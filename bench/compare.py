@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bench.compare_measure import DECODE_TOKENS, SCORERS
-from bench.compare_plan import make_plan, settings_changes, settings_record, shipped_methods
+from bench.compare_plan import make_plan, recorded_changes, settings_record, shipped_methods
 from bench.compare_report import markdown, plot
 from bench.compare_stats import add_statistics
 from bench.compare_units import compare
@@ -178,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     settings = settings_record(plan, args.settings)
     recorded = plan.out / "settings.json"
-    changes = settings_changes(read_json(recorded), settings) if recorded.is_file() else []
+    changes = recorded_changes(read_json(recorded), settings) if recorded.is_file() else []
     if changes:
         print(f"python -m bench methods: error: {plan.out} holds runs made with other settings ({', '.join(changes)}); "
               "use another --out or delete it", file=sys.stderr)  # fmt: skip

@@ -1,5 +1,9 @@
 """What ``python -m bench methods`` (bench/compare.py) runs: the plan of shared settings and per-run variations,
-each run's settings, and the record of what two invocations sharing OUT must agree on (OUT/settings.json)."""
+each run's settings, and the record of what two invocations sharing OUT must agree on (OUT/settings.json).
+
+Paths inside the repository (the recipe's base and data) are recorded relative to its root, so that a results
+folder moved to another checkout, or continued from a git worktree, is the same plan; a record written before
+(absolute paths) is read as relative where it points inside this checkout."""
 
 from __future__ import annotations
 
@@ -7,12 +11,14 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bench.compare_measure import SCORERS, Scorer
+from bench.measure import ROOT
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -104,7 +110,8 @@ def run_config(
 
 def settings_record(plan: Plan, argv_settings: list[str]) -> dict[str, Any]:
     """What two invocations sharing OUT must agree on (the methods may differ), as JSON values: the command's
-    options and every resolved setting the runs share (``config``) but the methods' own sections."""
+    options and every resolved setting the runs share (``config``, paths inside the repository relative to its
+    root) but the methods' own sections."""
     from training.config import config_to_dict, settings_section
 
     record = {
@@ -118,7 +125,7 @@ def settings_record(plan: Plan, argv_settings: list[str]) -> dict[str, Any]:
         "visual_entries": plan.entries,
         "eval_limit": plan.eval_limit,
         "seed": plan.base.run.seed,
-        "config": config_to_dict(plan.base),
+        "config": repo_relative(config_to_dict(plan.base)),
     }
     sections = {settings_section(n) for n in shipped_methods()}
     record["config"]["model"] = {k: v for k, v in record["config"]["model"].items() if k not in sections}
@@ -144,3 +151,24 @@ def settings_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
         elif a != b:
             changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return changes
+
+
+def repo_relative(value: Any) -> Any:
+    """``value`` with every absolute path inside the repository (in nested dicts and lists too) relative to its
+    root; other values as they are."""
+    if isinstance(value, dict):
+        return {key: repo_relative(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [repo_relative(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        path = Path(os.path.normpath(value))
+        if path.is_relative_to(ROOT):
+            return path.relative_to(ROOT).as_posix()
+    return value
+
+
+def recorded_changes(recorded: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """``settings_changes`` from a recorded settings.json to this invocation's ``settings_record``; the record's
+    config paths are read as ``repo_relative`` (records written before held them absolute)."""
+    old = {**recorded, "config": repo_relative(recorded.get("config"))} if isinstance(recorded, dict) else {}
+    return settings_changes(old, settings)

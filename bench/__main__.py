@@ -13,10 +13,12 @@ import sys
 
 import torch
 
+from bench.config import BenchConfig
 from bench.lengths import ALPACA_MAX, DEFAULT_BATCH, DISTRIBUTIONS
 from bench.measure import dtype_name, resolve_device, resolve_dtype
 from bench.methods import METHODS
-from bench.run import BenchConfig, bench_generate, bench_train, format_generate, format_train, write_json
+from bench.report import write_json
+from bench.run import bench_generate, bench_train, format_generate, format_train
 from bench.shapes import SHAPES
 
 # (cpu, cuda) defaults for options left out.

@@ -32,9 +32,10 @@ from bench.compare_measure import (
     saved_and_7b_counts,
     train_run,
 )
+from bench.compare_plan import method_settings, run_config
 
 if TYPE_CHECKING:
-    from bench.compare import Plan
+    from bench.compare_plan import Plan
 
 DEFAULT_RATIO = 4.0
 """The widening step of a one-point ``--lr-sweep``."""
@@ -124,7 +125,6 @@ class Units:
     ) -> dict[str, Any]:
         """Train at ``multiplier`` x the recipe's peak lr on train with the recipe's seed + ``seed``; score on val
         (the search: seed 0 with images) or on test (the other seeds, the control)."""
-        from bench.compare import method_settings, run_config
 
         split = "val" if images and seed == 0 else "test"
 
@@ -144,7 +144,6 @@ class Units:
 
     def chosen(self, method: str, entry: str, best: dict[str, Any] | None) -> dict[str, Any]:
         """The chosen run's adapter on test, its decode speed, sizes and the loss at step 0."""
-        from bench.compare import method_settings, run_config
         from eval.common import file_sha256
 
         def work(out_dir: Path) -> dict[str, Any]:
@@ -190,7 +189,6 @@ class Units:
 def shares_native_entry(plan: Plan, method: str) -> bool:
     """Whether ``method`` with the shared visual entry is its native model (its own image path is the gated
     visual prompt in the shared layers)."""
-    from bench.compare import run_config
     from model.methods import method_class
     from model.methods.visual_prompt import with_shared_visual
     from training.run import method_config

@@ -263,7 +263,7 @@ def main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from bench.run import write_json
+    from bench.report import write_json
     from model.checkpoint import write_text_atomic
 
     write_json(check, folder / "gpu_check.json")

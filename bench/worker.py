@@ -3,7 +3,7 @@
 A fresh process per side keeps the measurements honest: nothing of the other side is resident or cached, and
 each side imports only what it needs (ours: torch + model/; PEFT: torch + transformers + peft). Both sides load
 the same base directory (Hugging Face layout) and the same PEFT adapter directory written by the parent
-(bench/run.py), draw the same inputs from the same seed and run with the same number of threads.
+(bench/sides.py), draw the same inputs from the same seed and run with the same number of threads.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.lengths import run_train_lengths
 from bench.measure import DTYPES, current_memory_bytes, now, peak_memory_bytes, reset_peak_memory
 from model.checkpoint import write_text_atomic
 
@@ -171,8 +172,6 @@ def load_peft(spec: SideSpec, device: torch.device, dtype: torch.dtype) -> Loade
 def run_train(spec: SideSpec, loaded: Loaded, device: torch.device) -> dict[str, Any]:
     """Warmup, then timed AdamW steps over the trainable parameters only; peak memory over the steps."""
     if spec.length_steps is not None:
-        from bench.lengths import run_train_lengths
-
         return run_train_lengths(spec, loaded, device)
     (batch,) = spec.batches
     tokens = random_tokens(spec.seed, loaded.vocab_size, batch, spec.seq).to(device)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench.__main__ import main
+from bench.config import BenchConfig
 from bench.measure import (
     current_memory_bytes,
     decode_bytes_per_step,
@@ -18,8 +19,9 @@ from bench.measure import (
     train_step_flops,
 )
 from bench.methods import GATE_RANGE
-from bench.run import BenchConfig, compare_tokens, merge_rounds, write_shared_weights
+from bench.run import compare_tokens
 from bench.shapes import SHAPES, get_shape, parameter_count
+from bench.sides import merge_rounds, write_shared_weights
 from model import load_model
 from model.config import LlamaConfig
 

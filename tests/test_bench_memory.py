@@ -1,4 +1,4 @@
-"""bench/memory.py: the arithmetic of the memory prediction, checked against the model's own counts, torchao's
+"""bench/memory*.py: the arithmetic of the memory prediction, checked against the model's own counts, torchao's
 storage and the tensors autograd really saves; and the command's output. (How close the prediction comes to a
 measured peak is a benchmark: BENCHMARKS.md.)"""
 
@@ -12,21 +12,14 @@ import torch
 from torch import nn
 
 from bench.__main__ import main as bench_main
-from bench.memory import (
-    GIB,
-    LLAMA_SHAPES,
-    Setup,
-    activation_bytes,
-    build_model,
-    logits_bytes,
-    measure_step,
-    parameter_counts,
-    predict,
-    quantized_bytes,
-)
+from bench.memory import GIB
+from bench.memory_measure import measure_step
+from bench.memory_predict import activation_bytes, logits_bytes, parameter_counts, predict, quantized_bytes
+from bench.memory_setup import LLAMA_SHAPES, Setup, build_model
 from bench.shapes import parameter_count
 from model.llama import count_trainable
-from tests.test_method_contract import METHODS  # every shipped method: each needs its accounting
+from model.methods import Method
+from tests.test_method_contract import METHODS  # method_names() of model/methods: each describes its memory
 
 
 def gib(setup: Setup, part: str) -> float:
@@ -188,3 +181,11 @@ def test_measure_step_runs_a_training_step():
     assert result["held_between_steps_bytes"] == pytest.approx(held, rel=0.01)
     assert result["peak_bytes"] >= result["held_between_steps_bytes"]
     assert torch.isfinite(torch.tensor(result["loss"]))
+
+
+def test_a_method_that_does_not_describe_its_memory_is_refused():
+    setup = Setup(shape="tiny", batch=2, seq=32)
+    model = build_model(setup)
+    model.method = Method(None, model.config.llama)  # the base class: no memory_terms of its own
+    with pytest.raises(NotImplementedError, match="does not describe its training memory"):
+        activation_bytes(model, setup)

@@ -53,9 +53,9 @@ class BaseModelArgs:
     """dtype of the frozen base and CLIP tower; trainable tensors always stay float32. auto: float32 on CPU,
     bfloat16 on GPUs that support it, else float16 (with loss scaling)."""
     method: str = "llama_adapter"
-    """The PEFT method trained on the frozen base, a name registered in model.methods (llama_adapter,
-    llama_adapter_v2, lora, dora, ia3, houlsby, adamix, prefix, ptuning_v2, prompt, ptuning). Its settings are the
-    section of the same name below (--model.<method>.*)."""
+    """The PEFT method trained on the frozen base, a name registered in model.methods (one module each in
+    model/methods/, every one listed below with its settings). Its settings are the section of the same name below
+    (--model.<method>.*)."""
     visual: VisualConfig = field(default_factory=VisualConfig)
     """The visual path: CLIP tower and the trainable projection to the LLaMA width."""
     init_from: str | None = None

@@ -77,7 +77,16 @@ from torch import Tensor, nn
 
 from model.loss import next_token_loss, symmetric_kl
 from model.methods.base import MethodConfig, register_method
-from model.methods.houlsby import SUBLAYERS, Bottleneck, bottleneck, check_bottleneck, check_layers, check_sublayers
+from model.methods.houlsby import (
+    SUBLAYERS,
+    Bottleneck,
+    bottleneck,
+    bottleneck_memory,
+    check_bottleneck,
+    check_layers,
+    check_sublayers,
+)
+from model.methods.memory import MemoryTerms, StepShape
 from model.methods.visual_prompt import GatedVisualPrompt, check_visual_layers
 
 if TYPE_CHECKING:
@@ -277,6 +286,11 @@ class AdaMix(GatedVisualPrompt):
                     setattr(experts, name, nn.Parameter(p.mean(0, keepdim=True)))  # (1, ...)
         model.config.method = self.config = dataclasses.replace(self.config, n_experts=1)
         self.begin_step(0, 0)
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        # Per pass, one routed expert in series after each sublayer (the passes: ``training_passes``).
+        c = self.config
+        return bottleneck_memory(self.llama, step, c.sublayers, c.bottleneck, c.n_layers, serial=True)
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from model.config import LlamaConfig
     from model.llama import Attention, AttentionContext, Transformer, TransformerBlock
+    from model.methods.memory import MemoryTerms, StepShape
 
 
 @dataclass
@@ -137,6 +138,8 @@ class Method(nn.Module):
       with the per-sequence state ``state``, so a method may run them twice (AdaMix's consistency loss).
     - ``held_in_step(model)``: after the step's backward passes, the slices of trainable tensors the optimizer step
       must leave unchanged, values and optimizer moments alike (AdaMix's unrouted experts).
+    - ``memory_terms(step)``: not called by the backbone; what the method adds to a training step's memory, for
+      ``python -m bench memory`` (model/methods/memory.py).
     """
 
     name: ClassVar[str] = "none"
@@ -266,6 +269,12 @@ class Method(nn.Module):
     def training_passes(self) -> int:
         """Passes through the layers that one training forward (``training_loss``) makes: 1 by default."""
         return 1
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        """What this method adds to the memory of one training step of ``step``'s shape (model/methods/memory.py),
+        for ``python -m bench memory``. Every method describes its own: one without raises, so no prediction is made
+        without it."""
+        raise NotImplementedError(f"{self.name} does not describe its training memory (Method.memory_terms)")
 
     def held_in_step(self, model: Transformer) -> list[tuple[nn.Parameter, Tensor]]:
         """(trainable tensor, indices along its first axis) that this optimizer step must leave as they are, values

@@ -31,6 +31,7 @@ Tensor names: LoRA's ``adapter_lora_a`` / ``adapter_lora_b`` plus ``layers.N.att
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 
 from model.methods.base import register_method
 from model.methods.lora import Lora, LoraConfig, LoraLinear, check_mergeable
+from model.methods.memory import MemoryTerms, StepShape, block_linear_shapes
 from model.quantize import dequantized
 
 if TYPE_CHECKING:
@@ -133,6 +135,22 @@ class Dora(Lora):
             value = meta_rows_to_hf(magnitude[:, None], heads)[:, 0] if heads else magnitude  # (out,)
             state[f"base_model.model.{meta_to_hf_name(weight).removesuffix('.weight')}.lora_magnitude_vector"] = value
         return fields | {"use_dora": True}, state
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        # The magnitude's factor times (W x + s B A x): that sum per position, and per layer the fp32 row norm the
+        # factor divides by and the factor in the compute dtype (the row norms are taken without grad). The row norms
+        # of W + s B A, one target linear at a time: the fp32 update and the fp32 sum, and an fp32 copy of W unless
+        # W is fp32 already.
+        lora, e = super().memory_terms(step), step.dtype_bytes
+        shapes = {t: s for t, s in block_linear_shapes(self.llama).items() if t in self.config.targets}
+        outputs = sum(o for o, i in shapes.values())
+        copies = 2 if e == 4 and not step.quantized else 3
+        return dataclasses.replace(
+            lora,
+            per_position=lora.per_position + e * outputs,
+            per_layer=lora.per_layer + (4 + e) * outputs,
+            workspace=copies * 4 * max(o * i for o, i in shapes.values()),
+        )
 
     def group(self, name: str) -> str:
         return "dora magnitude" if name.endswith(".adapter_dora_magnitude") else super().group(name)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.methods.base import MethodConfig, register_method
+from model.methods.memory import MemoryTerms, StepShape
 from model.methods.norms import attach_tuned_norms, reset_tuned_norms
 from model.methods.visual_prompt import GatedVisualPrompt, check_visual_layers
 
@@ -186,6 +187,22 @@ def bottleneck(x: Tensor, down: Tensor, down_bias: Tensor, up: Tensor, up_bias: 
     return F.linear(h, up.to(dt), up_bias.to(dt))  # (B, T, dim)
 
 
+def bottleneck_memory(
+    llama: LlamaConfig, step: StepShape, sublayers: tuple[str, ...], width: int, n_layers: int | None, serial: bool
+) -> MemoryTerms:
+    """What bottleneck adapters of ``width`` after ``sublayers`` of the top ``n_layers`` layers (None: all) save in a
+    training step: each one's input (in series the sublayer's output; in parallel the sublayer's own input, saved
+    already), W_down's output and the nonlinearity's output; 16-bit: the autocast copies of W_down and W_up.
+    (Trained norms, Houlsby's option, are not counted.)"""
+    e, d, n = step.dtype_bytes, llama.dim, llama.n_layers
+    return MemoryTerms(
+        per_position=len(sublayers) * e * ((d if serial else 0) + 2 * width),
+        first_layer=n - (n_layers or n),
+        first_layer_saves="after_attention" if "attention" in sublayers else "method_only",
+        per_layer=len(sublayers) * 2 * d * width * e if e != 4 else 0,
+    )
+
+
 @register_method("houlsby")
 class Houlsby(GatedVisualPrompt):
     """A bottleneck adapter after each sublayer of the top ``config.n_layers`` layers."""
@@ -232,6 +249,10 @@ class Houlsby(GatedVisualPrompt):
         delta = bottleneck(z, adapter.down, adapter.down_bias, adapter.up, adapter.up_bias, self.config.activation)
         scale = self.config.scale
         return out + (delta if scale == 1.0 else scale * delta)
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        c = self.config
+        return bottleneck_memory(self.llama, step, c.sublayers, c.bottleneck, c.n_layers, c.placement == "serial")
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

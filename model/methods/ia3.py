@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from model.methods.base import LINEAR_SUBLAYER, MethodConfig, WrappedLinear, register_method
 from model.methods.lora import WrappedLinears, check_mergeable, meta_rows, read_peft_linears
+from model.methods.memory import MemoryTerms, StepShape, block_linear_shapes
 from model.methods.visual_prompt import check_visual_layers
 
 if TYPE_CHECKING:
@@ -175,6 +176,20 @@ class IA3(WrappedLinears):
             visual_layers=0,
         )
         return config, tensors
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        # Each vector's multiplicand: the linear's output before its scale, or (feed-forward targets) its input
+        # (w2's: the SwiGLU product); 16-bit: the vectors' autocast copies too.
+        c, e = self.config, step.dtype_bytes
+        shapes = block_linear_shapes(self.llama)
+        sizes = sum(shapes[t][1] if t in c.feedforward else shapes[t][0] for t in c.targets)
+        attention_targets = any(t in ("wq", "wk", "wv", "wo") for t in c.targets)
+        return MemoryTerms(
+            per_position=e * sizes,
+            first_layer=self.llama.n_layers - (c.n_layers or self.llama.n_layers),
+            first_layer_saves="after_attention_norm" if attention_targets else "after_attention",
+            per_layer=e * sizes if e != 4 else 0,
+        )
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.methods.base import Method, MethodConfig, check_tokens_fit, register_method
+from model.methods.memory import MemoryTerms, StepShape
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig
@@ -208,6 +209,18 @@ class LlamaAdapter(Method):
             raise ValueError(f"tensors PEFT's adaption prompt has no place for: {', '.join(sorted(rest))}")
         fields = {"adapter_len": config.prompt_len, "adapter_layers": config.n_layers, "target_modules": "self_attn"}
         return fields, state
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        # The prompts' separate softmax: its output and log-sum-exp; the prompts' K / V (one row without images,
+        # one per row with them).
+        llama, e = self.llama, step.dtype_bytes
+        kv = llama.n_kv_heads * llama.head_dim
+        return MemoryTerms(
+            per_position=e * llama.dim + 4 * llama.n_heads,
+            first_layer=self.first_layer,
+            first_layer_saves="q_and_after_attention",
+            per_layer=2 * self.config.prompt_len * kv * e * (step.batch if step.images else 1),
+        )
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

@@ -39,6 +39,7 @@ and written by model/checkpoint/release_v2.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -56,6 +57,7 @@ from model.methods.base import (
     wrapped_linears,
 )
 from model.methods.llama_adapter import LlamaAdapter, LlamaAdapterConfig
+from model.methods.memory import SHARED_INPUT, MemoryTerms, StepShape, block_linear_shapes
 from model.methods.norms import attach_tuned_norms, merge_tuned_norms, reset_tuned_norms
 from model.quantize import refuse_quantized_merge
 
@@ -280,6 +282,18 @@ class LlamaAdapterV2(LlamaAdapter):
         for name, linear in zip(names, wrapped_linears(model.layers, targets)):
             weights[name] = linear.adapter_bias.detach().to(linear.weight.dtype)  # (out,)
         return weights
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        # Bias and scale on every layer's linears and norms: each scaled input is saved once (wq, wk, wv share one;
+        # w1, w3 another), the norms' outputs too; every layer is in the graph.
+        prompts, e, d = super().memory_terms(step), step.dtype_bytes, self.llama.dim
+        saved = {SHARED_INPUT[t]: block_linear_shapes(self.llama)[t][1] for t in self.config.bias_targets}
+        return dataclasses.replace(
+            prompts,
+            per_position=prompts.per_position + e * (sum(saved.values()) + 2 * d),
+            first_layer=0,
+            first_layer_saves="after_attention_norm",
+        )
 
     def describe(self) -> str:
         c = self.config

@@ -40,6 +40,7 @@ from model.methods.base import (
     wrap_linears,
     wrapped_linears,
 )
+from model.methods.memory import SHARED_INPUT, MemoryTerms, StepShape, block_linear_shapes
 from model.methods.visual_prompt import GatedVisualPrompt, check_visual_layers
 from model.quantize import refuse_quantized_merge
 
@@ -371,6 +372,22 @@ class Lora(WrappedLinears):
         the export computes what the model computes on text."""
         self.merge(model)
         return base_weights(model)
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        # LoRA's input (fp32: the input itself, shared; 16-bit: each target's autocast copy) and A's output; 16-bit:
+        # the autocast copies of A and B too.
+        c, e, d = self.config, step.dtype_bytes, self.llama.dim
+        widths = {t: i for t, (o, i) in block_linear_shapes(self.llama).items() if t in c.targets}
+        if e == 4:
+            inputs = sum({SHARED_INPUT[t]: width for t, width in widths.items()}.values()) * 4
+        else:
+            inputs = sum(widths.values()) * e
+        return MemoryTerms(
+            per_position=inputs + len(c.targets) * c.rank * e,
+            first_layer=self.llama.n_layers - (c.n_layers or self.llama.n_layers),
+            first_layer_saves="after_attention_norm",
+            per_layer=sum(c.rank * (width + d) for width in widths.values()) * e if e != 4 else 0,
+        )
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

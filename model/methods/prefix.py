@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from model.methods.base import Method, MethodConfig, check_tokens_fit, register_method
+from model.methods.memory import MemoryTerms, StepShape
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig
@@ -268,6 +269,16 @@ class PrefixTuning(Method):
                   "num_attention_heads": llama.n_kv_heads, "num_transformer_submodules": 1,
                   "prefix_projection": False}  # fmt: skip
         return fields, {"prompt_embeddings": prompt.reshape(config.prefix_len, -1).contiguous()}
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        # P prefix keys / values joined in front of the tokens' in every row; the padded (T, P + T) mask.
+        p, e = self.config.prefix_len, step.dtype_bytes
+        return MemoryTerms(
+            first_layer=self.first_layer,
+            first_layer_saves="after_attention_norm",
+            per_row_per_layer=2 * p * self.kv_dim * e,
+            per_layer=step.seq * (step.seq + p) * e,
+        )
 
     def describe(self) -> str:
         c, n = self.config, self.llama.n_layers

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from model.methods.base import Method, MethodConfig, check_tokens_fit, register_method
+from model.methods.memory import MemoryTerms, StepShape
 
 if TYPE_CHECKING:
     from model.config import LlamaConfig
@@ -173,6 +174,10 @@ class PromptTuning(Method):
         ours was: PEFT would otherwise load a tokenizer to re-draw values that the file's tensor then replaces."""
         fields, state = soft_tokens_to_peft(config.n_tokens, tensors, llama, "prompt tuning")
         return fields | {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None}, state
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        # Soft tokens from the embeddings up: every layer in full, over T + P positions, nothing of its own.
+        return MemoryTerms()
 
     def describe(self) -> str:
         return f"{self.config.n_tokens} soft input tokens ({self.config.init} init)"

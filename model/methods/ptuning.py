@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from model.methods.base import Method, MethodConfig, check_tokens_fit, register_method
+from model.methods.memory import MemoryTerms, StepShape
 from model.methods.prompt import add_visual, check_soft_tokens, soft_tokens_from_peft, soft_tokens_to_peft
 
 if TYPE_CHECKING:
@@ -170,6 +171,10 @@ class PTuning(Method):
         encoder = {"encoder_reparameterization_type": "MLP", "encoder_hidden_size": config.encoder_hidden,
                    "encoder_num_layers": LSTM_LAYERS, "encoder_dropout": 0.0}  # fmt: skip
         return fields | encoder, state
+
+    def memory_terms(self, step: StepShape) -> MemoryTerms:
+        # Soft tokens from the embeddings up: every layer in full, over T + P positions, nothing of its own.
+        return MemoryTerms()
 
     def describe(self) -> str:
         c = self.config

@@ -2,7 +2,8 @@
 
 The engine knows nothing about Gradio: it takes plain text, images (paths or PIL images) and a conversation as a
 list of ``Turn``, and returns a ``Reply`` whose iteration streams text pieces from ``model.generate.stream``. The
-Gradio app (app/ui.py) only converts its message format, accumulates the pieces and shows errors.
+Gradio app (app/ui.py, its handlers app/handlers.py) only converts its message format, accumulates the pieces and
+shows errors.
 
 Prompts:
 

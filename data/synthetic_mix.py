@@ -33,7 +33,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from data.synthetic import COLORS, NAMES, OBJECTS, SHAPES, Drawing, _atomic_dir, _background, make_coco, make_scienceqa
+from data.synthetic.coco import make_coco
+from data.synthetic.folders import write_folder_atomic
+from data.synthetic.scienceqa import make_scienceqa
+from data.synthetic.shapes import COLORS, NAMES, OBJECTS, SHAPES, Drawing, background
 
 ANIMAL_FACTS = {
     "cats": "Cats are small pets. They purr and like to sleep in the sun.",
@@ -62,7 +65,7 @@ def demo_drawing(rng: random.Random) -> Drawing:
     big = rng.random() < 0.5
     size = rng.uniform(0.7, 0.95) if big else rng.uniform(0.3, 0.45)
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    return Drawing(color, shape, rng.uniform(0.42, 0.58), rng.uniform(0.42, 0.58), size, _background(rng))
+    return Drawing(color, shape, rng.uniform(0.42, 0.58), rng.uniform(0.42, 0.58), size, background(rng))
 
 
 def conversation(rng: random.Random, drawing: Drawing) -> list[tuple[str, str]]:
@@ -156,7 +159,7 @@ def make_mix(
         records: list[dict[str, Any]] = [text_instruction(rng) for _ in range(n_alpaca)]
         (tmp / ALPACA_FILE).write_text(json.dumps(records, indent=4) + "\n", encoding="utf-8")
 
-    return _atomic_dir(Path(root), write)
+    return write_folder_atomic(Path(root), write)
 
 
 def ensure_mix(root: str | Path, seed: int = 0, **sizes: Any) -> Path:

@@ -23,17 +23,17 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from data.synthetic import (
+from data.synthetic.shapes import (
     COLORS,
     SHAPES,
     Draft,
-    _background,
-    _color_question,
-    _fields,
-    _hint_question,
-    _no_context_question,
-    _size_question,
+    background,
+    color_question,
     draw_shape,
+    hint_question,
+    no_context_question,
+    question_fields,
+    size_question,
 )
 
 COUNT_WORDS = ("one", "two", "three", "four")
@@ -95,12 +95,12 @@ def _scene(rng: random.Random, cells: list[tuple[int, int]]) -> Scene:
         )  # fmt: skip
         for (col, row), color, kind in zip(cells, colors, kinds)
     )
-    return Scene(items, _background(rng))
+    return Scene(items, background(rng))
 
 
 def _image_question(rng: random.Random, subject: str) -> tuple[dict[str, Any], Any]:
     if rng.random() < ONE_SHAPE_FRACTION:
-        return (_color_question if rng.random() < 0.6 else _size_question)(rng, subject)
+        return (color_question if rng.random() < 0.6 else size_question)(rng, subject)
     kind = rng.choice(QUESTION_KINDS)
     about = dict(topic="physics", category="Scenes", skill="Read a picture of shapes", lecture="color")
     if kind == "count":
@@ -109,13 +109,13 @@ def _image_question(rng: random.Random, subject: str) -> tuple[dict[str, Any], A
         question = "How many shapes are in the picture?"
         solution = f"Count the shapes in the picture. There {'is' if n == 1 else 'are'} {COUNT_WORDS[n - 1]}."
         about |= dict(category="Counting", skill="Count shapes", lecture="number")
-        return _fields(question, list(COUNT_WORDS), n - 1, solution, **about), scene
+        return question_fields(question, list(COUNT_WORDS), n - 1, solution, **about), scene
     if kind == "color":
         scene = _scene(rng, rng.sample(CELLS, rng.randint(2, 3)))
         asked = rng.choice(scene.items)
         question = f"What color is the {asked.shape} in the picture?"
         solution = f"Find the {asked.shape}. It is {asked.color}."
-        return _fields(question, list(COLORS), list(COLORS).index(asked.color), solution, **about), scene
+        return question_fields(question, list(COLORS), list(COLORS).index(asked.color), solution, **about), scene
     if kind == "side":
         row = rng.randint(0, 1)
         scene = _scene(rng, [(0, row), (1, row)])
@@ -124,14 +124,14 @@ def _image_question(rng: random.Random, subject: str) -> tuple[dict[str, Any], A
         question = f"Is the {asked.color} shape on the left or on the right?"
         solution = f"Find the {asked.color} shape. It is on the {side}."
         about |= dict(category="Position", skill="Tell left from right")
-        return _fields(question, list(SIDES), SIDES.index(side), solution, **about), scene
+        return question_fields(question, list(SIDES), SIDES.index(side), solution, **about), scene
     col = rng.randint(0, 1)
     scene = _scene(rng, [(col, 0), (col, 1)])
     top = min(scene.items, key=lambda it: it.cy)
     question = "Which shape is at the top of the picture?"
     solution = f"Look at the top of the picture. The {top.shape} is there."
     about |= dict(category="Position", skill="Tell top from bottom")
-    return _fields(question, list(SHAPES), SHAPES.index(top.shape), solution, **about), scene
+    return question_fields(question, list(SHAPES), SHAPES.index(top.shape), solution, **about), scene
 
 
 def scene_draft(rng: random.Random, image_fraction: float) -> Draft:
@@ -143,7 +143,7 @@ def scene_draft(rng: random.Random, image_fraction: float) -> Draft:
         if rng.random() < 0.25:  # image + text context (counts in IMG and TXT); tells nothing about the answer
             hint = "The picture shows some shapes."
     elif rng.random() < 0.5:
-        rec, hint = _hint_question(rng, subject)
+        rec, hint = hint_question(rng, subject)
     else:
-        rec = _no_context_question(rng, subject)
+        rec = no_context_question(rng, subject)
     return Draft.of(rng, rec, hint, subject, scene)

@@ -6,14 +6,14 @@ config asks for (``model.method``, a ``Method``; the plain base model when there
 per-sequence state kept in the KV cache, soft input tokens before the caller's, keys / values joined to attention,
 an extra term of the attention heads, a module after each sublayer, and linears the method wraps when it
 attaches. Every tensor a method adds carries the ``adapter_`` prefix; ``is_trainable`` is the one rule that decides
-what is optimized and saved.
+what is optimized and saved. Beside it: the decoding cache's buffers (model/kv_cache.py) and the compiled form of a
+block for training steps (model/compiled_block.py).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from model.compiled_block import compiled_block, run_block
 from model.config import LlamaConfig, ModelConfig
+from model.kv_cache import KVCache
 from model.methods import Method, build_method
 from model.methods.visual_prompt import build_shared_visual
 
@@ -76,40 +78,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, nh, hd/2, 2)
     return out.flatten(-2).type_as(x)
-
-
-class KVCache:
-    """Per-layer key/value buffers for incremental decoding, plus the method's state computed once per sequence.
-
-    ``key_valid`` (B, max_len) marks which cache slots hold real tokens (False for left padding). The first
-    ``n_soft`` slots hold the method's soft tokens (``Method.soft_tokens``), before any padding.
-    """
-
-    def __init__(
-        self, cfg: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device, n_soft: int = 0
-    ):
-        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        self.max_len = max_len
-        self.n_soft = n_soft
-        self.reset()
-
-    def reset(self) -> None:
-        """Empty again for a new batch of sequences, keeping the buffers (and so their addresses, which a CUDA graph
-        of ``Transformer.decode_step`` has baked in). Stale keys stay in the buffers, masked until overwritten."""
-        self.key_valid.fill_(True)
-        self.padded = False  # True once some slot is marked invalid: single-token steps then need a mask
-        self.method_state: Any = None  # Method.sequence_state of this sequence (set by the first forward)
-        self.length = 0  # slots filled, soft tokens included
-
-    def mark_padding(self, row: int, n_slots: int) -> None:
-        """The ``n_slots`` cache slots of ``row`` after the soft tokens hold left padding: no query may attend to
-        them."""
-        if n_slots > 0:
-            self.key_valid[row, self.n_soft : self.n_soft + n_slots] = False
-            self.padded = True
 
 
 @dataclass
@@ -356,7 +324,7 @@ class Transformer(nn.Module):
         # Compiled for training steps only. A method with per-step state (begin_step: AdaMix's routes, which a graph
         # would specialise on and recompile for at every new route) keeps its blocks eager.
         compiled = self.compile_blocks and training_step and type(method).begin_step is Method.begin_step
-        block = compiled_block if compiled else _block
+        block = compiled_block if compiled else run_block
 
         def run_blocks(state: Any) -> Tensor:
             """The layers over x with the method's per-sequence ``state`` -> (B, T, dim) at the caller's tokens."""
@@ -427,32 +395,6 @@ class Transformer(nn.Module):
         from model.generate import stream
 
         return stream(self, prompt, image, **kwargs)
-
-
-def _block(layer: TransformerBlock, x: Tensor, ctx: AttentionContext) -> Tensor:
-    """One block's forward as a plain function of the block: one compiled function serves every block and model."""
-    return layer(x, ctx)
-
-
-BLOCK_GRAPHS = 256
-"""Compiled block graphs one process may hold: torch's default recompile limit (8) is below a model's depth."""
-
-
-@functools.cache
-def _compiled_block() -> Callable[[TransformerBlock, Tensor, AttentionContext], Tensor]:
-    return torch.compile(_block, dynamic=True, fullgraph=True)
-
-
-def compiled_block(layer: TransformerBlock, x: Tensor, ctx: AttentionContext) -> Tensor:
-    """``_block`` through ``torch.compile`` (``Transformer.compile_blocks``): each block one whole graph.
-
-    One graph per block, not one for all: the methods index their per-layer state by ``layer_idx``, which torch
-    specialises on, so every block compiles on the first training step (from the inductor cache in later runs);
-    the recompile limit is raised to ``BLOCK_GRAPHS`` meanwhile. ``dynamic=True``: batch and sequence lengths vary
-    from step to step without recompiling.
-    """
-    with torch._dynamo.config.patch(recompile_limit=BLOCK_GRAPHS):
-        return _compiled_block()(layer, x, ctx)
 
 
 def count_trainable(model: nn.Module) -> int:

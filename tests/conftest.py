@@ -58,6 +58,17 @@ def tiny_run(tmp_path_factory) -> Path:
     return make_tiny_run(tmp_path_factory.mktemp("runs") / "run")
 
 
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A tiny Hugging Face LlamaForCausalLM folder (tests.test_checkpoint.make_hf_model), shared by the tests of one
+    module."""
+    from tests.test_checkpoint import make_hf_model  # imports transformers: only for the modules that use it
+
+    folder = tmp_path_factory.mktemp("hf")
+    make_hf_model().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def outside(tmp_path: Path) -> Path:
     """A real image file outside every dataset folder of a test: what a hostile image path points at."""

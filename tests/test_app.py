@@ -37,22 +37,17 @@ from app.engine import (
     refers_to_image,
     with_chosen_option,
 )
-from app.ui import (
-    ASSETS,
-    DELETE_CACHE,
+from app.messages import (
     MAX_HISTORY_MESSAGES,
     MAX_PASTE_CHARS,
-    MODEL_QUEUE,
-    SESSION_CAPACITY,
     accumulate,
-    build_demo,
     format_error,
     format_notes,
     is_error_reply,
-    launch,
     strip_notes,
     to_turns,
 )
+from app.ui import ASSETS, DELETE_CACHE, MODEL_QUEUE, SESSION_CAPACITY, build_demo, launch
 from app.uploads import files_under
 from data.prompts import format_prompt
 from model.checkpoint import save_adapter
@@ -652,13 +647,13 @@ def test_the_browsers_chat_message_is_checked_before_it_is_sent(engine, tmp_path
 
 
 def validator(demo: gr.Blocks):
-    """The chat's check of the browser's submission (``check_message`` in app/ui.py)."""
+    """The chat's check of the browser's submission (``check_message`` in app/handlers.py)."""
     [check] = [fn.validator for fn in demo.fns.values() if fn.validator is not None]
     return check
 
 
 def chat_handler(demo: gr.Blocks):
-    """The chat tab's handler as written in app/ui.py (ChatInterface registers it wrapped)."""
+    """The chat tab's handler as written in app/handlers.py (ChatInterface registers it wrapped)."""
     [fn] = [fn.fn for fn in demo.fns.values() if fn.api_name == "chat"]
     return fn.__wrapped__
 

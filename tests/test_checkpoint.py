@@ -125,13 +125,6 @@ def truncate(file: Path) -> None:
     file.write_bytes(data[: len(data) // 2])
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("hf")
-    make_hf_model().save_pretrained(folder)
-    return folder
-
-
 # ---- base layouts ---------------------------------------------------------------------------------------------
 def test_hf_rows_to_meta_inverts_the_converter_permutation():
     w = torch.randn(HEADS * 16, HIDDEN)

@@ -1,4 +1,4 @@
-"""data/synthetic.py: deterministic real-format datasets whose image answers live in the image, and the tokenizer."""
+"""data/synthetic/: deterministic real-format datasets whose image answers live in the image, and the tokenizer."""
 
 import collections
 import filecmp

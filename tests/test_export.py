@@ -35,13 +35,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf")
-    make_hf_model().save_pretrained(folder)
-    return folder
-
-
 def perturbed(base, config, **kwargs):
     """Our model with ``config``'s method, every trainable tensor random away from identity; a gate is one value per
     layer (PEFT's adaption prompt has one per layer), scales near 1."""

@@ -40,13 +40,6 @@ def hub_cache(tmp_path, monkeypatch):
     return cache
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf")
-    make_hf_model().save_pretrained(out)
-    return out
-
-
 def test_a_hub_id_loads_its_cached_snapshot_like_the_local_folder(hub_cache, hf_dir):
     cached(hub_cache, "meta-llama/Tiny-hf", {p.name: p for p in hf_dir.iterdir()})
     tokens = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))

@@ -319,7 +319,7 @@ def test_killed_while_generating_the_synthetic_data_leaves_no_partial_dataset(tm
     root, out = tmp_path / "synthetic", tmp_path / "run"
     cfg = parse_args(["--recipe", "tiny", "--run.out", str(out), *QUIET]).config
     cfg.data.path = str(root)  # the command line accepts only the recipe's own folder
-    run_copy(Point("call", "data.synthetic:_png", 3), lambda: run(cfg), tmp_path)
+    run_copy(Point("call", "data.synthetic.scienceqa:png_bytes", 3), lambda: run(cfg), tmp_path)
     assert not root.exists() and not (out / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".synthetic.")] != []  # the unfinished sibling
 

@@ -24,13 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:Fu
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf")
-    make_hf_model().save_pretrained(folder)
-    return folder
-
-
 def randomise(peft_model: nn.Module, seed: int = 7) -> None:
     """lora_A / lora_B drawn at random, magnitudes moved off the weight norms (0.5x .. 1.5x): a non-identity DoRA."""
     g = torch.Generator().manual_seed(seed)

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:Fu
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf")
-    make_hf_model().save_pretrained(folder)
-    return folder
-
-
 def peft_ia3(folder, **settings) -> torch.Tensor:
     """Save a PEFT IA3 adapter on the tiny HF model, its vectors drawn from 0.5 .. 1.5; return PEFT's logits."""
     peft_model = get_peft_model(make_hf_model(), PeftIA3Config(**settings)).eval()

@@ -24,13 +24,6 @@ TOKENS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_see
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf")
-    make_hf_model().save_pretrained(folder)
-    return folder
-
-
 def peft_lora(folder, **settings) -> torch.Tensor:
     """Save a PEFT LoRA adapter on the tiny HF model with random lora_A AND lora_B; return PEFT's logits."""
     settings = {"r": 4, "lora_alpha": 8, "target_modules": HF_LINEARS} | settings

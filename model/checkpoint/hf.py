@@ -33,7 +33,7 @@ _HF_LAYER = {
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
-_HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight)")
 _META_TOP = {meta: hf for hf, meta in _HF_TOP.items()}
 _META_LAYER = {meta: hf for hf, meta in _HF_LAYER.items()}
 _META_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -43,21 +43,24 @@ LAYER_LINEARS = tuple(name for name in _META_LAYER if not name.endswith("_norm")
 
 def hf_to_meta_name(name: str) -> str | None:
     """Meta key for a Hugging Face LlamaForCausalLM key (None if it has no Meta counterpart)."""
-    if name in _HF_TOP:
-        return _HF_TOP[name]
-    m = _HF_LAYER_KEY.fullmatch(name)
-    if m and m.group(2) in _HF_LAYER:
-        return f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}.weight"
-    return None
+    return _renamed(name, _HF_TOP, _HF_LAYER, _HF_LAYER_KEY, "layers.")
 
 
 def meta_to_hf_name(name: str) -> str | None:
     """Hugging Face LlamaForCausalLM key for a Meta key, ``.weight`` or a linear's ``.bias`` (None: no counterpart)."""
-    if name in _META_TOP:
-        return _META_TOP[name]
-    m = _META_LAYER_KEY.fullmatch(name)
-    if m and m.group(2) in _META_LAYER:
-        return f"model.layers.{m.group(1)}.{_META_LAYER[m.group(2)]}.{m.group(3)}"
+    return _renamed(name, _META_TOP, _META_LAYER, _META_LAYER_KEY, "model.layers.")
+
+
+def _renamed(
+    name: str, top: dict[str, str], layer: dict[str, str], layer_key: re.Pattern[str], layers: str
+) -> str | None:
+    """``name`` in the other layout: a top-level key through ``top``, a layer's (``layer_key``: its index, module and
+    suffix) with the module through ``layer``, under the prefix ``layers``; None when the tables have no entry."""
+    if name in top:
+        return top[name]
+    m = layer_key.fullmatch(name)
+    if m and m.group(2) in layer:
+        return f"{layers}{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"
     return None
 
 

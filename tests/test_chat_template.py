@@ -25,6 +25,7 @@ from data.synthetic import make_alpaca, make_scienceqa, synthetic_corpus, train_
 from model import load_model
 from model.chat_template import ChatTemplate, ChatTemplateError, encode_prompt, find_chat_template
 from model.checkpoint import CheckpointError, save_adapter
+from model.checkpoint.hf_export import write_hf
 from model.generate import generate, stop_ids
 from model.tokenizer import load_tokenizer
 
@@ -231,6 +232,11 @@ def test_a_run_trained_with_the_chat_template_records_it_and_is_served_with_it(t
     assert Engine(model).chat([], "Hi", max_new_tokens=1).prompt == "<s>[INST] Hi [/INST]"
     save_adapter(model, tmp_path / "again", base="tiny")  # a re-save keeps it
     assert load_model("tiny", tmp_path / "again").chat_template == model.chat_template
+    exported = write_hf(model, tmp_path / "hf")  # a merged checkpoint is served in the format it was trained in
+    served = AutoTokenizer.from_pretrained(str(exported))
+    assert served.apply_chat_template(QUERY.messages(), tokenize=False, add_generation_prompt=True) == (
+        PromptTemplate(model.chat_template).prompt(QUERY)
+    )
 
     sidecar["chat_template"] = {"source": 5}
     (out / "adapter.json").write_text(json.dumps(sidecar))

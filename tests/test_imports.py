@@ -1,6 +1,6 @@
-"""The import graph among the bench/ modules has no cycle: every import a module runs counts, function-level ones
-included (a cycle hidden inside a function is still a cycle); imports under ``if TYPE_CHECKING:`` run only for the
-type checker and do not."""
+"""No import cycle: among the bench/ modules, and among the project's packages (model, data, eval, training, app,
+bench, layered in that order). Every import a module runs counts, function-level ones included (a cycle hidden
+inside a function is still a cycle); imports under ``if TYPE_CHECKING:`` run only for the type checker and do not."""
 
 import ast
 from pathlib import Path
@@ -90,3 +90,29 @@ def test_function_level_imports_count_and_type_checking_ones_do_not(source, impo
 def test_a_cycle_is_found():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+PACKAGES = ("model", "data", "eval", "training", "app", "bench")
+"""The project's packages, each importing only those before it (app and bench are both on top)."""
+
+
+def package_graph() -> dict[str, set[str]]:
+    """package -> the other project packages its modules import when they run (function-level imports included)."""
+    root = BENCH.parent
+    graph: dict[str, set[str]] = {name: set() for name in PACKAGES}
+    for name in PACKAGES:
+        for path in (root / name).rglob("*.py"):
+            tops = {m.split(".")[0] for m in runtime_imports(ast.parse(path.read_text()))}
+            graph[name] |= {top for top in tops if top in PACKAGES and top != name}
+    return graph
+
+
+def test_the_packages_are_layered_without_a_cycle():
+    """model <- data <- eval <- training <- bench, app beside bench: data/tasks.py once imported eval/ while eval/
+    imported data/ (the task protocol now lives in training/tasks.py)."""
+    graph = package_graph()
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    order = {name: n for n, name in enumerate(PACKAGES)}
+    upward = {(a, b) for a, deps in graph.items() for b in deps if order[b] > order[a] and {a, b} != {"app", "bench"}}
+    assert not upward, f"imports against the layering: {sorted(upward)}"
+    assert graph["model"] == set()

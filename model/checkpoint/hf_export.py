@@ -4,7 +4,8 @@ for ``transformers.AutoModelForCausalLM.from_pretrained(DIR)``.
 What the directory holds: ``config.json`` (LlamaForCausalLM; ``attention_bias`` / ``mlp_bias`` when the method gives
 linears a bias), ``model.safetensors`` (every weight under transformers' names, q / k rows in its rotate-half order:
 the HF reader's tables and permutation run backwards) and the tokenizer as transformers reads it
-(``Tokenizer.hf_files``; none when the model has no tokenizer). The weights keep the base's dtype.
+(``Tokenizer.hf_files``, its tokenizer_config.json with the chat template the run was trained with, if any; none
+when the model has no tokenizer). The weights keep the base's dtype.
 
 Which methods fold is each method's answer (``Method.folded_weights``): the base model alone, LoRA (merged),
 LLaMA-Adapter V2's biases, scales, LoRA and norms (when its prompts add nothing); the others are refused saying
@@ -93,6 +94,10 @@ def write_hf(model: Transformer, out_dir: str | Path, *, text_only: bool = False
     for a failed write (every file or none)."""
     out_dir = Path(out_dir)
     tokenizer_files = model.tokenizer.hf_files() if model.tokenizer is not None else {}
+    if model.chat_template is not None and "tokenizer_config.json" in tokenizer_files:  # served as it was trained
+        config = json.loads(tokenizer_files["tokenizer_config.json"])
+        config["chat_template"] = model.chat_template.source
+        tokenizer_files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
     check_output_dir(out_dir, ["config.json", HF_WEIGHTS, *tokenizer_files])
     state, flags = hf_state(model, text_only=text_only)
     config = json.dumps(hf_config(model, flags), indent=2) + "\n"

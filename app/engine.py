@@ -40,17 +40,15 @@ value gets a message naming it, not an error from torch or the tokenizer.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from app.inputs import NoImageError, cap_chars, checked_sampling, checked_text, has_text, refers_to_image
 from data.coco import caption_prompt
 from data.prompts import ALPACA, CHAT_INSTRUCTION, CHAT_MAX_TURNS, PromptTemplate, Query, format_prompt, template_of
 from data.scienceqa import FORMATS, Problem, build_prompt
@@ -63,8 +61,6 @@ DEFAULT_TEMPERATURE = 0.1
 DEFAULT_TOP_P = 0.75
 DEFAULT_MAX_NEW_TOKENS = 128
 
-MAX_MESSAGE_CHARS = 16_000
-"""Characters of one text field kept before tokenizing: bounds the work a pasted megabyte can cause."""
 MAX_CHOICES = 8
 MAX_TURNS = CHAT_MAX_TURNS
 """Newest turns of a conversation considered for its prompt; older ones are left out (and said to be)."""
@@ -79,24 +75,6 @@ CHAT_STOP = ("###", "\nUser:")
 QUESTION_STOP = ("\nQuestion:",)
 
 ImageInput = Image.Image | str | os.PathLike | None
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_IMAGE_REFERENCE = re.compile(
-    r"\b(?:the|this|that|these|those|my|your|attached|uploaded)\s+(?:[a-z]+\s+)?"
-    r"(?:image|picture|photo|photograph|pic|drawing|painting|screenshot|shape)s?\b(?!\s+of\b)",
-    re.IGNORECASE,
-)
-"""A definite reference to a picture ("the picture", "this painting", "the red shape"), not "the shape of the earth"
-or "a picture": a question that needs an image to be answered."""
-
-
-class NoImageError(ValueError):
-    """A question about an image sent to a model with a visual path without any image to look at."""
-
-
-def refers_to_image(text: str) -> str | None:
-    """The words by which ``text`` refers to an image it is about ("the picture"), or None (``_IMAGE_REFERENCE``)."""
-    found = _IMAGE_REFERENCE.search(text)
-    return found.group() if found else None
 
 
 @dataclass
@@ -166,58 +144,6 @@ def latest_image(history: Sequence[Turn]) -> str | os.PathLike | Image.Image | N
     return next((turn.image for turn in reversed(history) if turn.image is not None), None)
 
 
-def _has_text(text: str) -> bool:
-    """Whether ``text`` holds a non-space character (read up to the first one, not copied as by ``strip``)."""
-    return bool(text) and not text.isspace()
-
-
-def _text(value: Any, what: str) -> str:
-    """``value`` as text to tokenize (None is empty), or a ValueError naming ``what`` for a non-string or a lone
-    surrogate (a half of a UTF-16 pair: no Unicode character, so no tokenizer can encode it)."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"The {what} must be text, got {type(value).__name__} {value!r:.40}.")
-    bad = _SURROGATE.search(value)
-    if bad:
-        raise ValueError(
-            f"The {what} holds an invalid character at position {bad.start()}: U+{ord(bad.group()):04X} is half of "
-            "a UTF-16 surrogate pair, not a Unicode character. Remove it, or paste the text again."
-        )
-    return value
-
-
-def is_finite_number(value: Any) -> bool:
-    """Whether ``value`` is a real number (not a bool, not a numeric string) other than NaN and infinities."""
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _finite(value: Any, name: str) -> float:
-    """A sampling setting as a float, or a ValueError naming it when it is not a finite number (NaN reaches the
-    sampler as a probability error from torch, a string as a conversion error)."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
-    if not is_finite_number(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return float(value)
-
-
-def _sampling(temperature: Any, top_p: Any, max_new_tokens: Any) -> tuple[float, float, int]:
-    """(temperature, top_p, max_new_tokens) checked to be finite numbers, the last a whole one; their ranges are
-    checked by ``model.generate.stream``."""
-    tokens = _finite(max_new_tokens, "max_new_tokens")
-    if not tokens.is_integer():
-        raise ValueError(f"max_new_tokens must be a whole number, got {max_new_tokens}")
-    return _finite(temperature, "temperature"), _finite(top_p, "top_p"), int(tokens)
-
-
-def _cap_chars(text: str, what: str, notes: list[str]) -> str:
-    if len(text) <= MAX_MESSAGE_CHARS:
-        return text
-    notes.append(f"Your {what} was cut to its first {MAX_MESSAGE_CHARS:,} of {len(text):,} characters.")
-    return text[:MAX_MESSAGE_CHARS]
-
-
 class Engine:
     """A loaded model (with ``model.tokenizer``) behind the three things the demo does: chat, caption, answer.
 
@@ -282,14 +208,14 @@ class Engine:
         settings, and ``NoImageError`` when a model with a visual path is asked about "the picture"
         (``refers_to_image``) with no image in the message or the conversation; an over-long conversation loses its
         oldest turns, then the message is cut (see ``Reply.notes``)."""
-        temperature, top_p, max_new_tokens = _sampling(temperature, top_p, max_new_tokens)
-        message = _text(message, "message").strip()
+        temperature, top_p, max_new_tokens = checked_sampling(temperature, top_p, max_new_tokens)
+        message = checked_text(message, "message").strip()
         if not message:
             raise ValueError("The message is empty: type a question or an instruction.")
         notes: list[str] = []
-        message = _cap_chars(message, "message", notes)
+        message = cap_chars(message, "message", notes)
         recent = history[-MAX_TURNS:]
-        turns = [turn for turn in recent if _has_text(turn.user) and _has_text(turn.assistant)]
+        turns = [turn for turn in recent if has_text(turn.user) and has_text(turn.assistant)]
         if image is None:
             image = latest_image(turns)
         if image is None:
@@ -312,7 +238,7 @@ class Engine:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> Reply:
         """Describe ``image`` (the COCO captioning prompt)."""
-        temperature, top_p, max_new_tokens = _sampling(temperature, top_p, max_new_tokens)
+        temperature, top_p, max_new_tokens = checked_sampling(temperature, top_p, max_new_tokens)
         if image is None:
             raise ValueError("Upload an image to caption.")
         prompt = caption_prompt(self.template)
@@ -331,19 +257,19 @@ class Engine:
         """Answer ``question`` about ``image`` (optional), with an optional textual context and multiple-choice
         options (2 to MAX_CHOICES, ScienceQA style: the answer names a letter). An over-long context is cut. A
         question (or context) about "the picture" needs an image when the model has a visual path (``NoImageError``)."""
-        temperature, top_p, max_new_tokens = _sampling(temperature, top_p, max_new_tokens)
-        question = _text(question, "question").strip()
+        temperature, top_p, max_new_tokens = checked_sampling(temperature, top_p, max_new_tokens)
+        question = checked_text(question, "question").strip()
         if not question:
             raise ValueError("The question is empty: type what you want to know about the image.")
-        choices = [c.strip() for c in (_text(c, "choice") for c in choices) if c.strip()]
+        choices = [c.strip() for c in (checked_text(c, "choice") for c in choices) if c.strip()]
         if len(choices) == 1 or len(choices) > MAX_CHOICES:
             raise ValueError(f"Give 2 to {MAX_CHOICES} choices (one per line), or none; got {len(choices)}.")
         notes: list[str] = []
-        question = _cap_chars(question, "question", notes)
-        context = _cap_chars(_text(context, "context").strip(), "context", notes)
+        question = cap_chars(question, "question", notes)
+        context = cap_chars(checked_text(context, "context").strip(), "context", notes)
         if image is None:
             self._check_image_needed(f"{question}\n{context}", "in the Image box")
-        choices = [_cap_chars(c, f"choice {letter}", notes) for letter, c in zip("ABCDEFGH", choices)]
+        choices = [cap_chars(c, f"choice {letter}", notes) for letter, c in zip("ABCDEFGH", choices)]
         stop = self.question_stop if choices else self.chat_stop
         budget = self._prompt_budget(max_new_tokens)
 
@@ -392,7 +318,7 @@ class Engine:
             n_chars = len("User: \nAssistant: \n") + len(turn.user) + len(turn.assistant)
             if tokens_left <= 0 or n_chars > chars_left:
                 break
-            user, assistant = _text(turn.user, "earlier message"), _text(turn.assistant, "earlier answer")
+            user, assistant = checked_text(turn.user, "earlier message"), checked_text(turn.assistant, "earlier answer")
             n_tokens = len(self.tokenizer.encode(f"User: {user}\nAssistant: {assistant}\n", bos=False))
             if n_tokens > tokens_left:
                 break

@@ -7,7 +7,7 @@ textbox, which keeps the message, and the conversation stays as it was. A chat e
 earlier image of the conversation deleted from the cache, the model failing mid-answer) ends the reply in the browser
 as an error paragraph (``format_error``; the exchange is left out of what the model reads later) and the chat stays
 usable; an API call of ``/chat`` gets it as an error instead. A question about "the picture" with no image to look at
-is such an error too (``engine.NoImageError``), rather than an answer about a picture nobody sent.
+is such an error too (``inputs.NoImageError``), rather than an answer about a picture nobody sent.
 
 The image tab's events skip Gradio's preprocessing (preprocess=False): gr.Image would open every upload with Pillow
 before the handler runs and report a non-image as an internal error; the handlers get the uploaded file's payload
@@ -23,7 +23,8 @@ from typing import Any
 
 import gradio as gr
 
-from app.engine import Engine, NoImageError, Reply, latest_image
+from app.engine import Engine, Reply, latest_image
+from app.inputs import NoImageError
 from app.messages import accumulate, file_path, format_error, message_parts, parse_choices, to_turns
 from model.visual import ImageLoadError
 

@@ -9,7 +9,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from app.engine import MAX_MESSAGE_CHARS, MAX_TURNS, Reply, Turn
+from app.engine import MAX_TURNS, Reply, Turn
+from app.inputs import MAX_MESSAGE_CHARS
 
 MAX_HISTORY_MESSAGES = 4 * MAX_TURNS
 """Newest chat messages read into turns (a turn is two to four messages: image and text, then the answer)."""

@@ -28,11 +28,10 @@ from app.engine import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
-    MAX_MESSAGE_CHARS,
     Engine,
-    is_finite_number,
 )
 from app.handlers import answer_handler, caption_handler, chat_handler, message_validator
+from app.inputs import MAX_MESSAGE_CHARS, is_finite_number
 from app.messages import MAX_PASTE_CHARS
 from app.uploads import MAX_CACHE_BYTES, MAX_CACHE_FILES, UploadFolderGuard, files_under, private_cache_dir, secure
 

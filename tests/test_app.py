@@ -27,16 +27,14 @@ from app.__main__ import choose_run, load_engine, main
 from app.engine import (
     CHAT_STOP,
     HISTORY_CHARS_PER_TOKEN,
-    MAX_MESSAGE_CHARS,
     Engine,
-    NoImageError,
     Reply,
     Turn,
     chat_prompt,
     question_prompt,
-    refers_to_image,
     with_chosen_option,
 )
+from app.inputs import MAX_MESSAGE_CHARS, NoImageError, refers_to_image
 from app.messages import (
     MAX_HISTORY_MESSAGES,
     MAX_PASTE_CHARS,

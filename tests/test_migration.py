@@ -65,3 +65,16 @@ def test_an_old_adapter_flag_is_refused_naming_the_new_one(capsys, argv, message
 
 def test_todays_flags_pass():
     check_renamed_flags(["--model.llama_adapter.prompt_len", "4", "--model.adapters", "--lr", "0.1"])
+
+
+def test_a_settings_file_with_the_old_section_is_refused_naming_the_file(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("recipe: tiny\nmodel:\n  adapter:\n    prompt_len: 4\n")
+    for argv in (["--config", str(old)], [f"--config={old}"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        err = capsys.readouterr().err
+        assert f"{old}: the section model.adapter is now model.llama_adapter (prompt_len" in err
+    new = tmp_path / "new.yaml"
+    new.write_text("recipe: tiny\nmodel:\n  llama_adapter:\n    prompt_len: 4\n")
+    assert parse_args(["--config", str(new)]).config.model.llama_adapter.prompt_len == 4

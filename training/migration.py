@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from model.config import ConfigError
 from training.config import TrainConfig
@@ -44,10 +47,13 @@ def _fill_recorded_method_defaults(values: dict[str, Any]) -> None:
 
 
 def check_renamed_flags(argv: list[str]) -> None:
-    """Refuse a flag of a renamed section (``--model.adapter.prompt_len 4``) with a ConfigError that names the
+    """Refuse a flag of a renamed section (``--model.adapter.prompt_len 4``), or a ``--config FILE`` holding that
+    section (``model: adapter: ...``, as --print_config wrote it before), with a ConfigError that names the
     section's new name and its settings."""
-    for arg in argv:
+    for n, arg in enumerate(argv):
         flag = arg.split("=", 1)[0]
+        if flag == "--config":
+            _check_config_file(arg.split("=", 1)[1] if "=" in arg else (argv[n + 1] if n + 1 < len(argv) else ""))
         for old, new in RENAMED_SECTIONS.items():
             if flag != f"--{old}" and not flag.startswith(f"--{old}."):
                 continue
@@ -55,6 +61,22 @@ def check_renamed_flags(argv: list[str]) -> None:
             message = f"{flag}: the settings --{old}.* are now --{new}.* ({', '.join(fields)})"
             setting = flag[len(old) + 3 :]
             raise ConfigError(f"{message}; use --{new}.{setting}" if setting in fields else message)
+
+
+def _check_config_file(path: str) -> None:
+    """A settings file naming a renamed section is refused, naming the file (jsonargparse would only say that the
+    group has no such option); an unreadable file is left to jsonargparse, which names the problem."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return
+    for old, new in RENAMED_SECTIONS.items():
+        section: Any = values
+        for key in old.split("."):
+            section = section.get(key) if isinstance(section, dict) else None
+        if section is not None:
+            fields = ", ".join(_section_fields(new))
+            raise ConfigError(f"{path}: the section {old} is now {new} ({fields}); rename it in the file")
 
 
 def _section_fields(path: str) -> list[str]:

@@ -4,6 +4,9 @@ Tokenization keeps the mask boundary exact: the prompt is encoded alone (with BO
 EOS, and the id lists are concatenated. That is also what happens at inference (the prompt is encoded alone and the
 model continues it), and it avoids the official LLaMA-Adapter quirk of encoding prompt and prompt+output apart,
 where a sentencepiece merge across the boundary shifts the mask by a token.
+With a base's chat template (data.prompts) an example is instead encoded whole with the special tokens the
+template wrote, as transformers' apply_chat_template does, and cut where the prompt's own encoding ends; BOS and the
+end-of-turn tokens are the template's (model.chat_template.encode_example).
 
 An empty target is trained as EOS alone (the real Alpaca file has such records; the official code does the same).
 Text holding a lone surrogate (not Unicode; the JSON readers refuse it already) is a DataError naming the example.

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from model.tokenizer import token_name
+
 TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "tokenizer_config.json"
 _PROBE = ("Hello.", "Hi!")
@@ -117,7 +119,7 @@ def find_chat_template(folder: str | Path) -> ChatTemplate | None:
     ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template``; None when neither has one."""
     folder = Path(folder)
     config = _read_config(folder / CONFIG_FILE)
-    names = {role: _token_name(config.get(f"{role}_token")) for role in ("bos", "eos")}
+    names = {role: token_name(config.get(f"{role}_token")) for role in ("bos", "eos")}
     if (folder / TEMPLATE_FILE).is_file():
         file = folder / TEMPLATE_FILE
         try:
@@ -154,13 +156,6 @@ def _config_template(value: Any, file: Path) -> str | None:
         listed = ", ".join(repr(n) for n in named) or "none"
         raise ChatTemplateError(f"{file}: chat_template lists templates named {listed} but none named 'default'")
     raise ChatTemplateError(f"{file}: chat_template must be a string or a list of named templates")
-
-
-def _token_name(value: Any) -> str | None:
-    """A special token as tokenizer_config.json writes it: a string, or {"content": ..., ...} (AddedToken)."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def encode_prompt(tokenizer: TokenizerLike, prompt: str, template: ChatTemplate | None) -> list[int]:

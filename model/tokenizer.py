@@ -307,7 +307,7 @@ def _optional_id(value: int) -> int | None:
     return None if value < 0 else value
 
 
-def _token_name(value: Any) -> str | None:
+def token_name(value: Any) -> str | None:
     """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
     if isinstance(value, dict):
         value = value.get("content")
@@ -330,7 +330,7 @@ def _special_token_names(folder: Path) -> dict[str, str | int]:
         for role in ("bos", "eos", "pad"):
             if role in found:
                 continue
-            token = _token_name(data.get(f"{role}_token"))
+            token = token_name(data.get(f"{role}_token"))
             token_id = data.get(f"{role}_token_id")
             if isinstance(token_id, list) and token_id:  # generation_config may list several EOS ids: take the first
                 token_id = token_id[0]
